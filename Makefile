@@ -1,0 +1,44 @@
+# The project's two commands: `make serve` and `make test`. Everything they need
+# is installed here, into .venv at the root; nothing is installed by hand.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CPU_REPO := build/model_repository_cpu
+PORT ?= 8080
+# Optional real weights, e.g. CHECKPOINTS="inception_v4=/data/iv4.safetensors" or HUB=1.
+CHECKPOINTS ?=
+HUB ?=
+
+.PHONY: all venv repository serve test lint bench clean
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch and torchvision first, pinned, so that nothing pulls another build.
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[gateway,models,reference,embedded,dev]'
+	touch $@
+
+repository: $(STAMP)
+	$(BIN)/python -m inception.export --flavour both --cpu-repository $(CPU_REPO) \
+		$(foreach c,$(CHECKPOINTS),--checkpoint $(c)) $(if $(HUB),--hub,)
+
+serve: repository
+	PORT=$(PORT) $(BIN)/python -m embedded.serve --repository $(CPU_REPO)
+
+test: repository
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest
+
+bench: repository
+	$(BIN)/python -m bench.models
+
+clean:
+	rm -rf $(VENV) build model_repository/*/1 model_repository/*/labels.txt

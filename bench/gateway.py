@@ -1,0 +1,252 @@
+"""Benchmark of the gateway against the CPU stack (a benchmark, not a test).
+
+1. HTTP through the gateway (uvicorn, real Triton behind it) versus the same image sent
+   straight to Triton with tritonclient after the same preprocessing, in one run, at a few
+   concurrencies: requests per second, p50 and p99 latency. The difference is what the
+   gateway costs (HTTP, decoding, preprocessing, JSON).
+2. Preprocessing (decode + crop + resize) images per second, one thread, on a large and a
+   small real photo, with draft JPEG decoding on and off.
+
+    python -m bench.gateway --repository build/model_repository_cpu
+    python -m bench.gateway --triton 127.0.0.1:8001    # a Triton already running
+
+Client, gateway and Triton share the machine's cores: on a 2-core box the figures are a
+floor, not a capacity plan. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from PIL import Image
+
+from embedded.serve import gateway_command, gateway_environment, stop_group, wait_http
+from embedded.tritonserver import TritonServer, free_port
+from service.imaging import Preprocessing, configure_pillow, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{name} is needed for its sample photos (dev extra)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def photos() -> dict[str, bytes]:
+    """Real photos: small (Grace Hopper, 512x600 JPEG), large (retina, 1411x1411 JPEG) and a
+    3000x2000 JPEG mosaic of real photos at native resolution (camera-sized)."""
+    skimage = _package_dir("skimage") / "data"
+    grace = _package_dir("matplotlib") / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+    names = ["astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg"]
+    mosaic = Image.new("RGB", (3000, 2000))
+    for k, name in enumerate(names):
+        tile = Image.open(skimage / name).convert("RGB").resize((1000, 1000), Image.Resampling.BICUBIC)
+        mosaic.paste(tile, ((k % 3) * 1000, (k // 3) * 1000))
+    buffer = io.BytesIO()
+    mosaic.save(buffer, "JPEG", quality=92)
+    return {
+        "small: grace_hopper.jpg 512x600": grace.read_bytes(),
+        "large: retina.jpg 1411x1411": (skimage / "retina.jpg").read_bytes(),
+        "camera: mosaic 3000x2000": buffer.getvalue(),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+async def closed_loop(call: Callable[[], Awaitable[None]], concurrency: int, total: int) -> dict[str, float]:
+    """``concurrency`` clients each sending back to back until ``total`` requests are done."""
+    latencies: list[float] = []
+    errors = 0
+    remaining = total
+
+    async def client() -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            try:
+                await call()
+            except Exception:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "errors": errors,
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+async def serving(
+    gateway_url: str, grpc_url: str, model: str, image: bytes, concurrencies: list[int], per_client: int
+) -> list[dict[str, object]]:
+    """Gateway over HTTP versus Triton direct, same image, same preprocessing, one run."""
+    async with httpx.AsyncClient(
+        base_url=gateway_url, timeout=300, limits=httpx.Limits(max_connections=256)
+    ) as http:
+        listing = (await http.get("/v1/models")).json()["models"]
+        pre = Preprocessing(**next(m for m in listing if m["name"] == model)["preprocessing"])
+        tensor = prepare(image, [pre], max_pixels=50_000_000).inputs[pre][None]
+        triton = grpcaio.InferenceServerClient(grpc_url)
+
+        async def via_gateway() -> None:
+            answer = await http.post(
+                "/v1/classify", content=image, params={"model": model}, headers={"Content-Type": "image/jpeg"}
+            )
+            answer.raise_for_status()
+
+        async def direct() -> None:
+            inputs = grpcclient.InferInput("image__0", list(tensor.shape), "UINT8")
+            inputs.set_data_from_numpy(tensor)
+            await triton.infer(model, [inputs], outputs=[grpcclient.InferRequestedOutput("probabilities__0")])
+
+        for call in (via_gateway, direct):  # warm up both paths (batch sizes, connections)
+            await closed_loop(call, 4, 8)
+        rows: list[dict[str, object]] = []
+        for concurrency in concurrencies:
+            total = max(24, concurrency * per_client)
+            for path, call in (("gateway (HTTP)", via_gateway), ("Triton direct (gRPC)", direct)):
+                rows.append({"path": path, **await closed_loop(call, concurrency, total)})
+        await triton.close()
+        return rows
+
+
+def preprocessing(images: dict[str, bytes], seconds: float = 3.0) -> list[dict[str, object]]:
+    """Images per second of decode + crop + resize, one thread, draft on and off."""
+    configure_pillow(50_000_000)
+    pre = Preprocessing(0.875, "bicubic", 299)
+    rows: list[dict[str, object]] = []
+    for name, data in images.items():
+        for draft in (True, False):
+            prepared = prepare(data, [pre], max_pixels=50_000_000, draft=draft)
+            count, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                prepare(data, [pre], max_pixels=50_000_000, draft=draft)
+                count += 1
+            elapsed = time.perf_counter() - started
+            rows.append(
+                {
+                    "image": name,
+                    "draft": "on" if draft else "off",
+                    "draft_scale": prepared.draft_scale,
+                    "images_per_s": count / elapsed,
+                    "ms_per_image": 1000 * elapsed / count,
+                }
+            )
+    return rows
+
+
+def markdown(
+    serving_rows: list[dict[str, object]], pre_rows: list[dict[str, object]], info: dict[str, str]
+) -> str:
+    lines = [
+        f"Measured {info['date']} on {info['machine']}; model `{info['model']}`, image {info['image']}.",
+        "",
+    ]
+    lines += [
+        "| path | concurrency | requests | errors | req/s | p50 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in serving_rows:
+        lines.append(
+            f"| {r['path']} | {r['concurrency']} | {r['requests']} | {r['errors']} | {r['rps']:.1f} "
+            f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+        )
+    lines += [
+        "",
+        "| image | draft | draft scale | images/s | ms/image |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in pre_rows:
+        lines.append(
+            f"| {r['image']} | {r['draft']} | 1/{r['draft_scale']} | {r['images_per_s']:.0f} "
+            f"| {r['ms_per_image']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "build" / "model_repository_cpu")
+    parser.add_argument("--triton", help="gRPC host:port of a running Triton (else one is started)")
+    parser.add_argument("--model", default="inception_resnet_v1")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--per-client", type=int, default=6, help="requests per client at each concurrency")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    images = photos()
+    small = images["small: grace_hopper.jpg 512x600"]
+
+    triton = None
+    gateway = None
+    port = free_port()
+    try:
+        if args.triton:
+            grpc_url = args.triton
+        else:
+            triton = TritonServer(
+                args.repository, log_path=ROOT / "build" / "logs" / "bench-tritonserver.log"
+            )
+            triton.start().wait_ready(timeout=600)
+            grpc_url = triton.grpc_url
+        gateway = subprocess.Popen(
+            gateway_command(port, args.workers, "127.0.0.1"),
+            env=gateway_environment(grpc_url, args.workers, None),
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120, alive=gateway)
+        serving_rows = asyncio.run(
+            serving(f"http://127.0.0.1:{port}", grpc_url, args.model, small, concurrencies, args.per_client)
+        )
+    finally:
+        stop_group(gateway)
+        if triton is not None:
+            triton.stop()
+    pre_rows = preprocessing(images)
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+        "model": args.model,
+        "image": "grace_hopper.jpg (512x600 JPEG)",
+    }
+    print(markdown(serving_rows, pre_rows, info))
+    if args.json:
+        args.json.write_text(
+            json.dumps({"info": info, "serving": serving_rows, "preprocessing": pre_rows}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

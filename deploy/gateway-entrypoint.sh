@@ -1,0 +1,15 @@
+#!/bin/sh
+# Entry point of the gateway image: uvicorn with $WEB_CONCURRENCY workers. The workers share
+# their Prometheus metrics through files in $PROMETHEUS_MULTIPROC_DIR, which must exist and
+# be empty before the first worker imports prometheus_client: stale files from a previous
+# run would add old counts to the new ones.
+set -eu
+: "${PROMETHEUS_MULTIPROC_DIR:=/tmp/gateway-metrics}"
+export PROMETHEUS_MULTIPROC_DIR
+rm -rf "$PROMETHEUS_MULTIPROC_DIR"
+mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
+if [ "$#" -eq 0 ]; then
+    set -- uvicorn service.app:app --host 0.0.0.0 --port "${PORT:-8080}" \
+        --workers "${WEB_CONCURRENCY:-4}" --no-server-header --proxy-headers --forwarded-allow-ips '*'
+fi
+exec "$@"

@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# The exporter image behind the compose `models` job and the Kubernetes init container:
+# builds the networks (torch, CPU build: tracing needs no GPU and the traced graph holds no
+# device-bound constants), traces them and writes the production Triton repository.
+#   docker build -f deploy/models.Dockerfile -t inception-serving/models:0.1.0 .
+ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+FROM ${PYTHON_IMAGE}
+# Keep TORCH_VERSION equal to the `models` extra's pin in pyproject.toml.
+ARG TORCH_VERSION=2.14.1
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+WORKDIR /opt/app
+COPY pyproject.toml README.md ./
+COPY inception ./inception
+# The project itself, with its `models` extra (torch pinned there; installed above).
+# hadolint ignore=DL3013
+RUN pip install ".[models]"
+COPY deploy/models-entrypoint.sh /usr/local/bin/models-entrypoint
+RUN chmod 0755 /usr/local/bin/models-entrypoint \
+    && groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app app \
+    && mkdir -p /models /checkpoints \
+    && chown app:app /models
+# A named volume mounted on /models starts with this folder's owner, so the job can write it.
+VOLUME ["/models"]
+USER 10001:10001
+ENV HOME=/home/app \
+    HF_HOME=/home/app/.cache/huggingface \
+    MODELS_REPOSITORY=/models \
+    MODELS_CHECKPOINT_DIR=/checkpoints \
+    MODELS_HUB=auto
+ENTRYPOINT ["models-entrypoint"]

@@ -1,0 +1,190 @@
+"""``make serve``: the embedded CPU stack in one command.
+
+Starts the tritonserver of the ``nvidia-pytriton`` wheel on the CPU repository, waits until
+it is ready, starts the gateway (uvicorn, ``WORKERS`` processes) on ``PORT`` (8080) pointed at
+it, waits until the gateway is ready, prints a curl example, and on Ctrl-C or SIGTERM stops
+both. Both children run in their own process groups and are ended by group, so no backend
+stub or uvicorn worker outlives this process. Imports no torch.
+
+    python -m embedded.serve --repository build/model_repository_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from embedded.tritonserver import TritonServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Stop(Exception):
+    """Raised by the signal handler to unwind into the clean-up path."""
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+def wait_http(url: str, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 200, the child dies, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with code {alive.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+def stop_group(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
+    """SIGTERM the child's process group, then SIGKILL it if it lingers."""
+    if process is None:
+        return
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group
+
+
+def gateway_command(port: int, workers: int, host: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.app:app",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--no-access-log",  # the gateway logs each request itself, as JSON with its request id
+        "--timeout-graceful-shutdown",
+        "10",
+    ]
+
+
+def gateway_environment(grpc_url: str, workers: int, multiproc_dir: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["GATEWAY_TRITON_GRPC_URL"] = grpc_url
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if multiproc_dir is not None:
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
+    return env
+
+
+def sample_photo() -> str | None:
+    """A real photo to show off with: matplotlib ships Grace Hopper's portrait (dev extra)."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = Path(next(iter(spec.submodule_search_locations)))
+    photo = package / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+    return str(photo) if photo.is_file() else None
+
+
+def curl_example(port: int) -> str:
+    path = sample_photo() or "photo.jpg"
+    return "\n".join(
+        [
+            f"gateway ready on http://127.0.0.1:{port}  (OpenAPI: http://127.0.0.1:{port}/docs)",
+            "try:",
+            f"  curl -s -F image=@{path} 'http://127.0.0.1:{port}/v1/classify?top_k=5'",
+            f"  curl -s --data-binary @{path} -H 'Content-Type: image/jpeg' "
+            f"'http://127.0.0.1:{port}/v1/classify?model=ensemble'",
+            f"  curl -s http://127.0.0.1:{port}/v1/models",
+            "Ctrl-C stops the gateway and Triton.",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m embedded.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "build" / "model_repository_cpu")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
+    parser.add_argument("--log-dir", type=Path, default=ROOT / "build" / "logs")
+    parser.add_argument("--triton-timeout", type=float, default=600.0, help="seconds to wait for Triton")
+    args = parser.parse_args(argv)
+    if not any(args.repository.glob("*/config.pbtxt")):
+        print(f"no model repository at {args.repository}: run `make repository` first", file=sys.stderr)
+        return 2
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    triton = TritonServer(
+        args.repository, free_port(), free_port(), free_port(), log_path=args.log_dir / "tritonserver.log"
+    )
+    gateway: subprocess.Popen[bytes] | None = None
+    multiproc_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-")) if args.workers > 1 else None
+    try:
+        print(f"starting tritonserver on {args.repository} (log: {triton.log_path}) ...", flush=True)
+        triton.start().wait_ready(timeout=args.triton_timeout)
+        print(
+            f"tritonserver ready: grpc {triton.grpc_url}, metrics http://{triton.metrics_url}/metrics",
+            flush=True,
+        )
+        gateway = subprocess.Popen(
+            gateway_command(args.port, args.workers, args.host),
+            env=gateway_environment(triton.grpc_url, args.workers, multiproc_dir),
+            cwd=ROOT,
+            start_new_session=True,  # its own group: stopped with its workers, not by our Ctrl-C
+        )
+        wait_http(f"http://127.0.0.1:{args.port}/readyz", timeout=120, alive=gateway)
+        print(curl_example(args.port), flush=True)
+        while True:
+            if gateway.poll() is not None:
+                print(f"the gateway exited with code {gateway.returncode}", file=sys.stderr)
+                return 1
+            if triton.process is None or triton.process.poll() is not None:
+                print("tritonserver exited; see its log", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except Stop as stop:
+        print(f"\n{stop}: stopping the gateway and tritonserver ...", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        # Ignore further signals while cleaning up, so a second Ctrl-C cannot leave orphans.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_group(gateway)
+        triton.stop()
+        if multiproc_dir is not None:
+            shutil.rmtree(multiproc_dir, ignore_errors=True)
+        print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

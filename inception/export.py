@@ -1,0 +1,263 @@
+"""`python -m inception.export`: build, trace, verify and write the Triton repository.
+
+For each network: build it with its weights, wrap it with the in-graph preprocessing and
+softmax, trace it, check the trace against eager at batch 1 and at the largest batch
+served, and write `<production>/<name>/1/model.pt`; then the ensemble's weighted mean, and
+the configs of the requested flavours. A fingerprint of everything that determines a
+model file (source code, weights, torch version, batch size) is kept beside it, so a
+re-run with unchanged inputs skips the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from . import create_model, get_spec, list_models
+from .repository import (
+    FLAVOURS,
+    MAX_BATCH_SIZE,
+    EnsembleEntry,
+    NetworkEntry,
+    write_repository,
+)
+from .serving import ServingModel, WeightedMean
+from .weights import RANDOM_SEED, CheckpointError, hub_checkpoint, sha256_of
+
+STAMP = ".export.json"
+TRACE_TOLERANCE = 1e-5
+_SOURCES = (
+    "layers.py",
+    "inception_v4.py",
+    "inception_resnet_v1.py",
+    "inception_resnet_v2.py",
+    "registry.py",
+    "weights.py",
+    "serving.py",
+    "export.py",
+)
+
+
+@contextmanager
+def quiet_torchscript():
+    """TorchScript is deprecated in favour of torch.export, but Triton's libtorch backend
+    loads TorchScript: silence that one warning here, not globally."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*")
+        yield
+
+
+def source_digest() -> str:
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in _SOURCES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(**parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _read_stamp(version_dir: Path) -> dict | None:
+    stamp = version_dir / STAMP
+    if not (version_dir / "model.pt").is_file() or not stamp.is_file():
+        return None
+    try:
+        return json.loads(stamp.read_text())
+    except ValueError:
+        return None
+
+
+def _write_model(module: torch.jit.ScriptModule, version_dir: Path, stamp: dict) -> None:
+    version_dir.mkdir(parents=True, exist_ok=True)
+    tmp = version_dir / "model.pt.tmp"
+    with quiet_torchscript():
+        torch.jit.save(module, str(tmp))
+    tmp.replace(version_dir / "model.pt")  # never leave a half-written model.pt behind
+    (version_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+
+
+def example_images(batch: int, size: int = 299, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
+
+
+def trace_and_check(
+    module: torch.nn.Module, examples: Sequence[tuple[torch.Tensor, ...]]
+) -> torch.jit.ScriptModule:
+    """Traces on the first example and requires traced == eager on every example."""
+    module.eval()
+    with torch.inference_mode(False), torch.no_grad(), quiet_torchscript():
+        traced = torch.jit.trace(module, examples[0], check_trace=False)
+        for example in examples:
+            eager, scripted = module(*example), traced(*example)
+            err = float((eager - scripted).abs().max())
+            if err > TRACE_TOLERANCE:
+                raise RuntimeError(
+                    f"traced output differs from eager by {err:.3g} at batch {example[0].shape[0]}"
+                )
+    return traced
+
+
+def resolve_weights(name: str, checkpoints: dict[str, str], use_hub: bool) -> tuple[str | None, str]:
+    """Returns (weights argument for create_model, identity for the fingerprint)."""
+    if name in checkpoints:
+        path = Path(checkpoints[name]).expanduser().resolve()
+        return str(path), sha256_of(path) if path.is_file() else str(path)
+    if use_hub and get_spec(name).has_public_checkpoint:
+        path = hub_checkpoint(get_spec(name))
+        return str(path), sha256_of(path)
+    return None, f"random-init:{RANDOM_SEED}"
+
+
+def export_network(name: str, root: Path, weights: str | None, weights_id: str, log) -> NetworkEntry:
+    spec = get_spec(name)
+    version_dir = root / name / "1"
+    fingerprint = _fingerprint(
+        model=name, weights=weights_id, source=source_digest(), torch=torch.__version__, batch=MAX_BATCH_SIZE
+    )
+    stamp = _read_stamp(version_dir)
+    if stamp is None or stamp.get("fingerprint") != fingerprint:
+        start = time.monotonic()
+        log(f"{name}: building ({'random init' if weights is None else weights})")
+        model = create_model(name, weights)
+        info = model.weights_info
+        log(f"{name}: tracing and checking against eager at batch 1 and {MAX_BATCH_SIZE}")
+        traced = trace_and_check(
+            ServingModel(model), [(example_images(1),), (example_images(MAX_BATCH_SIZE, seed=1),)]
+        )
+        stamp = {"fingerprint": fingerprint, "weights": info.provenance, "weights_sha256": info.sha256}
+        _write_model(traced, version_dir, stamp)
+        size_mb = (version_dir / "model.pt").stat().st_size / 1e6
+        log(
+            f"{name}: wrote {version_dir / 'model.pt'} ({size_mb:.0f} MB) in {time.monotonic() - start:.0f} s"
+        )
+    else:
+        log(f"{name}: up to date ({stamp['weights']}), skipped")
+    return NetworkEntry(
+        name=name,
+        crop_pct=spec.crop_pct,
+        interpolation=spec.interpolation,
+        input_size=spec.input_size,
+        weights=stamp["weights"],
+        weights_sha256=stamp["weights_sha256"],
+    )
+
+
+def export_mean(ensemble: EnsembleEntry, root: Path, log) -> None:
+    version_dir = root / ensemble.mean_name / "1"
+    n = len(ensemble.members)
+    fingerprint = _fingerprint(
+        weights=list(ensemble.member_weights), source=source_digest(), torch=torch.__version__
+    )
+    stamp = _read_stamp(version_dir)
+    if stamp is not None and stamp.get("fingerprint") == fingerprint:
+        log(f"{ensemble.mean_name}: up to date, skipped")
+        return
+    gen = torch.Generator().manual_seed(0)
+    examples = [tuple(torch.rand(b, 1000, generator=gen) for _ in range(n)) for b in (1, MAX_BATCH_SIZE)]
+    traced = trace_and_check(WeightedMean(list(ensemble.member_weights)), examples)
+    _write_model(traced, version_dir, {"fingerprint": fingerprint, "weights": "none", "weights_sha256": ""})
+    log(f"{ensemble.mean_name}: wrote the weighted mean of {', '.join(m.name for m in ensemble.members)}")
+
+
+def _parse_checkpoints(items: Sequence[str]) -> dict[str, str]:
+    checkpoints = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise SystemExit(f"--checkpoint takes NAME=PATH, got {item!r}")
+        get_spec(name)
+        checkpoints[name] = path
+    return checkpoints
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inception.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--flavour", choices=[*FLAVOURS, "both"], default="both")
+    parser.add_argument("--production-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--cpu-repository", type=Path, default=Path("build/model_repository_cpu"))
+    parser.add_argument(
+        "--models", default=",".join(list_models()), help="comma-separated networks to export"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a timm checkpoint (.safetensors/.pth) or our own state dict for NAME",
+    )
+    parser.add_argument(
+        "--hub",
+        action="store_true",
+        help="download timm's published checkpoints (needs network) where no --checkpoint is given",
+    )
+    parser.add_argument(
+        "--ensemble-members", default=None, help="comma-separated; default: every exported network"
+    )
+    parser.add_argument(
+        "--ensemble-weights", default=None, help="comma-separated, same order; default: equal"
+    )
+    parser.add_argument("--no-ensemble", action="store_true")
+    args = parser.parse_args(argv)
+
+    def log(message: str) -> None:
+        print(f"[export] {message}", flush=True)
+
+    try:
+        names = [n for n in args.models.split(",") if n]
+        for name in names:
+            get_spec(name)
+        checkpoints = _parse_checkpoints(args.checkpoint)
+        networks = []
+        for i, name in enumerate(names, 1):
+            log(f"({i}/{len(names)}) {name}")
+            weights, weights_id = resolve_weights(name, checkpoints, args.hub)
+            networks.append(export_network(name, args.production_repository, weights, weights_id, log))
+        ensemble = None
+        if not args.no_ensemble:
+            member_names = args.ensemble_members.split(",") if args.ensemble_members else names
+            by_name = {n.name: n for n in networks}
+            unknown = [m for m in member_names if m not in by_name]
+            if unknown:
+                raise SystemExit(f"ensemble members {unknown} are not among the exported models {names}")
+            weights = (
+                [float(w) for w in args.ensemble_weights.split(",")]
+                if args.ensemble_weights
+                else [1.0] * len(member_names)
+            )
+            if len(weights) != len(member_names):
+                raise SystemExit(f"{len(member_names)} ensemble members but {len(weights)} weights")
+            total = sum(weights)
+            ensemble = EnsembleEntry(
+                members=tuple(by_name[m] for m in member_names),
+                member_weights=tuple(round(w / total, 6) for w in weights),
+            )
+            export_mean(ensemble, args.production_repository, log)
+        flavours = FLAVOURS if args.flavour == "both" else (args.flavour,)
+        for flavour in flavours:
+            root = args.production_repository if flavour == "production" else args.cpu_repository
+            write_repository(root, flavour, networks, ensemble, args.production_repository)
+            log(f"wrote the {flavour} repository at {root}")
+        for entry in networks:
+            if entry.weights == "random-init":
+                log(f"WARNING: {entry.name} serves random weights (no checkpoint given)")
+    except (CheckpointError, KeyError, ValueError) as exc:
+        print(f"[export] error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

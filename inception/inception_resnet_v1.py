@@ -1,0 +1,102 @@
+"""Inception-ResNet-v1 as the paper draws it (Figures 14, 10, 7, 11, 12, 13 and 15): its
+own stem to 35×35×256, 5 × Inception-ResNet-A, Reduction-A (k, l, m, n = 192, 192, 256,
+384) to 17×17×896, 10 × Inception-ResNet-B, Reduction-B to 8×8×1792, 5 ×
+Inception-ResNet-C, average pooling, dropout (keep 0.8) and a 1000-way classifier.
+
+No public ImageNet checkpoint exists for this network: it serves its (deterministic)
+random initialisation unless a user supplies a state dict. Its 1×1 up-projections carry a
+bias and no batch norm, as in the released residual checkpoints; the residual scales
+default to those of the Inception-ResNet-v2 checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from .layers import (
+    ClassifierHead,
+    ConvBnReLU,
+    ResidualInception,
+    conv_chain,
+    reduction_a,
+    residual_reduction_b,
+)
+
+STAGE_CHANNELS = (256, 896, 1792)
+BLOCK_COUNTS = (5, 10, 5)
+DEFAULT_SCALES = (0.17, 0.10, 0.20)
+
+
+def stem(in_channels: int = 3) -> nn.Sequential:
+    """Figure 14: 299×299×3 → 35×35×256."""
+    return nn.Sequential(
+        OrderedDict(
+            conv_1a=ConvBnReLU(in_channels, 32, 3, stride=2),
+            conv_2a=ConvBnReLU(32, 32, 3),
+            conv_2b=ConvBnReLU(32, 64, 3, padding=1),
+            pool_3a=nn.MaxPool2d(3, stride=2),
+            conv_3b=ConvBnReLU(64, 80, 1),
+            conv_4a=ConvBnReLU(80, 192, 3),
+            conv_4b=ConvBnReLU(192, 256, 3, stride=2),
+        )
+    )
+
+
+def block_a(scale: float) -> ResidualInception:
+    """Figure 10 (35×35×256)."""
+    c = STAGE_CHANNELS[0]
+    branches = [
+        ConvBnReLU(c, 32, 1),
+        conv_chain(c, [(32, 1, 1, 0), (32, 3, 1, 1)]),
+        conv_chain(c, [(32, 1, 1, 0), (32, 3, 1, 1), (32, 3, 1, 1)]),
+    ]
+    return ResidualInception(branches, 96, c, scale)
+
+
+def block_b(scale: float) -> ResidualInception:
+    """Figure 11 (17×17×896)."""
+    c = STAGE_CHANNELS[1]
+    branches = [
+        ConvBnReLU(c, 128, 1),
+        conv_chain(c, [(128, 1, 1, 0), (128, (1, 7), 1, (0, 3)), (128, (7, 1), 1, (3, 0))]),
+    ]
+    return ResidualInception(branches, 256, c, scale)
+
+
+def block_c(scale: float) -> ResidualInception:
+    """Figure 13 (8×8×1792)."""
+    c = STAGE_CHANNELS[2]
+    branches = [
+        ConvBnReLU(c, 192, 1),
+        conv_chain(c, [(192, 1, 1, 0), (192, (1, 3), 1, (0, 1)), (192, (3, 1), 1, (1, 0))]),
+    ]
+    return ResidualInception(branches, 384, c, scale)
+
+
+class InceptionResNetV1(nn.Module):
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        drop_rate: float = 0.2,
+        scales: tuple[float, float, float] = DEFAULT_SCALES,
+    ) -> None:
+        super().__init__()
+        scale_a, scale_b, scale_c = scales
+        n_a, n_b, n_c = BLOCK_COUNTS
+        self.stem = stem(in_channels)
+        self.blocks_a = nn.Sequential(*[block_a(scale_a) for _ in range(n_a)])
+        self.reduction_a = reduction_a(STAGE_CHANNELS[0], k=192, l=192, m=256, n=384)
+        self.blocks_b = nn.Sequential(*[block_b(scale_b) for _ in range(n_b)])
+        # Figure 12: 896 + 384 + 256 + 256 = 1792.
+        self.reduction_b = residual_reduction_b(STAGE_CHANNELS[1], out_a=384, out_b=256, mid_c=256, out_c=256)
+        self.blocks_c = nn.Sequential(*[block_c(scale_c) for _ in range(n_c)])
+        self.head = ClassifierHead(STAGE_CHANNELS[2], num_classes, drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks_a(self.stem(x))
+        x = self.blocks_b(self.reduction_a(x))
+        return self.head(self.blocks_c(self.reduction_b(x)))

@@ -1,0 +1,127 @@
+"""Loading weights: timm's checkpoint files (local or from the hub), our own state dicts,
+or a deterministic random initialisation, and the provenance of whichever was used.
+
+The provenance is what the repository's `config.pbtxt` and the gateway's answers report,
+so a model that serves random weights can never pass for a trained one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import ModelSpec, remap_timm_key
+
+RANDOM_SEED = 0
+RANDOM_INIT = "random-init"
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """Where a model's weights came from: `pretrained:<source>` or `random-init`."""
+
+    provenance: str
+    sha256: str = ""
+
+    @property
+    def is_random(self) -> bool:
+        return self.provenance == RANDOM_INIT
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model, with the keys that do not fit."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Reads safetensors or a torch file (only tensors: `weights_only`, no pickled code)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which and why
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    for wrapper in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def to_our_names(spec: ModelSpec, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Renames timm's parameter names to ours; our own state dicts pass through unchanged."""
+    if not spec.timm_rules or any(key.startswith(("stem.", "head.")) for key in state):
+        return dict(state)
+    return {remap_timm_key(spec, key): value for key, value in state.items()}
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads strictly, failing with the first missing, unexpected or misshapen keys."""
+    expected = model.state_dict()
+    # Batch-norm step counters carry no weight and some exporters drop them.
+    optional = {k for k in expected if k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_describe(mismatched)}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {source} does not fit {type(model).__name__}: " + "; ".join(problems)
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def hub_checkpoint(spec: ModelSpec) -> Path:
+    """Fetches timm's checkpoint from the hub (needs network; `huggingface_hub` only, no timm)."""
+    if spec.hub_repo is None:
+        raise CheckpointError(f"no public checkpoint exists for {spec.name}; give a local state dict instead")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id=spec.hub_repo, filename=spec.hub_filename))
+
+
+def load_weights(model: nn.Module, spec: ModelSpec, weights: str | os.PathLike[str] | None) -> WeightsInfo:
+    """`weights`: None for random init (already done by the caller), "hub" for timm's
+    published checkpoint, or the path of a timm checkpoint or of one of our state dicts."""
+    if weights is None:
+        return WeightsInfo(RANDOM_INIT)
+    if str(weights) == "hub":
+        path = hub_checkpoint(spec)
+        source = spec.hub_repo
+    else:
+        path = Path(weights).expanduser()
+        source = path.name
+    apply_state_dict(model, to_our_names(spec, read_state_dict(path)), str(path))
+    return WeightsInfo(f"pretrained:{source}", sha256_of(path))

@@ -1,0 +1,155 @@
+"""Every error the gateway answers, and the one place that turns them into HTTP.
+
+Handlers raise :class:`ApiError` subclasses; :func:`install_error_handlers` maps them, and
+FastAPI's own validation and routing errors, to ``{"error": {"code", "message"}}`` with the
+right status and headers. Unexpected exceptions become a bare 500 whose body says nothing
+about the code (the traceback goes to the log with the request id, never to the client).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(Exception):
+    """An error with a stable machine-readable code; the message is safe to show a client."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        self.details = details
+
+
+class InvalidImage(ApiError):
+    status, code = 400, "invalid_image"
+
+
+class EmptyBody(ApiError):
+    status, code = 400, "empty_body"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class UnknownModel(ApiError):
+    status, code = 404, "unknown_model"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ApiError):
+    status, code = 405, "method_not_allowed"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(ApiError):
+    status, code = 413, "image_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
+class UnsupportedImageFormat(ApiError):
+    status, code = 415, "unsupported_image_format"
+
+
+class InvalidRequest(ApiError):
+    status, code = 422, "invalid_request"
+
+
+class Overloaded(ApiError):
+    status, code = 429, "overloaded"
+
+
+class BackendError(ApiError):
+    status, code = 502, "backend_error"
+
+
+class BackendUnavailable(ApiError):
+    status, code = 503, "backend_unavailable"
+
+
+class ModelUnavailable(ApiError):
+    status, code = 503, "model_unavailable"
+
+
+class BackendTimeout(ApiError):
+    status, code = 504, "backend_timeout"
+
+
+class InternalError(ApiError):
+    status, code = 500, "internal_error"
+
+
+def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
+    """The JSON body of every error answer."""
+    error: dict[str, Any] = {"code": code, "message": message}
+    error.update(details)
+    return {"error": error}
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """The HTTP answer to an :class:`ApiError`."""
+    return JSONResponse(
+        error_body(exc.code, exc.message, **exc.details), status_code=exc.status, headers=exc.headers
+    )
+
+
+def internal_error_response() -> JSONResponse:
+    """What a client sees of a bug: a code and nothing else."""
+    return error_response(InternalError("internal error; the request id identifies it in the logs"))
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}" if loc else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error FastAPI or the handlers raise through :func:`error_response`."""
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        request.state.error_code = exc.code
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return await on_api_error(request, InvalidRequest(_validation_message(exc)))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        mapped: ApiError
+        if exc.status_code == 404:
+            mapped = NotFound(f"no route {request.url.path}")
+        elif exc.status_code == 405:
+            mapped = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else:
+            mapped = ApiError(str(exc.detail))
+            mapped.status, mapped.code = exc.status_code, "http_error"
+        if exc.headers:
+            mapped.headers.update(exc.headers)
+        return await on_api_error(request, mapped)
+
+    app.add_exception_handler(ApiError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)

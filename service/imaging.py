@@ -1,0 +1,239 @@
+"""Decoding untrusted image bytes and turning them into the models' uint8 input.
+
+Security first: Pillow is only ever allowed to open JPEG, PNG, WebP, GIF, BMP and TIFF
+(``Image.open(..., formats=...)``), so no other plugin's parser runs on client bytes (EPS
+above all, which hands the data to Ghostscript). The pixel count is checked before any pixel
+is decoded, by Pillow's own decompression-bomb guard set from our settings (and turned from
+a warning into an error) and by our check of the header's size.
+
+Everything here is synchronous and CPU-bound; the app runs it in a bounded thread pool
+(Pillow releases the GIL while decoding and resampling).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ApiError, EmptyBody, ImageTooLarge, InvalidImage, UnsupportedImageFormat
+
+#: The Pillow plugins that may open client data.
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+#: What ``Image.format`` may say after opening with those plugins (the JPEG plugin answers
+#: "MPO" for multi-picture JPEGs from phones).
+OPENED_FORMATS = frozenset({*ALLOWED_FORMATS, "MPO"})
+JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def configure_pillow(max_pixels: int) -> None:
+    """Set Pillow's decompression-bomb guard from our settings and make it an error.
+
+    Pillow warns above ``MAX_IMAGE_PIXELS`` and raises only above twice that; we want one
+    limit, so the warning becomes an error. Truncated images stay errors (never loaded
+    half-grey). Process-global by nature: called once when the app is built.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How one model wants its input: Inception's centre crop, then resize."""
+
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    input_size: int = 299
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        if self.input_size <= 0:
+            raise ValueError(f"input_size must be positive, got {self.input_size}")
+
+    @property
+    def scale_size(self) -> int:
+        """The shorter side that timm resizes to before its centre crop."""
+        return math.floor(self.input_size / self.crop_pct)
+
+
+@dataclass
+class Prepared:
+    """The decoded image's model inputs, one per distinct preprocessing, and what it cost."""
+
+    inputs: dict[Preprocessing, np.ndarray]
+    format: str
+    size: tuple[int, int]
+    draft_scale: int = 1
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _unsupported_format(prefix: bytes) -> str | None:
+    """The name of a format Pillow knows but we refuse, judged from the first bytes only.
+
+    Uses each plugin's ``accept`` check (a comparison of magic bytes) and never its parser,
+    so it is safe on hostile data; it only decides between 415 and 400.
+    """
+    Image.init()
+    for name, (_factory, accept) in list(Image.OPEN.items()):
+        if name in OPENED_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except Exception:
+            continue
+    return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode to RGB; transparency composited on white, 16-bit scaled (not clipped)."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            low, high = float(values.min()), float(values.max())
+            values = (values - low) * (255.0 / max(high - low, 1.0))
+        else:
+            values = values / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.max() <= 1.0 and values.min() >= 0.0:
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if mode in ("1", "I;16B"):
+        image = image.convert("L")
+    return image.convert("RGB")
+
+
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int,
+    draft_short_side: int | None = None,
+) -> tuple[Image.Image, str, tuple[int, int], int]:
+    """Decode ``data`` into an RGB image, EXIF orientation applied.
+
+    ``draft_short_side``: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as
+    the shorter side stays at least this long. Returns the image, the format, the size in
+    the file, and the draft scale used (1 when none).
+
+    Raises EmptyBody, InvalidImage (400), UnsupportedImageFormat (415) or ImageTooLarge (413).
+    """
+    if not data:
+        raise EmptyBody("the request carries no image data")
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from exc
+    except UnidentifiedImageError as exc:
+        other = _unsupported_format(data[:64])
+        if other is not None:
+            raise UnsupportedImageFormat(
+                f"{other} images are not accepted; send JPEG, PNG, WebP, GIF, BMP or TIFF"
+            ) from exc
+        raise InvalidImage("the data is not a decodable image (JPEG, PNG, WebP, GIF, BMP or TIFF)") from exc
+    except Exception as exc:  # any parser failure on hostile bytes is the client's 400
+        raise InvalidImage("the image header is corrupt") from exc
+    # No close() on the way out: the image reads from memory, and closing the source would
+    # invalidate the result when no conversion made a copy.
+    fmt = str(image.format)
+    try:
+        if fmt not in OPENED_FORMATS:  # defence in depth: never load another plugin
+            raise UnsupportedImageFormat(f"{fmt} images are not accepted")
+        width, height = image.size
+        if width <= 0 or height <= 0:
+            raise InvalidImage("the image has no pixels")
+        if width * height > max_pixels:
+            raise ImageTooLarge(f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+        scale = 1
+        if draft_short_side and fmt in JPEG_FORMATS:
+            image.draft(None, (draft_short_side, draft_short_side))
+            scale = max(1, round(width / image.size[0]))
+        image.load()
+        image = ImageOps.exif_transpose(image) or image
+        rgb = _to_rgb(image)
+        rgb.load()
+        return rgb, fmt, (width, height), scale
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from exc
+    except MemoryError as exc:
+        raise ImageTooLarge("the image is too large to decode") from exc
+    except Exception as exc:
+        raise InvalidImage("the image data is truncated or corrupt") from exc
+
+
+def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
+    """The centre square that timm's resize-shorter-side-then-centre-crop keeps, in source
+    pixel coordinates: cropping and resizing in one resampling step is faster and blurs
+    less than two."""
+    side = min(width, height) * pre.input_size / pre.scale_size
+    left = (width - side) / 2.0
+    top = (height - side) / 2.0
+    return (left, top, left + side, top + side)
+
+
+def preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """Centre crop and resize an RGB image to ``input_size``² uint8 HWC, as the model takes it."""
+    box = crop_box(image.width, image.height, pre)
+    size = (pre.input_size, pre.input_size)
+    resized = image.resize(size, INTERPOLATIONS[pre.interpolation], box=box)
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+
+def draft_short_side(pres: list[Preprocessing], oversample: float) -> int:
+    """The shortest shorter side that draft decoding may leave for these models."""
+    return math.ceil(max(p.scale_size for p in pres) * oversample)
+
+
+def prepare(
+    data: bytes,
+    pres: list[Preprocessing],
+    *,
+    max_pixels: int,
+    draft: bool = True,
+    oversample: float = 2.0,
+) -> Prepared:
+    """Decode once, then preprocess once per distinct preprocessing; timed per stage."""
+    started = time.perf_counter()
+    unique = list(dict.fromkeys(pres))
+    short = draft_short_side(unique, oversample) if draft else None
+    image, fmt, size, scale = decode(data, max_pixels=max_pixels, draft_short_side=short)
+    decoded = time.perf_counter()
+    inputs = {pre: preprocess(image, pre) for pre in unique}
+    done = time.perf_counter()
+    return Prepared(
+        inputs=inputs,
+        format=fmt,
+        size=size,
+        draft_scale=scale,
+        timings={"decode": decoded - started, "preprocess": done - decoded},
+    )

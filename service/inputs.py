@@ -1,0 +1,173 @@
+"""Reading the image and the options of a classify request, in any of its three forms.
+
+The body is counted while it streams: a declared ``Content-Length`` over the limit is
+refused before a byte is read, and a chunked body is refused as soon as it passes the
+limit, so a client cannot make the gateway buffer more than the limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from .errors import EmptyBody, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .schemas import ClassifyJson, ClassifyOptions
+
+#: Room for the multipart boundaries and option fields beside the image.
+MULTIPART_OVERHEAD = 64 * 1024
+OPTION_FIELDS = ("model", "models", "weights", "top_k")
+
+Message = MutableMapping[str, Any]
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the request body is larger than {limit} bytes", limit=limit)
+
+
+def bounded_receive(
+    receive: Callable[[], Awaitable[Message]], limit: int
+) -> Callable[[], Awaitable[Message]]:
+    """An ASGI ``receive`` that raises 413 once more than ``limit`` body bytes came in."""
+    received = 0
+
+    async def wrapped() -> Message:
+        nonlocal received
+        message = await receive()
+        if message.get("type") == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise _too_large(limit)
+        return message
+
+    return wrapped
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise InvalidRequest("bad Content-Length") from None
+        if length > limit:
+            raise _too_large(limit)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is over ``limit``."""
+    _check_declared_length(request, limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def parse_options(raw: dict[str, Any]) -> ClassifyOptions:
+    """Options from strings or JSON values, validated (422 on anything wrong)."""
+    values = {k: v for k, v in raw.items() if v is not None}
+    for key in ("models", "weights"):
+        if key in values:
+            values[key] = _csv(values[key])
+    try:
+        return ClassifyOptions.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+def _decode_base64(text: str, limit: int) -> bytes:
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    if len(text) > (limit + 2) // 3 * 4 + 4:
+        raise _too_large(limit)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("image: not valid base64") from None
+    if len(data) > limit:
+        raise _too_large(limit)
+    return data
+
+
+async def read_request(request: Request, query: dict[str, Any], limit: int) -> tuple[bytes, ClassifyOptions]:
+    """The image bytes and the options; query parameters win over body fields.
+
+    Raises 413, 415, 400 (empty) or 422 (bad options or JSON) as :mod:`service.errors`.
+    """
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";", 1)[0].strip().lower()
+    fields: dict[str, Any] = {}
+    if media == "multipart/form-data":
+        _check_declared_length(request, limit + MULTIPART_OVERHEAD)
+        bounded = Request(request.scope, bounded_receive(request.receive, limit + MULTIPART_OVERHEAD))
+        try:
+            form = await bounded.form(max_files=1, max_fields=len(OPTION_FIELDS))
+        except PayloadTooLarge:
+            raise
+        except Exception as exc:  # starlette's MultiPartException and friends
+            raise InvalidRequest(f"bad multipart body: {exc}") from None
+        try:
+            upload = form.get("image")
+            if upload is None:
+                raise InvalidRequest("multipart body has no field named 'image'")
+            data = await upload.read() if isinstance(upload, UploadFile) else str(upload).encode()
+            fields = {k: form.get(k) for k in OPTION_FIELDS if isinstance(form.get(k), str)}
+        finally:
+            await form.close()
+        if len(data) > limit:
+            raise _too_large(limit)
+    elif media == "application/json" or media.endswith("+json"):
+        body = await read_body(request, (limit + 2) // 3 * 4 + MULTIPART_OVERHEAD)
+        if not body:
+            raise EmptyBody("the request body is empty")
+        try:
+            document = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidRequest("the body is not valid JSON") from None
+        if not isinstance(document, dict):
+            raise InvalidRequest('the JSON body must be an object {"image": "<base64>", ...}')
+        try:
+            parsed = ClassifyJson.model_validate(
+                {k: _csv(v) if k in ("models", "weights") else v for k, v in document.items()}
+            )
+        except ValidationError as exc:
+            raise InvalidRequest(_describe(exc)) from None
+        data = _decode_base64(parsed.image, limit)
+        fields = parsed.model_dump(exclude={"image"}, exclude_unset=True)
+    elif media.startswith("image/") or media == "application/octet-stream":
+        data = await read_body(request, limit)
+    elif not media:
+        raise UnsupportedMediaType(
+            "no Content-Type: send multipart/form-data, an image/* body or application/json"
+        )
+    else:
+        raise UnsupportedMediaType(
+            f"{media} is not accepted: send multipart/form-data, an image/* body or application/json"
+        )
+    if not data:
+        raise EmptyBody("the request carries no image data")
+    merged = {**fields, **{k: v for k, v in query.items() if v is not None}}
+    return data, parse_options(merged)

@@ -1,0 +1,129 @@
+"""Gateway settings, read from the environment (prefix ``GATEWAY_``).
+
+Everything an operator may want to change between a laptop, the embedded CPU stack and a
+Kubernetes deployment lives here, so that no code has to be edited to move between them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The models that may be routed to. ``inception_ensemble_mean`` is an internal step of the
+#: Triton ensemble and is deliberately absent: it takes member probabilities, not images.
+DEFAULT_MODELS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2", "inception_ensemble")
+
+
+def _split_csv(value: object) -> object:
+    """Accept ``a,b,c`` as well as a list: env vars are strings, and JSON lists in env vars
+    are a trap for operators."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def default_labels_path() -> Path | None:
+    """The labels file of the ``inception`` distribution, found without importing it.
+
+    ``inception/__init__.py`` imports torch; ``find_spec`` of a top-level package locates it
+    without executing it, so the gateway can use the same file as the exporter (one source
+    of truth) while staying torch-free. Returns None when the package is not installed.
+    """
+    try:
+        spec = importlib.util.find_spec("inception")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "data" / "imagenet_labels.txt"
+        if candidate.is_file():
+            return candidate
+    candidate = Path(__file__).resolve().parent.parent / "inception" / "data" / "imagenet_labels.txt"
+    return candidate if candidate.is_file() else None
+
+
+class Settings(BaseSettings):
+    """The gateway's configuration; see each field's description."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", frozen=True)
+
+    triton_grpc_url: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
+    triton_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of one inference round trip; past it the answer is 504"
+    )
+    triton_probe_timeout_s: float = Field(
+        2.0, gt=0, description="deadline of health and config calls to Triton"
+    )
+    triton_reconnect_backoff_ms: int = Field(
+        1000, ge=100, description="cap of gRPC's reconnect backoff, so a restarted Triton is found fast"
+    )
+    config_refresh_interval_s: float = Field(
+        1.0, ge=0, description="at most one refresh of the model configs per interval while any is missing"
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_MODELS), description="routable Triton models (comma-separated)"
+    )
+    default_model: str = Field("inception_v4", description="the model used when a request names none")
+    ensemble_model: str = Field(
+        "inception_ensemble", description="the Triton ensemble that `model=ensemble` names"
+    )
+    labels_path: Path | None = Field(
+        default_factory=default_labels_path, description="ImageNet labels, one per line, line i = class i"
+    )
+
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        gt=0,
+        description="largest image (raw bytes) accepted; bodies are refused while streaming",
+    )
+    max_pixels: int = Field(
+        50_000_000,
+        gt=0,
+        description="largest width*height decoded; larger images are refused before decoding",
+    )
+    draft: bool = Field(True, description="reduced-size JPEG decoding for images much larger than needed")
+    draft_oversample: float = Field(
+        2.0, ge=1.0, description="draft keeps at least this many source pixels per output pixel"
+    )
+    decode_threads: int = Field(
+        2, ge=1, description="threads that decode and resize (Pillow releases the GIL)"
+    )
+
+    max_concurrency: int = Field(256, ge=1, description="classify requests handled at once by one worker")
+    queue_timeout_s: float = Field(
+        2.0, ge=0, description="how long a request waits for a free slot before 429"
+    )
+    retry_after_overloaded_s: int = Field(1, ge=0, description="Retry-After of 429 answers")
+    retry_after_unavailable_s: int = Field(5, ge=0, description="Retry-After of 503 answers")
+
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="when set, /v1 needs `Authorization: Bearer <key>` or `X-API-Key`"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed to call the API from a browser"
+    )
+    json_logs: bool = Field(True, description="structured JSON logs on stderr")
+    log_level: str = Field("INFO")
+
+    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.models:
+            raise ValueError("GATEWAY_MODELS names no model")
+        if self.default_model not in self.models:
+            raise ValueError(f"GATEWAY_DEFAULT_MODEL {self.default_model!r} is not in GATEWAY_MODELS")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

@@ -1,0 +1,289 @@
+"""The gateway's side of Triton: one async gRPC channel, the models' configs, inference.
+
+The repository is the source of truth for preprocessing and weight provenance, so configs
+are read from Triton (``config.pbtxt`` ``parameters``), at start when Triton is up and
+lazily otherwise: the gateway starts, and becomes ready, whatever order the two come up in.
+Triton's errors are mapped here to the gateway's :mod:`service.errors`, with messages that
+name no internals (addresses, stack traces and Triton's own words go to the log only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+from .errors import (
+    ApiError,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ModelUnavailable,
+    Overloaded,
+)
+from .imaging import Preprocessing
+from .settings import Settings
+
+log = logging.getLogger("service.triton")
+
+INPUT_NAME = "image__0"
+OUTPUT_NAME = "probabilities__0"
+NUM_CLASSES = 1000
+
+
+class ConfigError(ValueError):
+    """A model config that breaks the contract of DESIGN.md (names, types, dims, parameters)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the gateway needs to know of one routable model, read from its config."""
+
+    name: str
+    preprocessing: Preprocessing
+    weights: str
+    weights_sha256: str = ""
+    max_batch_size: int = 0
+    platform: str = ""
+    members: tuple[str, ...] = ()
+    member_weights: tuple[float, ...] = ()
+    parameters: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
+
+    @property
+    def random_init(self) -> bool:
+        return self.weights == "random-init"
+
+
+def _dims(tensor: Mapping[str, Any]) -> list[int]:
+    return [int(d) for d in tensor.get("dims", [])]
+
+
+def parse_model_config(config: Mapping[str, Any]) -> ModelInfo:
+    """Check a config (Triton's JSON form) against the contract and extract what we use."""
+    if "config" in config and isinstance(config["config"], Mapping):
+        config = config["config"]
+    name = str(config.get("name", ""))
+    params = {k: str(v.get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
+    inputs, outputs = list(config.get("input", [])), list(config.get("output", []))
+    if len(inputs) != 1 or inputs[0].get("name") != INPUT_NAME or inputs[0].get("data_type") != "TYPE_UINT8":
+        raise ConfigError(f"{name}: expected one TYPE_UINT8 input named {INPUT_NAME}")
+    if not any(o.get("name") == OUTPUT_NAME and o.get("data_type") == "TYPE_FP32" for o in outputs):
+        raise ConfigError(f"{name}: expected a TYPE_FP32 output named {OUTPUT_NAME}")
+    try:
+        size = int(params.get("input_size", "299"))
+        pre = Preprocessing(
+            crop_pct=float(params.get("crop_pct", "0.875")),
+            interpolation=params.get("interpolation", "bicubic"),
+            input_size=size,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"{name}: bad preprocessing parameters: {exc}") from exc
+    if _dims(inputs[0]) != [size, size, 3]:
+        raise ConfigError(f"{name}: input dims {_dims(inputs[0])} are not [{size}, {size}, 3]")
+    members = tuple(m.strip() for m in params.get("members", "").split(",") if m.strip())
+    try:
+        weights = tuple(float(w) for w in params.get("member_weights", "").split(",") if w.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}: bad member_weights") from exc
+    if members and weights and len(weights) != len(members):
+        raise ConfigError(f"{name}: {len(members)} members but {len(weights)} member_weights")
+    if members and not weights:
+        weights = tuple(1.0 / len(members) for _ in members)
+    return ModelInfo(
+        name=name,
+        preprocessing=pre,
+        weights=params.get("weights", "unknown") or "unknown",
+        weights_sha256=params.get("weights_sha256", ""),
+        max_batch_size=int(config.get("max_batch_size", 0) or 0),
+        platform=str(config.get("platform", "") or config.get("backend", "")),
+        members=members,
+        member_weights=weights,
+        parameters=params,
+    )
+
+
+def _status(exc: InferenceServerException) -> str:
+    return str(exc.status() or "")
+
+
+def map_triton_error(exc: InferenceServerException, model: str, settings: Settings) -> ApiError:
+    """Triton's failure as the gateway's error; Triton's own words are logged, not returned."""
+    status, message = _status(exc), str(exc.message() or "").lower()
+    unavailable = {"Retry-After": str(settings.retry_after_unavailable_s)}
+    if "DEADLINE_EXCEEDED" in status:
+        return BackendTimeout(f"the inference server did not answer within {settings.triton_timeout_s:g} s")
+    if "RESOURCE_EXHAUSTED" in status or "queue" in message:
+        return Overloaded(
+            "the inference server's queue is full; retry later",
+            headers={"Retry-After": str(settings.retry_after_overloaded_s)},
+        )
+    if "NOT_FOUND" in status or ("UNAVAILABLE" in status and "model" in message):
+        return ModelUnavailable(f"model {model} is not ready on the inference server", headers=unavailable)
+    if "UNAVAILABLE" in status or "CANCELLED" in status:
+        return BackendUnavailable("the inference server is unavailable; retry later", headers=unavailable)
+    return BackendError("the inference server could not run the request")
+
+
+class TritonBackend:
+    """One gRPC channel to Triton for the process, and the routable models' configs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: dict[str, ModelInfo] = {}
+        self.config_errors: dict[str, str] = {}
+        self._client: grpcaio.InferenceServerClient | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._last_refresh = float("-inf")
+        self._stale = False
+
+    @property
+    def client(self) -> grpcaio.InferenceServerClient:
+        if self._client is None:  # created lazily: grpc.aio channels belong to the running loop
+            backoff = self.settings.triton_reconnect_backoff_ms
+            self._client = grpcaio.InferenceServerClient(
+                self.settings.triton_grpc_url,
+                channel_args=[
+                    ("grpc.max_send_message_length", 2**31 - 1),
+                    ("grpc.max_receive_message_length", 2**31 - 1),
+                    # A stopped Triton must be found again quickly once it is back, not
+                    # after gRPC's default backoff of up to two minutes.
+                    ("grpc.initial_reconnect_backoff_ms", min(200, backoff)),
+                    ("grpc.min_reconnect_backoff_ms", min(200, backoff)),
+                    ("grpc.max_reconnect_backoff_ms", backoff),
+                ],
+            )
+        return self._client
+
+    async def start(self) -> None:
+        """Read the configs if Triton is up; never fail (the gateway must start regardless)."""
+        await self.refresh(force=True)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def refresh(self, names: Iterable[str] | None = None, *, force: bool = False) -> None:
+        """Fetch the configs of ``names`` (default: every routable model), at most once per
+        ``config_refresh_interval_s`` unless forced. Failures are logged, not raised."""
+        wanted = list(names or self.settings.models)
+        async with self._refresh_lock:
+            now = time.monotonic()
+            missing = [n for n in wanted if n not in self.models]
+            if not force and not self._stale and not missing:
+                return
+            if not force and now - self._last_refresh < self.settings.config_refresh_interval_s:
+                return
+            self._last_refresh = now
+            targets = list(self.settings.models) if self._stale or force else missing
+            results = await asyncio.gather(*(self._fetch(n) for n in targets), return_exceptions=True)
+            reached = False
+            for name, result in zip(targets, results, strict=True):
+                if isinstance(result, ModelInfo):
+                    self.models[name] = result
+                    self.config_errors.pop(name, None)
+                    reached = True
+                elif isinstance(result, ConfigError):
+                    self.config_errors[name] = str(result)
+                    self.models.pop(name, None)
+                    reached = True
+                    log.error(
+                        "model config breaks the contract", extra={"model": name, "reason": str(result)}
+                    )
+                else:
+                    log.warning("model config not read", extra={"model": name, "reason": str(result)})
+            if reached:
+                self._stale = False
+
+    async def _fetch(self, name: str) -> ModelInfo:
+        config = await self.client.get_model_config(
+            name, as_json=True, client_timeout=self.settings.triton_probe_timeout_s
+        )
+        info = parse_model_config(config)
+        if info.name != name:
+            raise ConfigError(f"asked for {name}, Triton answered {info.name}")
+        return info
+
+    async def model(self, name: str) -> ModelInfo:
+        """The config of a routable model, read now if not yet known (503 while unknown)."""
+        if name not in self.models or self._stale:
+            await self.refresh([name])
+        info = self.models.get(name)
+        if info is not None:
+            return info
+        headers = {"Retry-After": str(self.settings.retry_after_unavailable_s)}
+        if name in self.config_errors:
+            raise BackendError(f"model {name} is misconfigured on the inference server")
+        if await self.server_live():
+            raise ModelUnavailable(f"model {name} is not ready on the inference server", headers=headers)
+        raise BackendUnavailable("the inference server is unavailable; retry later", headers=headers)
+
+    async def infer(self, name: str, batch: np.ndarray, request_id: str = "") -> np.ndarray:
+        """Probabilities ``[n, 1000]`` for a uint8 ``[n, H, W, 3]`` batch, sent as is."""
+        tensor = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        try:
+            result = await self.client.infer(
+                name,
+                [tensor],
+                outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
+                request_id=request_id[:128],
+                client_timeout=self.settings.triton_timeout_s,
+            )
+        except InferenceServerException as exc:
+            error = map_triton_error(exc, name, self.settings)
+            if isinstance(error, BackendTimeout) and not await self.server_live():
+                error = BackendUnavailable(
+                    "the inference server is unavailable; retry later",
+                    headers={"Retry-After": str(self.settings.retry_after_unavailable_s)},
+                )
+            if isinstance(error, BackendUnavailable | ModelUnavailable):
+                self._stale = True  # Triton may come back with another repository
+            log.warning(
+                "triton call failed",
+                extra={"model": name, "triton_status": _status(exc), "triton_message": exc.message()},
+            )
+            raise error from None
+        try:
+            probabilities = result.as_numpy(OUTPUT_NAME)
+        except ValueError:  # e.g. an output of the wrong byte size
+            probabilities = None
+        if probabilities is None or probabilities.shape != (batch.shape[0], NUM_CLASSES):
+            shape = None if probabilities is None else probabilities.shape
+            log.error("unexpected triton output", extra={"model": name, "shape": str(shape)})
+            raise BackendError("the inference server answered with an unexpected output")
+        return probabilities.astype(np.float32, copy=False)
+
+    async def server_live(self) -> bool:
+        try:
+            return bool(await self.client.is_server_live(client_timeout=self.settings.triton_probe_timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def server_ready(self) -> bool:
+        try:
+            return bool(
+                await self.client.is_server_ready(client_timeout=self.settings.triton_probe_timeout_s)
+            )
+        except InferenceServerException:
+            return False
+
+    async def model_ready(self, name: str) -> bool:
+        try:
+            return bool(
+                await self.client.is_model_ready(name, client_timeout=self.settings.triton_probe_timeout_s)
+            )
+        except InferenceServerException:
+            return False

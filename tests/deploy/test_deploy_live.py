@@ -1,0 +1,330 @@
+"""The dashboards and alert rules against live metrics.
+
+A real Prometheus (Debian's binary) scrapes a real gateway (uvicorn with two workers and
+multiprocess metrics, as the image runs it) and a real tritonserver (the CPU stack from the
+nvidia-pytriton wheel) after a short burst of classify requests. Then every PromQL
+expression of the dashboards (with their variables substituted), of the alert rules and of
+the prometheus-adapter rule goes through Prometheus' HTTP API:
+
+- a dashboard expression must return data, for "All" models and for single models;
+- an alert expression must parse, and each of its selectors must return data (a healthy
+  stack fires no alert, so the whole expression is rightly empty);
+- expressions over GPU metrics (nv_gpu_*), which a CPU Triton does not export, must parse,
+  and their names must be ones Triton documents.
+
+A misspelt metric or label name in a panel or rule makes this fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from promql_tools import (
+    ALERTS,
+    ROOT,
+    TRITON_DOCUMENTED,
+    adapter_expressions,
+    alert_expressions,
+    dashboard_expressions,
+    dashboard_variable_queries,
+    is_gpu_only,
+    metric_names,
+    selectors,
+    substitute,
+)
+
+pytestmark = pytest.mark.integration
+
+CPU_REPOSITORY = ROOT / "build" / "model_repository_cpu"
+#: The values the dashboards' $model variable is tried with: All, a network, the ensemble.
+MODEL_VALUES = (".*", "inception_v4", "inception_ensemble")
+BURST = {"inception_v4": 4, "inception_ensemble": 2}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{url}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"{url} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def live_triton(request):
+    """The session's tritonserver from tests/conftest.py; one of our own where that fixture
+    is not there (running this folder alone during development)."""
+    try:
+        yield request.getfixturevalue("triton")
+        return
+    except pytest.FixtureLookupError:
+        pass
+    if not (CPU_REPOSITORY / "inception_v4" / "1").is_dir():
+        pytest.skip(f"no CPU repository at {CPU_REPOSITORY}: run `make repository`")
+    from embedded.tritonserver import TritonServer
+
+    with TritonServer(CPU_REPOSITORY) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gateway(live_triton, tmp_path_factory) -> Iterator[str]:
+    """The gateway as the image runs it: uvicorn, two workers, multiprocess metrics."""
+    if not (ROOT / "service" / "app.py").is_file():
+        pytest.skip("service/app.py does not exist yet")
+    work = tmp_path_factory.mktemp("gateway")
+    (work / "metrics").mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "GATEWAY_TRITON_GRPC_URL": live_triton.grpc_url,
+        "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
+        "GATEWAY_API_KEYS": "",
+    }
+    log = work / "gateway.log"
+    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*cmd, "--workers", "2"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", process, log, timeout=180)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def prometheus(prometheus_bin, gateway, live_triton, tmp_path_factory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [
+            {"job_name": "gateway", "static_configs": [{"targets": [gateway]}]},
+            {"job_name": "triton", "static_configs": [{"targets": [live_triton.metrics_url]}]},
+        ],
+    }
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = work / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                prometheus_bin,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", process, log, timeout=60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
+
+
+def jpeg() -> bytes:
+    from PIL import Image
+
+    try:
+        from skimage import data
+
+        image = Image.fromarray(data.chelsea())
+    except ImportError:
+        image = Image.linear_gradient("L").convert("RGB").resize((320, 240))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def query(prometheus: str, expr: str) -> dict:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=30)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", (
+        f"{expr}\n-> {body.get('error', body)}"
+    )
+    return body["data"]
+
+
+def scalar_sum(prometheus: str, expr: str) -> float:
+    result = query(prometheus, expr)["result"]
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+@pytest.fixture(scope="module")
+def scraped(prometheus, gateway) -> str:
+    """The burst is sent and Prometheus has scraped its effects."""
+    body = jpeg()
+    headers = {"Content-Type": "image/jpeg"}
+    url = f"http://{gateway}/v1/classify"
+
+    answers = []
+
+    def classify(model: str, data: bytes = body) -> int:
+        response = httpx.post(url, params={"model": model}, content=data, headers=headers, timeout=120)
+        answers.append(f"{model}: {response.status_code} {response.text[:300]}")
+        return response.status_code
+
+    # The first scrapes happen before the burst, so rates have a starting point.
+    time.sleep(3)
+    jobs = [m for m, n in BURST.items() for _ in range(n)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        statuses = list(pool.map(classify, jobs))
+    assert statuses == [200] * len(jobs), answers
+    bad = [classify(model, b"not an image at all") for model in BURST]  # errors, for the error panels
+    assert all(400 <= s < 500 for s in bad), answers
+
+    expected = len(jobs) + len(bad)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        seen = scalar_sum(prometheus, 'sum(inception_gateway_requests_total{job="gateway"})')
+        triton = scalar_sum(
+            prometheus, 'sum(nv_inference_request_success{job="triton", model="inception_v4"})'
+        )
+        if seen >= expected and triton >= BURST["inception_v4"]:
+            time.sleep(2)  # one more scrape after the last change, for rate()
+            return prometheus
+        time.sleep(1)
+    pytest.fail(f"Prometheus saw {seen} of {expected} gateway requests and {triton} Triton inferences")
+
+
+def finite(data: dict) -> bool:
+    values = [float(s["value"][1]) for s in data["result"]] if data["resultType"] == "vector" else []
+    return any(math.isfinite(v) for v in values)
+
+
+DASHBOARD = dashboard_expressions()
+
+
+@pytest.mark.parametrize(
+    "expression", [e for e in DASHBOARD if not is_gpu_only(e.expr)], ids=lambda e: e.source
+)  # GPU metrics: test_gpu_expressions_parse
+def test_dashboard_expression_returns_data(scraped, expression):
+    for model in MODEL_VALUES:
+        expr = substitute(expression.expr, {"model": model})
+        assert "$" not in expr, f"unsubstituted variable in {expr}"
+        data = query(scraped, expr)
+        assert data["result"], f"$model={model}: no data for {expr}"
+        if model == ".*":
+            assert finite(data), f"only NaN/Inf for {expr}: {data['result']}"
+
+
+def test_gpu_expressions_parse(scraped):
+    gpu = [e for e in DASHBOARD + alert_expressions() if is_gpu_only(e.expr)]
+    assert gpu, "the dashboard shows no GPU metric"
+    for expression in gpu:
+        names = {n for n in metric_names(expression.expr) if n.startswith("nv_")}
+        assert names <= TRITON_DOCUMENTED, f"{expression.source}: {sorted(names - TRITON_DOCUMENTED)}"
+        query(scraped, substitute(expression.expr, {"model": ".*"}))  # parses (raises otherwise)
+
+
+@pytest.mark.parametrize("expression", dashboard_variable_queries(), ids=lambda e: e.source)
+def test_variable_query_lists_the_models(scraped, expression):
+    data = query(scraped, expression.expr)
+    models = {s["metric"].get("model") for s in data["result"]}
+    assert set(BURST) <= models, models
+
+
+MATCHER = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*")\s*,?')
+
+
+def selects_live_series(prometheus: str, selector: str) -> bool:
+    """The selector returns data; or, where it filters on a label's value that the healthy
+    stack does not have yet (no 5xx answers: `status=~"5.."`), the selector without that
+    one matcher returns series that do carry the label, so no name is misspelt."""
+    if query(prometheus, selector)["result"]:
+        return True
+    name, _, body = selector.partition("{")
+    matchers = MATCHER.findall(body.rstrip("}"))
+    for i, (label, _op, _value) in enumerate(matchers):
+        rest = ", ".join(f"{lbl}{op}{val}" for j, (lbl, op, val) in enumerate(matchers) if j != i)
+        result = query(prometheus, f"{name}{{{rest}}}")["result"]
+        if result and all(label in series["metric"] for series in result):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("expression", alert_expressions(), ids=lambda e: e.source)
+def test_alert_expression_parses_and_selects_live_series(scraped, expression):
+    query(scraped, expression.expr)
+    found = selectors(expression.expr)
+    assert found, expression.expr
+    for selector in found:
+        assert selects_live_series(scraped, selector), f"{expression.source}: {selector} selects nothing"
+
+
+def test_a_misspelt_selector_is_caught(scraped):
+    assert selects_live_series(scraped, 'inception_gateway_requests_total{job="gateway", status=~"5..|429"}')
+    assert not selects_live_series(scraped, 'inception_gateway_request_total{job="gateway"}')
+    assert not selects_live_series(scraped, 'inception_gateway_requests_total{job="gateway", stauts=~"5.."}')
+    assert not selects_live_series(
+        scraped, 'nv_inference_queue_duration_us{job="triton", modle="inception_v4"}'
+    )
+
+
+def test_alert_rules_are_loaded_and_healthy(scraped):
+    groups = httpx.get(f"{scraped}/api/v1/rules", timeout=30).json()["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == len(alert_expressions())
+    for rule in rules:
+        assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+
+
+def test_no_availability_alert_fires_on_a_healthy_stack(scraped):
+    for name in ("GatewayDown", "TritonDown", "TritonModelNotReady"):
+        alert = next(e for e in alert_expressions() if e.source == f"alert {name}")
+        assert query(scraped, alert.expr)["result"] == [], name
+
+
+@pytest.mark.parametrize(
+    "expression", adapter_expressions('job="triton"', "instance"), ids=lambda e: e.source
+)
+def test_prometheus_adapter_query_returns_data(scraped, expression):
+    data = query(scraped, expression.expr)
+    assert data["result"] and finite(data), data

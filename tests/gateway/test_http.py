@@ -1,0 +1,304 @@
+"""End to end over HTTP: a real uvicorn serving the gateway, a real tritonserver behind it."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image, features
+
+from service.imaging import Preprocessing, configure_pillow, prepare
+
+from .conftest import TritonEndpoint
+from .helpers import ROOT, GatewayProcess, classify, encode, photo, probabilities, raw_http, vector
+from .test_imaging import png_bomb
+
+pytestmark = pytest.mark.integration
+
+FAST = "inception_resnet_v1"  # the cheapest model on 2 CPU cores
+
+
+def chelsea() -> Image.Image:
+    return Image.open(photo("chelsea.png")).convert("RGB")
+
+
+def test_every_input_form_gives_the_same_predictions(client: httpx.Client) -> None:
+    data = photo("grace_hopper.jpg").read_bytes()
+    b64 = base64.b64encode(data).decode()
+    answers = {
+        "raw": classify(client, data, top_k=10),
+        "octet-stream": classify(client, data, "application/octet-stream", top_k=10),
+        "multipart": client.post(
+            "/v1/classify", files={"image": ("g.jpg", data, "image/jpeg")}, params={"top_k": 10}
+        ),
+        "multipart-fields": client.post(
+            "/v1/classify", files={"image": ("g.jpg", data, "image/jpeg")}, data={"top_k": "10"}
+        ),
+        "json": client.post("/v1/classify", json={"image": b64, "top_k": 10}),
+        "json-data-url": client.post(
+            "/v1/classify", json={"image": f"data:image/jpeg;base64,{b64}", "top_k": 10}
+        ),
+    }
+    reference = probabilities(answers["raw"])
+    assert len(reference) == 10
+    for form, answer in answers.items():
+        scores = probabilities(answer)
+        assert list(scores) == list(reference), form
+        assert np.allclose(list(scores.values()), list(reference.values()), atol=1e-6), form
+        assert answer.json()["model"] == "inception_v4"
+
+
+def test_answer_shape_and_labels(client: httpx.Client, gateway_triton: TritonEndpoint) -> None:
+    data = photo("grace_hopper.jpg").read_bytes()
+    answer = client.post(
+        "/v1/classify", content=data, headers={"Content-Type": "image/jpeg", "X-Request-ID": "req-42"}
+    )
+    body = answer.json()
+    assert answer.headers["X-Request-ID"] == "req-42" and body["request_id"] == "req-42"
+    assert body["model"] == "inception_v4" and len(body["predictions"]) == 5
+    scores = [p["score"] for p in body["predictions"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert set(body["timing_ms"]) == {"read", "decode", "preprocess", "triton", "postprocess", "total"}
+    labels = (ROOT / "inception" / "data" / "imagenet_labels.txt").read_text().splitlines()
+    assert all(labels[p["class_id"]] == p["label"] for p in body["predictions"])
+    weights = client.get("/v1/models").json()["models"][0]["weights"]
+    assert body["weights"] == weights
+    if weights == "random-init":
+        assert body["random_init"] is True and "random" in body["warning"]
+    # Triton's own classification extension (label_filename) names the same top class.
+    configure_pillow(50_000_000)
+    tensor = prepare(data, [Preprocessing(0.875)], max_pixels=50_000_000).inputs[Preprocessing(0.875)]
+    triton = grpcclient.InferenceServerClient(gateway_triton.grpc_url)
+    inputs = grpcclient.InferInput("image__0", [1, 299, 299, 3], "UINT8")
+    inputs.set_data_from_numpy(tensor[None])
+    result = triton.infer(
+        "inception_v4", [inputs], outputs=[grpcclient.InferRequestedOutput("probabilities__0", class_count=1)]
+    )
+    score, index, label = result.as_numpy("probabilities__0")[0][0].decode().split(":", 2)
+    assert int(index) == body["predictions"][0]["class_id"] and label == body["predictions"][0]["label"]
+    assert abs(float(score) - body["predictions"][0]["score"]) < 1e-5
+
+
+def test_exif_rotated_jpeg_is_classified_as_the_rotated_image(client: httpx.Client) -> None:
+    upright = chelsea().crop((0, 0, 448, 288))  # multiples of 16: rotating keeps JPEG blocks aligned
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    tagged = encode(stored, "JPEG", quality=100, subsampling=0, exif=exif.tobytes())
+    untagged = encode(stored, "JPEG", quality=100, subsampling=0)
+    reference = np.array(
+        vector(classify(client, encode(upright, "JPEG", quality=100, subsampling=0), model=FAST, top_k=1000))
+    )
+    as_tagged = np.array(vector(classify(client, tagged, model=FAST, top_k=1000)))
+    as_stored = np.array(vector(classify(client, untagged, model=FAST, top_k=1000)))
+    near, far = np.abs(as_tagged - reference).sum(), np.abs(as_stored - reference).sum()
+    print(f"exif: L1 to upright {near:.3e}, untagged {far:.3e}")
+    assert near < far / 5, (near, far)
+
+
+def _variants() -> dict[str, tuple[bytes, str]]:
+    base = chelsea()
+    palette = base.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    palette.info["transparency"] = 0
+    rgba = base.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(base.size))
+    grey16 = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
+    variants = {
+        "cmyk-jpeg": (encode(base.convert("CMYK"), "JPEG", quality=90), "image/jpeg"),
+        "rgba-png": (encode(rgba, "PNG"), "image/png"),
+        "16bit-png": (encode(grey16, "PNG"), "image/png"),
+        "palette-gif": (encode(palette, "GIF"), "image/gif"),
+        "bmp": (encode(base, "BMP"), "image/bmp"),
+        "tiff": (encode(base, "TIFF"), "image/tiff"),
+        "grey-png": (encode(base.convert("L"), "PNG"), "image/png"),
+    }
+    if features.check("webp"):
+        variants["webp"] = (encode(base, "WEBP", quality=90), "image/webp")
+    return variants
+
+
+@pytest.mark.parametrize("variant", list(_variants()))
+def test_formats_and_modes_answer_200(client: httpx.Client, variant: str) -> None:
+    data, content_type = _variants()[variant]
+    answer = classify(client, data, content_type, model=FAST)
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["predictions"]) == 5
+
+
+def _serves(client: httpx.Client) -> None:
+    assert client.get("/healthz").status_code == 200
+
+
+def _oversized_chunks(total: int, chunked: bool, size: int = 256 * 1024) -> Iterator[bytes]:
+    payload = b"\xff" * size
+    for _ in range(total // size):
+        yield (f"{size:x}\r\n".encode() + payload + b"\r\n") if chunked else payload
+
+
+def test_errors_answer_json_and_the_gateway_keeps_serving(
+    client: httpx.Client, gateway: GatewayProcess
+) -> None:
+    jpeg = photo("rocket.jpg").read_bytes()
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
+    cases: list[tuple[str, httpx.Response, int, str]] = [
+        ("truncated jpeg", classify(client, jpeg[: len(jpeg) // 2]), 400, "invalid_image"),
+        ("random bytes", classify(client, np.random.default_rng(1).bytes(50_000)), 400, "invalid_image"),
+        ("empty body", classify(client, b""), 400, "empty_body"),
+        (
+            "decompression bomb",
+            classify(client, png_bomb(30_000, 30_000), "image/png"),
+            413,
+            "image_too_large",
+        ),
+        ("wrong media type", classify(client, jpeg, "text/plain"), 415, "unsupported_media_type"),
+        ("eps", classify(client, eps, "image/x-eps"), 415, "unsupported_image_format"),
+        ("unknown model", classify(client, jpeg, model="resnet50"), 404, "unknown_model"),
+        ("top_k 0", classify(client, jpeg, top_k=0), 422, "invalid_request"),
+        ("top_k 1001", classify(client, jpeg, top_k=1001), 422, "invalid_request"),
+        (
+            "json top_k",
+            client.post("/v1/classify", json={"image": "", "top_k": 5000}),
+            422,
+            "invalid_request",
+        ),
+    ]
+    for name, answer, status, code in cases:
+        assert answer.status_code == status, (name, answer.text)
+        error = answer.json()["error"]
+        assert error["code"] == code and error["message"], name
+        assert "Traceback" not in answer.text and "File " not in answer.text, name
+        _serves(client)
+    assert "inception_v4" in cases[6][1].json()["error"]["message"]
+
+    # Oversized bodies, declared and chunked: refused with 413 while they stream.
+    limit = 16 * 1024 * 1024
+    port = gateway.port
+    for chunked in (False, True):
+        framing = (
+            b"Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {4 * limit}\r\n".encode()
+        )
+        head = b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n" + framing + b"\r\n"
+        answer, sent = raw_http(port, head, _oversized_chunks(4 * limit, chunked))
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b'"payload_too_large"' in answer
+        assert sent < 2 * limit, sent  # refused long before the 64 MiB were sent
+        if not chunked:
+            assert sent < limit // 4  # a declared length is refused before reading
+        _serves(client)
+    assert classify(client, jpeg, model=FAST).status_code == 200
+
+
+def test_api_keys(gateway_triton: TritonEndpoint, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from .helpers import running_gateway
+
+    log = tmp_path_factory.mktemp("keyed") / "gateway.log"
+    env = {"GATEWAY_API_KEYS": "k1,secret-2"}
+    with running_gateway(gateway_triton.grpc_url, log, env=env) as keyed, keyed.client() as http:
+        data = photo("chelsea.png").read_bytes()
+        missing = classify(http, data, "image/png", model=FAST)
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "unauthorized"
+        assert missing.headers["WWW-Authenticate"] == "Bearer"
+        wrong = http.post(
+            "/v1/classify",
+            content=data,
+            headers={"Content-Type": "image/png", "Authorization": "Bearer nope"},
+        )
+        assert wrong.status_code == 401
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/healthz").status_code == 200 and http.get("/readyz").status_code == 200
+        bearer = http.post(
+            "/v1/classify",
+            content=data,
+            params={"model": FAST},
+            headers={"Content-Type": "image/png", "Authorization": "Bearer secret-2"},
+        )
+        assert bearer.status_code == 200, bearer.text
+        header = http.post(
+            "/v1/classify",
+            content=data,
+            params={"model": FAST},
+            headers={"Content-Type": "image/png", "X-API-Key": "k1"},
+        )
+        assert header.status_code == 200
+
+
+def test_models_listing(client: httpx.Client) -> None:
+    body = client.get("/v1/models").json()
+    names = [m["name"] for m in body["models"]]
+    assert names == ["inception_v4", "inception_resnet_v1", "inception_resnet_v2", "inception_ensemble"]
+    assert "inception_ensemble_mean" not in names and body["default"] == "inception_v4"
+    by_name = {m["name"]: m for m in body["models"]}
+    assert all(m["state"] == "ready" for m in body["models"])
+    assert by_name["inception_resnet_v2"]["preprocessing"]["crop_pct"] == pytest.approx(0.8975)
+    assert by_name["inception_ensemble"]["aliases"] == ["ensemble"]
+    assert {m["model"] for m in by_name["inception_ensemble"]["members"]} == {
+        "inception_v4",
+        "inception_resnet_v1",
+        "inception_resnet_v2",
+    }
+
+
+def test_cors_preflight(gateway_triton: TritonEndpoint, tmp_path_factory: pytest.TempPathFactory) -> None:
+    from .helpers import GatewayProcess as Process
+
+    process = Process(
+        gateway_triton.grpc_url,
+        tmp_path_factory.mktemp("cors") / "gateway.log",
+        env={"GATEWAY_CORS_ORIGINS": "https://app.example"},
+    )
+    try:
+        process.start().wait("/healthz")
+        preflight = httpx.options(
+            process.url + "/v1/classify",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.options(
+            process.url + "/v1/classify",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        process.stop()
+
+
+def test_structured_logs_carry_the_request_id(client: httpx.Client, gateway: GatewayProcess) -> None:
+    import json
+
+    answer = client.post(
+        "/v1/classify",
+        content=b"garbage",
+        params={"model": FAST},
+        headers={"Content-Type": "image/png", "X-Request-ID": "log-check-7"},
+    )
+    assert answer.status_code == 400
+    deadline = time.monotonic() + 10
+    lines: list[dict] = []
+    while time.monotonic() < deadline and not lines:
+        text = gateway.log_path.read_text(errors="replace")
+        lines = [json.loads(x) for x in text.splitlines() if x.startswith("{") and "log-check-7" in x]
+        time.sleep(0.1)
+    access = [x for x in lines if x["logger"] == "service.access"]
+    assert access and access[0]["request_id"] == "log-check-7"
+    assert access[0]["status"] == 400 and access[0]["error_code"] == "invalid_image"
+    assert access[0]["model"] == FAST and access[0]["duration_ms"] > 0
+
+
+def test_deadline_passed_is_504(
+    gateway_triton: TritonEndpoint, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A live Triton slower than the deadline (50 ms for a 150 ms forward pass): 504."""
+    from .helpers import running_gateway
+
+    log = tmp_path_factory.mktemp("deadline") / "gateway.log"
+    env = {"GATEWAY_TRITON_TIMEOUT_S": "0.05"}
+    with running_gateway(gateway_triton.grpc_url, log, env=env) as slow, slow.client() as http:
+        answer = classify(http, photo("grace_hopper.jpg").read_bytes(), model="inception_resnet_v2")
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["error"]["code"] == "backend_timeout"
+        assert http.get("/healthz").status_code == 200

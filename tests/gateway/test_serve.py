@@ -1,0 +1,97 @@
+"""``python -m embedded.serve`` (what ``make serve`` runs): Triton and the gateway come up,
+answer, and on Ctrl-C or SIGTERM both stop, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .helpers import MODEL, ROOT, classify, free_port, photo
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (Linux /proc), whatever session it moved to."""
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                if child not in found:
+                    found.add(child)
+                    stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_starts_both_and_stops_both(
+    one_model_repository: Path,
+    tmp_path: Path,
+    stop_signal: signal.Signals,
+) -> None:
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        "PORT": str(port),
+        "WORKERS": "2",
+        "GATEWAY_MODELS": MODEL,
+        "GATEWAY_DEFAULT_MODEL": MODEL,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embedded.serve", "--repository", str(one_model_repository),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    output: list[str] = []
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if line.startswith("Ctrl-C stops"):
+                break
+        text = "".join(output)
+        assert "curl" in text and f"127.0.0.1:{port}" in text, text
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            answer = classify(client, photo("chelsea.png").read_bytes(), "image/png")
+        assert answer.status_code == 200, answer.text
+        children = descendants(process.pid)
+        assert len(children) >= 4, children  # tritonserver, its stub, uvicorn, its two workers
+        process.send_signal(stop_signal)
+        rest, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, text + rest
+        assert "stopped." in rest
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if alive(pid)]
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
