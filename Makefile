@@ -11,7 +11,7 @@ PORT ?= 8080
 CHECKPOINTS ?=
 HUB ?=
 
-.PHONY: all venv repository serve test lint bench clean
+.PHONY: all venv repository serve test bench bench-gateway clean
 
 all: test
 
@@ -19,6 +19,11 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
+	# Debian tools the deployment tests run for real (Prometheus, promtool, docker-compose, kubectl).
+	command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus docker-compose; }
+	command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned, so that nothing pulls another build.
@@ -38,7 +43,10 @@ test: repository
 	$(BIN)/python -m pytest
 
 bench: repository
-	$(BIN)/python -m bench.models
+	$(BIN)/python -m bench.models --repository $(CPU_REPO)
+
+bench-gateway: repository
+	$(BIN)/python -m bench.gateway --repository $(CPU_REPO)
 
 clean:
 	rm -rf $(VENV) build model_repository/*/1 model_repository/*/labels.txt

@@ -52,8 +52,7 @@ def quiet_torchscript():
     """TorchScript is deprecated in favour of torch.export, but Triton's libtorch backend
     loads TorchScript: silence that one warning here, not globally."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated.*")
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*(TorchScript|torch\.jit).*deprecated")
         yield
 
 

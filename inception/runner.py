@@ -26,8 +26,8 @@ for _path in reversed(os.environ.get("PYTHONPATH", "").split(os.pathsep)):
     if _path:
         sys.path.insert(0, _path)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.utils.dlpack  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402  (provided by the Python backend)
 
 
@@ -43,7 +43,7 @@ class TritonPythonModel:
             self.device = torch.device("cpu")
         path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*TorchScript.*deprecated.*")
+            warnings.filterwarnings("ignore", message=r".*(TorchScript|torch\.jit).*deprecated")
             module = torch.jit.load(path, map_location=self.device)
         module.eval()
         self.half = params.get("precision", "fp32") == "fp16" and self.device.type == "cuda"
@@ -53,36 +53,41 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.logger.log_info(f"{config['name']}: loaded {path} on {self.device}, half={self.half}")
 
-    def _forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in inputs]
+    def _forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.inference_mode():
-            out = self.module(*tensors)
+            out = self.module(*[t.to(self.device, non_blocking=True) for t in inputs])
         outputs = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.float().cpu().numpy() for o in outputs]
+        return [o.float().cpu() for o in outputs]
 
     def execute(self, requests: list) -> list:
+        # Tensors cross the backend boundary through DLPack, not numpy: no copy on the
+        # way in, and no dependence on which numpy the stub's interpreter found.
         try:
             per_request = [
-                [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names]
+                [
+                    torch.from_dlpack(pb_utils.get_input_tensor_by_name(r, name).to_dlpack())
+                    for name in self.input_names
+                ]
                 for r in requests
             ]
-            sizes = [arrays[0].shape[0] for arrays in per_request]
+            sizes = [tensors[0].shape[0] for tensors in per_request]
             batched = [
-                np.concatenate([arrays[i] for arrays in per_request]) for i in range(len(self.input_names))
+                torch.cat([tensors[i] for tensors in per_request]) for i in range(len(self.input_names))
             ]
             outputs = self._forward(batched)
         except Exception as exc:  # answer every request rather than crash the stub
             error = pb_utils.TritonError(f"inference failed: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses = []
-        start = 0
-        for size in sizes:
+        for i, size in enumerate(sizes):
+            start = sum(sizes[:i])
             tensors = [
-                pb_utils.Tensor(name, np.array(out[start : start + size], copy=True))
+                pb_utils.Tensor.from_dlpack(
+                    name, torch.utils.dlpack.to_dlpack(out[start : start + size].clone())
+                )
                 for name, out in zip(self.output_names, outputs, strict=True)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            start += size
         return responses
 
     def finalize(self) -> None:

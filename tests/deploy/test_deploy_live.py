@@ -1,10 +1,11 @@
 """The dashboards and alert rules against live metrics.
 
 A real Prometheus (Debian's binary) scrapes a real gateway (uvicorn with two workers and
-multiprocess metrics, as the image runs it) and a real tritonserver (the CPU stack from the
-nvidia-pytriton wheel) after a short burst of classify requests. Then every PromQL
-expression of the dashboards (with their variables substituted), of the alert rules and of
-the prometheus-adapter rule goes through Prometheus' HTTP API:
+multiprocess metrics, as the image runs it) and the session's real tritonserver (the
+``triton`` fixture of tests/conftest.py: the CPU stack from the nvidia-pytriton wheel)
+after a short burst of classify requests. Then every PromQL expression of the dashboards
+(with their variables substituted), of the alert rules and of the prometheus-adapter rule
+goes through Prometheus' HTTP API:
 
 - a dashboard expression must return data, for "All" models and for single models;
 - an alert expression must parse, and each of its selectors must return data (a healthy
@@ -49,7 +50,6 @@ from promql_tools import (
 
 pytestmark = pytest.mark.integration
 
-CPU_REPOSITORY = ROOT / "build" / "model_repository_cpu"
 #: The values the dashboards' $model variable is tried with: All, a network, the ensemble.
 MODEL_VALUES = (".*", "inception_v4", "inception_ensemble")
 BURST = {"inception_v4": 4, "inception_ensemble": 2}
@@ -88,24 +88,7 @@ def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float) ->
 
 
 @pytest.fixture(scope="module")
-def live_triton(request):
-    """The session's tritonserver from tests/conftest.py; one of our own where that fixture
-    is not there (running this folder alone during development)."""
-    try:
-        yield request.getfixturevalue("triton")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    if not (CPU_REPOSITORY / "inception_v4" / "1").is_dir():
-        pytest.skip(f"no CPU repository at {CPU_REPOSITORY}: run `make repository`")
-    from embedded.tritonserver import TritonServer
-
-    with TritonServer(CPU_REPOSITORY) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def gateway(live_triton, tmp_path_factory) -> Iterator[str]:
+def gateway(triton, tmp_path_factory) -> Iterator[str]:
     """The gateway as the image runs it: uvicorn, two workers, multiprocess metrics."""
     if not (ROOT / "service" / "app.py").is_file():
         pytest.skip("service/app.py does not exist yet")
@@ -114,7 +97,7 @@ def gateway(live_triton, tmp_path_factory) -> Iterator[str]:
     port = free_port()
     env = {
         **os.environ,
-        "GATEWAY_TRITON_GRPC_URL": live_triton.grpc_url,
+        "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
         "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
         "GATEWAY_API_KEYS": "",
     }
@@ -137,14 +120,14 @@ def gateway(live_triton, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(prometheus_bin, gateway, live_triton, tmp_path_factory) -> Iterator[str]:
+def prometheus(prometheus_bin, gateway, triton, tmp_path_factory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
         "scrape_configs": [
             {"job_name": "gateway", "static_configs": [{"targets": [gateway]}]},
-            {"job_name": "triton", "static_configs": [{"targets": [live_triton.metrics_url]}]},
+            {"job_name": "triton", "static_configs": [{"targets": [triton.metrics_url]}]},
         ],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))

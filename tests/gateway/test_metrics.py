@@ -94,3 +94,7 @@ def test_metrics_after_traffic(gateway_triton: TritonEndpoint, tmp_path: Path, w
     if multiproc is not None:
         pids = {p.stem.rsplit("_", 1)[-1] for p in multiproc.glob("*.db")}
         assert len(pids) >= workers, pids  # both workers wrote, /metrics summed them
+    # The gateway's CPU and memory (the dashboard's panels): the process's, or the whole tree's
+    # (supervisor and workers) in multiprocess mode; each worker holds at least 20 MB.
+    assert value(found, "process_cpu_seconds_total") > 0
+    assert 20e6 * workers < value(found, "process_resident_memory_bytes") < 64e9

@@ -1,0 +1,101 @@
+"""The exported TorchScript files: traced equals eager at batch 1 and the largest batch,
+the in-graph preprocessing, the ensemble mean, and re-runs that skip finished work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inception import create_model, list_models
+from inception.export import example_images, main, quiet_torchscript
+from inception.repository import MAX_BATCH_SIZE
+from inception.serving import ServingModel, WeightedMean
+
+PRODUCTION = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+def load(path: Path) -> torch.jit.ScriptModule:
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run `make repository` (make test does)")
+    with quiet_torchscript():
+        return torch.jit.load(str(path)).eval()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_exported_file_equals_eager(name: str) -> None:
+    traced = load(PRODUCTION / name / "1" / "model.pt")
+    eager = ServingModel(create_model(name)).eval()
+    with torch.no_grad():
+        for batch in (1, MAX_BATCH_SIZE):
+            images = example_images(batch, seed=batch + 7)
+            got, expected = traced(images), eager(images)
+            assert got.shape == (batch, 1000) and got.dtype == torch.float32
+            assert float((got - expected).abs().max()) <= 1e-5
+            assert torch.allclose(got.sum(1), torch.ones(batch), atol=1e-5)
+
+
+def test_in_graph_preprocessing_is_inception_normalisation() -> None:
+    network = create_model("inception_resnet_v1")
+    images = example_images(2)
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        expected = torch.softmax(network((x - 0.5) / 0.5), dim=1)
+        got = ServingModel(network)(images)
+    assert float((got - expected).abs().max()) <= 1e-6
+
+
+def test_ensemble_mean_file_is_the_weighted_mean() -> None:
+    mean = load(PRODUCTION / "inception_ensemble_mean" / "1" / "model.pt")
+    members = [torch.softmax(torch.randn(4, 1000), 1) for _ in range(3)]
+    assert float((mean(*members) - sum(members) / 3).abs().max()) <= 1e-6
+    weighted = WeightedMean([1.0, 3.0])
+    got = weighted(members[0], members[1])
+    assert float((got - (0.25 * members[0] + 0.75 * members[1])).abs().max()) <= 1e-6
+    with pytest.raises(ValueError):
+        WeightedMean([0.0, 0.0])
+
+
+def test_rerun_with_unchanged_inputs_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "--flavour",
+            "cpu",
+            "--cpu-repository",
+            str(tmp_path / "cpu"),
+            "--production-repository",
+            str(PRODUCTION),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in list_models():
+        assert f"{name}: up to date (random-init), skipped" in out
+    assert "inception_ensemble_mean: up to date, skipped" in out
+    assert (tmp_path / "cpu" / "inception_v4" / "1" / "model.py").is_file()
+    assert (tmp_path / "cpu" / "inception_v4" / "1" / "model.pt").resolve() == (
+        PRODUCTION / "inception_v4" / "1" / "model.pt"
+    ).resolve()
+
+
+def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--models", "inception_v3", "--production-repository", str(tmp_path)]) == 2
+    assert "known models: inception_v4, inception_resnet_v1, inception_resnet_v2" in capsys.readouterr().err
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    code = main(
+        [
+            "--models",
+            "inception_v4",
+            "--checkpoint",
+            f"inception_v4={bad}",
+            "--no-ensemble",
+            "--production-repository",
+            str(tmp_path / "prod"),
+            "--flavour",
+            "production",
+        ]
+    )
+    assert code == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err

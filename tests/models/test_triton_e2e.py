@@ -1,0 +1,108 @@
+"""End to end on a real tritonserver (the nvidia-pytriton wheel's) serving the exported
+CPU-flavour repository, through tritonclient over gRPC and HTTP."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from inception.export import example_images, quiet_torchscript
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+NETWORKS = ["inception_v4", "inception_resnet_v1", "inception_resnet_v2"]
+BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return example_images(BATCH, seed=42).numpy()
+
+
+@pytest.fixture(scope="module")
+def in_process(images: np.ndarray) -> dict[str, np.ndarray]:
+    outputs = {}
+    with quiet_torchscript(), torch.no_grad():
+        for name in NETWORKS:
+            module = torch.jit.load(str(ROOT / "model_repository" / name / "1" / "model.pt")).eval()
+            outputs[name] = module(torch.from_numpy(images)).numpy()
+    return outputs
+
+
+def infer(protocol: str, url: str, model: str, images: np.ndarray, class_count: int = 0):
+    client_module = grpcclient if protocol == "grpc" else httpclient
+    client = client_module.InferenceServerClient(url)
+    inp = client_module.InferInput("image__0", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images)
+    out = client_module.InferRequestedOutput("probabilities__0", class_count=class_count)
+    return client.infer(model, [inp], outputs=[out]).as_numpy("probabilities__0")
+
+
+@pytest.fixture(scope="module")
+def served(triton, images: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    results = {}
+    for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
+        for model in [*NETWORKS, "inception_ensemble"]:
+            results[protocol, model] = infer(protocol, url, model, images)
+    return results
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("model", NETWORKS)
+def test_each_model_equals_in_process(served, in_process, protocol: str, model: str) -> None:
+    got = served[protocol, model]
+    assert got.shape == (BATCH, 1000) and got.dtype == np.float32
+    assert float(np.abs(got - in_process[model]).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_ensemble_is_the_weighted_mean_of_its_members(triton, served, protocol: str) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    config = client.get_model_config("inception_ensemble", as_json=True)
+    params = {k: v["string_value"] for k, v in config["config"]["parameters"].items()}
+    members = params["members"].split(",")
+    weights = [float(w) for w in params["member_weights"].split(",")]
+    expected = sum(w * served[protocol, m] for m, w in zip(members, weights, strict=True))
+    assert float(np.abs(served[protocol, "inception_ensemble"] - expected).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_classification_extension_answers_label_names(triton, served, images, protocol: str) -> None:
+    labels = (ROOT / "inception" / "data" / "imagenet_labels.txt").read_text().splitlines()
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    for model in ("inception_v4", "inception_ensemble"):
+        top = infer(protocol, url, model, images, class_count=3)
+        assert top.shape == (BATCH, 3)
+        for row, probs in zip(top, served[protocol, model], strict=True):
+            entries = [entry.decode().split(":", 2) for entry in row]
+            ids = [int(index) for _, index, _ in entries]
+            assert ids == list(np.argsort(-probs, kind="stable")[:3]) or sorted(probs[ids]) == sorted(
+                np.sort(probs)[-3:]
+            )
+            assert [label for _, _, label in entries] == [labels[i] for i in ids]
+            assert [float(score) for score, _, _ in entries] == pytest.approx(list(probs[ids]), rel=1e-3)
+
+
+def test_dynamic_batcher_forms_batches_under_concurrency(triton) -> None:
+    model = "inception_resnet_v1"
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+
+    def counts() -> tuple[int, int]:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+    inferences_before, executions_before = counts()
+    single = example_images(1, seed=5).numpy()
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(lambda _: infer("grpc", triton.grpc_url, model, single), range(12)))
+    assert all(r.shape == (1, 1000) for r in results)
+    inferences, executions = counts()
+    assert inferences - inferences_before == 12
+    assert executions - executions_before < 12, "no request was batched with another"
