@@ -23,6 +23,7 @@ from .layers import (
     conv_chain,
     reduction_a,
     residual_reduction_b,
+    residual_stem_column,
 )
 
 STAGE_CHANNELS = (256, 896, 1792)
@@ -33,15 +34,7 @@ DEFAULT_SCALES = (0.17, 0.10, 0.20)
 def stem(in_channels: int = 3) -> nn.Sequential:
     """Figure 14: 299×299×3 → 35×35×256."""
     return nn.Sequential(
-        OrderedDict(
-            conv_1a=ConvBnReLU(in_channels, 32, 3, stride=2),
-            conv_2a=ConvBnReLU(32, 32, 3),
-            conv_2b=ConvBnReLU(32, 64, 3, padding=1),
-            pool_3a=nn.MaxPool2d(3, stride=2),
-            conv_3b=ConvBnReLU(64, 80, 1),
-            conv_4a=ConvBnReLU(80, 192, 3),
-            conv_4b=ConvBnReLU(192, 256, 3, stride=2),
-        )
+        OrderedDict(**residual_stem_column(in_channels), conv_4b=ConvBnReLU(192, 256, 3, stride=2))
     )
 
 

@@ -40,6 +40,7 @@ from .layers import (
     pool_branch,
     reduction_a,
     residual_reduction_b,
+    residual_stem_column,
 )
 
 NUM_FEATURES = 1536
@@ -49,12 +50,7 @@ DEFAULT_SCALES = (0.17, 0.10, 0.20)
 def stem(in_channels: int = 3) -> nn.Sequential:
     return nn.Sequential(
         OrderedDict(
-            conv_1a=ConvBnReLU(in_channels, 32, 3, stride=2),
-            conv_2a=ConvBnReLU(32, 32, 3),
-            conv_2b=ConvBnReLU(32, 64, 3, padding=1),
-            pool_3a=nn.MaxPool2d(3, stride=2),
-            conv_3b=ConvBnReLU(64, 80, 1),
-            conv_4a=ConvBnReLU(80, 192, 3),
+            **residual_stem_column(in_channels),
             pool_5a=nn.MaxPool2d(3, stride=2),
             mixed_5b=Branches(
                 ConvBnReLU(192, 96, 1),

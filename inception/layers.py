@@ -148,3 +148,17 @@ def residual_reduction_b(in_channels: int, out_a: int, out_b: int, mid_c: int, o
         conv_chain(in_channels, [(256, 1, 1, 0), (mid_c, 3, 1, 1), (out_c, 3, 2, 0)]),
         pool_branch("max"),
     )
+
+
+def residual_stem_column(in_channels: int = 3) -> dict[str, nn.Module]:
+    """The plain convolution column both residual networks open with (Figure 14 up to its
+    last layer; the Inception-ResNet-v2 checkpoint's stem up to its Mixed_5b), named as
+    the TF-slim layers it came from: 299×299×3 → 71×71×192."""
+    return {
+        "conv_1a": ConvBnReLU(in_channels, 32, 3, stride=2),
+        "conv_2a": ConvBnReLU(32, 32, 3),
+        "conv_2b": ConvBnReLU(32, 64, 3, padding=1),
+        "pool_3a": nn.MaxPool2d(3, stride=2),
+        "conv_3b": ConvBnReLU(64, 80, 1),
+        "conv_4a": ConvBnReLU(80, 192, 3),
+    }
