@@ -99,3 +99,41 @@ def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     assert code == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def _archive_entries(path: Path) -> dict[str, bytes]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        # PyTorch writes a random id into every archive it saves; everything else must match.
+        return {n: archive.read(n) for n in archive.namelist() if not n.endswith(".data/serialization_id")}
+
+
+_TRACE_IN_A_FRESH_PROCESS = """
+import sys, torch
+from inception import create_model
+from inception.export import example_images, quiet_torchscript, trace_and_check
+from inception.serving import ServingModel
+traced = trace_and_check(ServingModel(create_model("inception_resnet_v1")), [(example_images(1),)])
+with quiet_torchscript():
+    torch.jit.save(traced, sys.argv[1])
+"""
+
+
+def test_same_inputs_give_the_same_file(tmp_path: Path) -> None:
+    """Each export runs in a process of its own, as `python -m inception.export` does
+    (TorchScript numbers the classes it traces per process)."""
+    import subprocess
+    import sys
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / str(i) / "model.pt"
+        path.parent.mkdir()
+        subprocess.run(
+            [sys.executable, "-c", _TRACE_IN_A_FRESH_PROCESS, str(path)], check=True, cwd=PRODUCTION.parent
+        )
+        paths.append(path)
+    first, second = (_archive_entries(p) for p in paths)
+    assert first.keys() == second.keys()
+    assert [n for n in first if first[n] != second[n]] == []
