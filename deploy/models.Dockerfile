@@ -5,8 +5,10 @@
 #   docker build -f deploy/models.Dockerfile -t inception-serving/models:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 FROM ${PYTHON_IMAGE}
-# Keep TORCH_VERSION equal to the `models` extra's pin in pyproject.toml.
-ARG TORCH_VERSION=2.14.1
+# Trace with the PyTorch that the pinned Triton image's libtorch backend is built from
+# (24.10: PyTorch 2.5): TorchScript from a newer PyTorch may not load in an older
+# libtorch. Move it together with the Triton tag in docker-compose.yml and deploy/k8s.
+ARG TORCH_VERSION=2.5.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
