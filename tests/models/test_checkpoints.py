@@ -121,3 +121,40 @@ def test_preprocessing_matches_timm_pretrained_config() -> None:
         assert cfg["input_size"] == (3, spec.input_size, spec.input_size)
         assert cfg["mean"] == cfg["std"] == (0.5, 0.5, 0.5)
         assert cfg["num_classes"] == spec.num_classes
+
+
+def test_export_writes_checkpoint_provenance_into_the_config(tmp_path: Path) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from inception.export import main
+
+    reference = timm.create_model("inception_v4", pretrained=False).eval()
+    checkpoint = tmp_path / "inception_v4.tf_in1k.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(checkpoint))
+    production = tmp_path / "production"
+    args = [
+        "--models",
+        "inception_v4",
+        "--no-ensemble",
+        "--flavour",
+        "production",
+        "--production-repository",
+        str(production),
+        "--checkpoint",
+        f"inception_v4={checkpoint}",
+    ]
+    assert main(args) == 0
+    config = text_format.Parse(
+        (production / "inception_v4" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    )
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["weights"] == "pretrained:inception_v4.tf_in1k.safetensors"
+    assert params["weights_sha256"] == weights_module.sha256_of(checkpoint)
+    mtime = (production / "inception_v4" / "1" / "model.pt").stat().st_mtime_ns
+    assert main(args) == 0  # unchanged inputs: the file is kept, the provenance too
+    assert (production / "inception_v4" / "1" / "model.pt").stat().st_mtime_ns == mtime
+    assert (
+        "pretrained:inception_v4.tf_in1k.safetensors"
+        in (production / "inception_v4" / "config.pbtxt").read_text()
+    )
