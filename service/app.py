@@ -25,6 +25,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from . import __version__, metrics
 from .errors import (
@@ -57,6 +58,9 @@ log = logging.getLogger("service.app")
 access_log = logging.getLogger("service.access")
 
 CLASSIFY_PATH = "/v1/classify"
+#: Status and error code in the metrics and logs of a request whose client went away
+#: before its body was read (nginx's convention): neither a server error nor an answer.
+CLIENT_CLOSED_STATUS, CLIENT_CLOSED_CODE = 499, "client_disconnected"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 Scope = MutableMapping[str, Any]
@@ -119,6 +123,9 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:  # the client left mid-body: no answer to send, and no bug
+            state["error_code"] = CLIENT_CLOSED_CODE
+            status = CLIENT_CLOSED_STATUS
         except Exception:
             log.exception("unhandled error", extra={"path": scope.get("path")})
             state["error_code"] = InternalError.code
@@ -182,14 +189,20 @@ class Gateway:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """A classify slot, waited for at most ``queue_timeout_s`` (then 429)."""
-        try:
-            await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.queue_timeout_s)
-        except TimeoutError:
-            raise Overloaded(
-                "too many requests in flight; retry later",
-                headers={"Retry-After": str(self.settings.retry_after_overloaded_s)},
-            ) from None
+        """A classify slot, waited for at most ``queue_timeout_s`` (then 429).
+
+        A free slot is taken at once: ``wait_for`` with a timeout of 0 would cancel the
+        acquire before it ran, refusing every request when ``queue_timeout_s`` is 0."""
+        if self.slots.locked():
+            try:
+                await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.queue_timeout_s)
+            except TimeoutError:
+                raise Overloaded(
+                    "too many requests in flight; retry later",
+                    headers={"Retry-After": str(self.settings.retry_after_overloaded_s)},
+                ) from None
+        else:
+            await self.slots.acquire()
         try:
             yield
         finally:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from .errors import EmptyBody, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from .schemas import ClassifyJson, ClassifyOptions
@@ -125,7 +125,7 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
         bounded = Request(request.scope, bounded_receive(request.receive, limit + MULTIPART_OVERHEAD))
         try:
             form = await bounded.form(max_files=1, max_fields=len(OPTION_FIELDS))
-        except PayloadTooLarge:
+        except (PayloadTooLarge, ClientDisconnect):
             raise
         except Exception as exc:  # starlette's MultiPartException and friends
             raise InvalidRequest(f"bad multipart body: {exc}") from None
@@ -145,7 +145,9 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
             raise EmptyBody("the request body is empty")
         try:
             document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
+            # ValueError: bad JSON or UTF-8, or an integer past Python's digit limit;
+            # RecursionError: arrays or objects nested deeper than the parser's stack.
             raise InvalidRequest("the body is not valid JSON") from None
         if not isinstance(document, dict):
             raise InvalidRequest('the JSON body must be an object {"image": "<base64>", ...}')

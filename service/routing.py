@@ -3,6 +3,7 @@ ensemble that the gateway fans out and averages itself."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import InvalidRequest, UnknownModel
@@ -75,9 +76,10 @@ def resolve(
             weights = [1.0] * len(names)
         if len(weights) != len(names):
             raise InvalidRequest(f"{len(names)} models but {len(weights)} weights")
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise InvalidRequest("weights must be non-negative and not all zero")
         total = float(sum(weights))
+        # NaN passes every comparison, and infinities make NaN or all-zero weights: refuse both.
+        if not math.isfinite(total) or any(w < 0 for w in weights) or total <= 0:
+            raise InvalidRequest("weights must be finite, non-negative and not all zero")
         return Plan(
             name=f"{ENSEMBLE_ALIAS}({','.join(names)})",
             label=CUSTOM_ENSEMBLE,

@@ -245,3 +245,98 @@ def test_concurrency_limit_answers_429() -> None:
             pass
 
     asyncio.run(scenario())
+
+
+def test_json_bodies_that_break_the_parser_are_422(offline_client: TestClient) -> None:
+    """Deep nesting (RecursionError) and an integer past Python's digit limit (ValueError)
+    are the client's mistakes, not the gateway's 500."""
+    for body in (b"[" * 100_000, b'{"image": "aGk=", "top_k": ' + b"1" * 5000 + b"}"):
+        headers = {"Content-Type": "application/json"}
+        answer = offline_client.post("/v1/classify", content=body, headers=headers)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"]["code"] == "invalid_request"
+
+
+def test_per_request_ensemble_weights_must_be_finite() -> None:
+    """NaN passes every comparison and infinities sum to NaN or to all-zero weights."""
+    s = Settings(triton_grpc_url=UNREACHABLE)
+    models = ["inception_v4", "inception_resnet_v2"]
+    for weights in ([float("nan"), 1.0], [float("inf"), 1.0], [1e308, 1e308], [-1.0, 2.0]):
+        with pytest.raises(InvalidRequest):
+            resolve(s, None, models, weights)
+
+
+def test_nan_weights_from_the_query_are_422(offline_client: TestClient) -> None:
+    png = encode(Image.new("RGB", (8, 8)), "PNG")
+    answer = offline_client.post(
+        "/v1/classify",
+        content=png,
+        headers={"Content-Type": "image/png"},
+        params={"models": "inception_v4,inception_resnet_v2", "weights": "nan,1"},
+    )
+    assert answer.status_code == 422 and answer.json()["error"]["code"] == "invalid_request"
+
+
+def test_queue_timeout_zero_takes_a_free_slot() -> None:
+    """``queue_timeout_s=0`` means "do not wait", not "refuse everything"."""
+    import asyncio
+
+    from service.errors import Overloaded
+
+    app = create_app(Settings(triton_grpc_url=UNREACHABLE, max_concurrency=1, queue_timeout_s=0))
+    gateway = app.state.gateway
+
+    async def scenario() -> None:
+        async with gateway.slot():
+            with pytest.raises(Overloaded):
+                async with gateway.slot():
+                    pass
+        async with gateway.slot():
+            pass
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("content_type", [b"image/jpeg", b"multipart/form-data; boundary=xyz"])
+def test_client_disconnect_mid_body_is_not_a_500(content_type: bytes) -> None:
+    """A client that leaves mid-upload is counted as 499, not as a server error, and no
+    traceback is logged for it."""
+    import asyncio
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    app = create_app(Settings(triton_grpc_url=UNREACHABLE))
+    head = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    body = (head if content_type.startswith(b"multipart") else b"") + b"\xff\xd8\xff"
+    messages = [{"type": "http.request", "body": body, "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "root_path": "",
+        "query_string": b"", "headers": [(b"content-type", content_type)],
+        "server": ("test", 80), "client": ("test", 1), "app": app,
+    }  # fmt: skip
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    logging.getLogger("service").addHandler(handler)
+    before = REGISTRY.get_sample_value(
+        "inception_gateway_errors_total", {"model": "inception_v4", "code": "client_disconnected"}
+    )
+    try:
+        asyncio.run(app(scope, receive, send))
+    finally:
+        logging.getLogger("service").removeHandler(handler)
+    assert sent == [] and errors == []
+    after = REGISTRY.get_sample_value(
+        "inception_gateway_errors_total", {"model": "inception_v4", "code": "client_disconnected"}
+    )
+    assert (after or 0) - (before or 0) == 1
