@@ -127,8 +127,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         background.alpha_composite(rgba)
         return background.convert("RGB")
-    if mode in ("1", "I;16B"):
-        image = image.convert("L")
     return image.convert("RGB")
 
 
