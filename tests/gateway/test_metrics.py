@@ -3,6 +3,7 @@ and with two uvicorn workers (Prometheus multiprocess mode)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,10 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     return found
 
 
+def worker_pids(multiproc: Path) -> set[str]:
+    return {p.stem.rsplit("_", 1)[-1] for p in multiproc.glob("*.db")}
+
+
 def value(found: dict, name: str, **labels: str) -> float:
     return found[(name, frozenset(labels.items()))]
 
@@ -36,6 +41,12 @@ def test_metrics_after_traffic(gateway_triton: TritonEndpoint, tmp_path: Path, w
     with running_gateway(
         gateway_triton.grpc_url, tmp_path / "gateway.log", workers=workers, multiproc_dir=multiproc
     ) as gateway:
+        if multiproc is not None:
+            # /readyz answers as soon as one worker is up; wait for every worker's metric
+            # files (its unlabelled gauge is written at import) before the traffic.
+            deadline = time.monotonic() + 120
+            while len(worker_pids(multiproc)) < workers and time.monotonic() < deadline:
+                time.sleep(0.2)
         data = photo("chelsea.png").read_bytes()
         ok = 4
         for _ in range(ok):  # a new connection each: with two workers, both get some
@@ -92,7 +103,7 @@ def test_metrics_after_traffic(gateway_triton: TritonEndpoint, tmp_path: Path, w
     assert value(found, "inception_gateway_in_flight_requests") == 0
     assert not any("x" * 50 in str(labels) for _, labels in found)  # clients cannot mint label values
     if multiproc is not None:
-        pids = {p.stem.rsplit("_", 1)[-1] for p in multiproc.glob("*.db")}
+        pids = worker_pids(multiproc)
         assert len(pids) >= workers, pids  # both workers wrote, /metrics summed them
     # The gateway's CPU and memory (the dashboard's panels): the process's, or the whole tree's
     # (supervisor and workers) in multiprocess mode; each worker holds at least 20 MB.
