@@ -35,8 +35,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from PIL import Image
 
-from embedded.serve import gateway_command, gateway_environment, stop_group, wait_http
-from embedded.tritonserver import TritonServer, free_port
+from embedded.serve import gateway_command, gateway_environment, wait_http
+from embedded.tritonserver import TritonServer, free_port, stop_group
 from service.imaging import Preprocessing, configure_pillow, prepare
 
 ROOT = Path(__file__).resolve().parent.parent

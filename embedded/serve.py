@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from embedded.tritonserver import TritonServer, free_port
+from embedded.tritonserver import TritonServer, free_port, stop_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,23 +53,6 @@ def wait_http(url: str, timeout: float, alive: subprocess.Popen[bytes] | None = 
             pass
         time.sleep(0.25)
     raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
-
-
-def stop_group(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
-    """SIGTERM the child's process group, then SIGKILL it if it lingers."""
-    if process is None:
-        return
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group
 
 
 def gateway_command(port: int, workers: int, host: str) -> list[str]:

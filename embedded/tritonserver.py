@@ -82,6 +82,24 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+def stop_group(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
+    """SIGTERM a child started in its own session, then SIGKILL what lingers of its group
+    (Triton's backend stubs, uvicorn's workers)."""
+    if process is None:
+        return
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group
+
+
 class TritonServer:
     """A tritonserver process on loopback ports, started and stopped by its owner."""
 
@@ -175,19 +193,7 @@ class TritonServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        if process is not None:
-            # Stubs left in the group after the server itself exited.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_group(process, timeout)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

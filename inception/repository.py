@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .labels import LABELS_PATH
@@ -59,7 +59,6 @@ class EnsembleEntry:
     member_weights: tuple[float, ...]
     name: str = ENSEMBLE_NAME
     mean_name: str = ENSEMBLE_MEAN_NAME
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def weights(self) -> str:
