@@ -3,6 +3,7 @@ CPU-flavour repository, through tritonclient over gRPC and HTTP."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,6 +104,11 @@ def test_dynamic_batcher_forms_batches_under_concurrency(triton) -> None:
     with ThreadPoolExecutor(max_workers=12) as pool:
         results = list(pool.map(lambda _: infer("grpc", triton.grpc_url, model, single), range(12)))
     assert all(r.shape == (1, 1000) for r in results)
+    # Triton records statistics after it has sent the responses: poll briefly.
+    deadline = time.monotonic() + 30
     inferences, executions = counts()
+    while inferences - inferences_before < 12 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        inferences, executions = counts()
     assert inferences - inferences_before == 12
     assert executions - executions_before < 12, "no request was batched with another"
