@@ -5,13 +5,15 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CPU_REPO := build/model_repository_cpu
+REPO := model_repository
 PORT ?= 8080
-# Optional real weights, e.g. CHECKPOINTS="inception_v4=/data/iv4.safetensors" or HUB=1.
+# Optional real weights, e.g. CHECKPOINTS="inception_v4=/data/iv4.safetensors" or HUB=1;
+# PRECISION=fp16 exports half-precision networks (for GPUs).
 CHECKPOINTS ?=
 HUB ?=
+PRECISION ?=
 
-.PHONY: all venv repository serve test bench bench-gateway clean
+.PHONY: all venv backend repository serve test bench bench-gateway clean
 
 all: test
 
@@ -24,6 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus docker-compose; }
 	command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; }
+	# Debian tools that build Triton's PyTorch backend (embedded/backend.py says why each).
+	command -v cmake >/dev/null && command -v g++ >/dev/null && command -v patchelf >/dev/null && \
+	  test -f /usr/include/rapidjson/document.h && test -f /usr/src/googletest/CMakeLists.txt || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    cmake g++ make rapidjson-dev googletest patchelf; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned, so that nothing pulls another build.
@@ -31,22 +38,27 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[gateway,models,reference,embedded,dev]'
 	touch $@
 
+# Triton's PyTorch backend, built against this venv's torch; cached under build/backends,
+# so this rebuilds only when the sources, torch or the flags change.
+backend: $(STAMP)
+	$(BIN)/python -m embedded.backend
+
 repository: $(STAMP)
-	$(BIN)/python -m inception.export --flavour both --cpu-repository $(CPU_REPO) \
-		$(foreach c,$(CHECKPOINTS),--checkpoint $(c)) $(if $(HUB),--hub,)
+	$(BIN)/python -m inception.export --repository $(REPO) \
+		$(foreach c,$(CHECKPOINTS),--checkpoint $(c)) $(if $(HUB),--hub,) $(if $(PRECISION),--precision $(PRECISION),)
 
-serve: repository
-	PORT=$(PORT) $(BIN)/python -m embedded.serve --repository $(CPU_REPO)
+serve: backend repository
+	PORT=$(PORT) $(BIN)/python -m embedded.serve --repository $(REPO)
 
-test: repository
+test: backend repository
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
 
-bench: repository
-	$(BIN)/python -m bench.models --repository $(CPU_REPO)
+bench: backend repository
+	$(BIN)/python -m bench.models --repository $(REPO)
 
-bench-gateway: repository
-	$(BIN)/python -m bench.gateway --repository $(CPU_REPO)
+bench-gateway: backend repository
+	$(BIN)/python -m bench.gateway --repository $(REPO)
 
 clean:
-	rm -rf $(VENV) build model_repository/*/1 model_repository/*/labels.txt
+	rm -rf $(VENV) build $(REPO)/*/1 $(REPO)/*/labels.txt $(REPO)/*/configs

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Entry point of the models image (compose `models` job, Kubernetes init container):
-# exports the production Triton repository into $MODELS_REPOSITORY, choosing each
+# exports the Triton repository (model files and configs/gpu.pbtxt, which Triton serves
+# with --model-config-name=gpu) into $MODELS_REPOSITORY, choosing each
 # network's weights and saying which:
 #   1. $MODELS_CHECKPOINT_DIR/<model>.{safetensors,pth,pt,bin} when present;
 #   2. else timm's published checkpoint from the hub when MODELS_HUB=1, or when
@@ -17,7 +18,7 @@ python="${PYTHON:-python}"
 
 log() { echo "[models] $*"; }
 
-set -- --flavour production --production-repository "$repository"
+set -- --repository "$repository"
 
 for name in inception_v4 inception_resnet_v1 inception_resnet_v2; do
     found=""

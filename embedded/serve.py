@@ -1,12 +1,13 @@
 """``make serve``: the embedded CPU stack in one command.
 
-Starts the tritonserver of the ``nvidia-pytriton`` wheel on the CPU repository, waits until
+Starts the tritonserver of the ``nvidia-pytriton`` wheel, with the PyTorch backend built by
+``make backend``, on ``model_repository/`` (its ``cpu`` config variant), waits until
 it is ready, starts the gateway (uvicorn, ``WORKERS`` processes) on ``PORT`` (8080) pointed at
 it, waits until the gateway is ready, prints a curl example, and on Ctrl-C or SIGTERM stops
 both. Both children run in their own process groups and are ended by group, so no backend
-stub or uvicorn worker outlives this process. Imports no torch.
+worker outlives this process. Imports no torch.
 
-    python -m embedded.serve --repository build/model_repository_cpu
+    python -m embedded.serve --repository model_repository
 """
 
 from __future__ import annotations
@@ -110,21 +111,27 @@ def curl_example(port: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedded.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, default=ROOT / "build" / "model_repository_cpu")
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--config-name", default="cpu", help="the configs/<name>.pbtxt variant to serve")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8080")))
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
     parser.add_argument("--log-dir", type=Path, default=ROOT / "build" / "logs")
     parser.add_argument("--triton-timeout", type=float, default=600.0, help="seconds to wait for Triton")
     args = parser.parse_args(argv)
-    if not any(args.repository.glob("*/config.pbtxt")):
+    if not any(args.repository.glob("*/1/model.pt")):
         print(f"no model repository at {args.repository}: run `make repository` first", file=sys.stderr)
         return 2
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     triton = TritonServer(
-        args.repository, free_port(), free_port(), free_port(), log_path=args.log_dir / "tritonserver.log"
+        args.repository,
+        free_port(),
+        free_port(),
+        free_port(),
+        log_path=args.log_dir / "tritonserver.log",
+        config_name=args.config_name,
     )
     gateway: subprocess.Popen[bytes] | None = None
     multiproc_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-")) if args.workers > 1 else None
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stop as stop:
         print(f"\n{stop}: stopping the gateway and tritonserver ...", flush=True)
         return 0
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # TritonError included: a missing backend, a model that failed
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -1,10 +1,11 @@
-"""Starts the tritonserver that ships inside the `nvidia-pytriton` wheel.
+"""Starts the tritonserver that ships inside the `nvidia-pytriton` wheel, with Triton's
+PyTorch backend built by `python -m embedded.backend`.
 
-The wheel carries Triton with only the Python backend, its shared libraries in
-`nvidia_pytriton.libs`, and Python-backend stubs per Python version. The stub must sit in
-the backend's folder, which lives in site-packages; rather than write there, we assemble a
-backend directory of links under a private folder. The stub runs the repository's
-`model.py` files with this interpreter's packages on its path (torch for the runner).
+The wheel carries Triton 2.51 and its shared libraries (in `nvidia_pytriton.libs`) but no
+PyTorch backend; the one built here sits in `build/backends/current/pytorch/`, which is
+the backend directory we pass. The repository is the one in `model_repository/`, served
+with `--model-config-name=cpu`: each model's `configs/cpu.pbtxt`, the production config
+with CPU instances and a short warm-up.
 
 Imports no torch: `make serve` and the tests use it from the same environment as the
 gateway.
@@ -20,8 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,41 +49,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prepare_backends(dest: Path) -> Path:
-    """backends/python with the wheel's backend library, utils and the stub for this
-    Python version, all as links."""
-    home = pytriton_home()
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = home / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise TritonError(f"the pytriton wheel has no Python-backend stub for Python {version}")
-    python_dir = dest / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for source in [*sorted((home / "backends" / "python").glob("*.*")), stub]:
-        link = python_dir / source.name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(source)
-    return dest
+def default_backend_directory() -> Path:
+    return Path(__file__).resolve().parent.parent / "build" / "backends" / "current"
+
+
+def check_backend_directory(backends: Path) -> Path:
+    """The launcher's own check, because tritonserver reports a missing backend only when
+    a model needs it, as one line among many."""
+    library = backends / "pytorch" / "libtriton_pytorch.so"
+    if not library.is_file():
+        raise TritonError(
+            f"no PyTorch backend at {library}: build it with `make backend` "
+            "(`make serve` and `make test` do), or pass the backend directory that holds pytorch/"
+        )
+    return backends
 
 
 def server_environment() -> dict[str, str]:
     env = dict(os.environ)
     libs = _package_dir("pytriton").parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in (str(libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")) if p
-    )
-    # The stub embeds this interpreter; give it this environment's packages.
-    paths = sysconfig.get_paths()
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (paths["purelib"], paths["platlib"], env.get("PYTHONPATH", "")) if p
-    )
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     return env
+
+
+# Error lines every CPU-only start logs, which say nothing about the models.
+_HARMLESS_ERRORS = ("CudaDriverHelper", "NVML", "DCGM", "CUDA driver version")
+
+
+def load_failures(log_text: str) -> list[str]:
+    """Triton's own error lines (those that start with `E<date>`), for the launcher's
+    message: a model that failed to load says why there."""
+    failures = []
+    for line in log_text.splitlines():
+        if line[:1] == "E" and line[1:2].isdigit() and not any(h in line for h in _HARMLESS_ERRORS):
+            message = line.split("] ", 1)[-1].strip().strip('"')
+            # libtorch appends a C++ stack trace (escaped newlines in the log): keep the reason.
+            failures.append(message.split("\\n", 1)[0].strip()[:400])
+    return failures
 
 
 def stop_group(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
     """SIGTERM a child started in its own session, then SIGKILL what lingers of its group
-    (Triton's backend stubs, uvicorn's workers)."""
+    (uvicorn's workers, anything Triton started)."""
     if process is None:
         return
     if process.poll() is None:
@@ -111,15 +117,18 @@ class TritonServer:
         metrics_port: int | None = None,
         log_path: Path | None = None,
         extra_args: list[str] | None = None,
+        config_name: str = "cpu",
+        backend_directory: Path | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        self.config_name = config_name
+        self.backend_directory = Path(backend_directory or default_backend_directory())
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.log_path = log_path
         self.extra_args = extra_args or []
         self.process: subprocess.Popen[bytes] | None = None
-        self._workdir = tempfile.TemporaryDirectory(prefix="tritonserver-")
         self._log_file = None
 
     @property
@@ -135,11 +144,12 @@ class TritonServer:
         return f"127.0.0.1:{self.metrics_port}"
 
     def command(self) -> list[str]:
-        backends = prepare_backends(Path(self._workdir.name) / "backends")
+        backends = check_backend_directory(self.backend_directory)
         return [
             str(pytriton_home() / "bin" / "tritonserver"),
             f"--model-repository={self.repository}",
-            f"--backend-directory={backends}",
+            f"--model-config-name={self.config_name}",
+            f"--backend-directory={backends.resolve()}",
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
@@ -165,9 +175,18 @@ class TritonServer:
             env=server_environment(),
             stdout=self._log_file or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # so that stop() can end the backend stubs with it
+            start_new_session=True,  # so that stop() ends whatever it started with it
         )
         return self
+
+    def failure_report(self) -> str:
+        """Why the server did not come up, in Triton's words where its log has them."""
+        if self.log_path is None or not self.log_path.is_file():
+            return "see its output"
+        failures = load_failures(self.log_path.read_text(errors="replace"))
+        if not failures:
+            return f"see {self.log_path}"
+        return "; ".join(dict.fromkeys(failures)) + f" (log: {self.log_path})"
 
     def is_ready(self) -> bool:
         try:
@@ -181,15 +200,11 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                raise TritonError(
-                    f"tritonserver exited with code {code}; see {self.log_path or 'its output'}"
-                )
+                raise TritonError(f"tritonserver exited with code {code}: {self.failure_report()}")
             if self.is_ready():
                 return self
             time.sleep(0.5)
-        raise TritonError(
-            f"tritonserver not ready after {timeout:.0f} s; see {self.log_path or 'its output'}"
-        )
+        raise TritonError(f"tritonserver not ready after {timeout:.0f} s: {self.failure_report()}")
 
     def stop(self, timeout: float = 30.0) -> None:
         process, self.process = self.process, None
@@ -211,13 +226,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m embedded.tritonserver", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--repository", type=Path, default=Path("build/model_repository_cpu"))
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--config-name", default="cpu", help="the configs/<name>.pbtxt variant to serve")
+    parser.add_argument("--backend-directory", type=Path, default=None)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log", type=Path, default=None)
     args = parser.parse_args(argv)
-    server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.log)
+    server = TritonServer(
+        args.repository,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        args.log,
+        config_name=args.config_name,
+        backend_directory=args.backend_directory,
+    )
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:

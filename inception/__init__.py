@@ -5,13 +5,34 @@ Triton model repository.
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from .registry import MODELS, ModelSpec, UnknownModelError, get_spec, list_models
-from .weights import RANDOM_SEED, CheckpointError, WeightsInfo, load_weights
+    from .registry import MODELS, ModelSpec, UnknownModelError, get_spec, list_models
+    from .weights import CheckpointError, WeightsInfo
+
+# The package's torch-free modules (`contract`, `repository`, `labels`) are imported by the
+# launcher and the gateway's tests without torch, so the torch-bound names load lazily.
+_LAZY = {
+    "MODELS": "registry",
+    "ModelSpec": "registry",
+    "UnknownModelError": "registry",
+    "get_spec": "registry",
+    "list_models": "registry",
+    "CheckpointError": "weights",
+    "WeightsInfo": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MODELS",
@@ -29,7 +50,7 @@ def create_model(
     name: str,
     weights: str | os.PathLike[str] | None = None,
     *,
-    seed: int = RANDOM_SEED,
+    seed: int | None = None,
     **kwargs: object,
 ) -> nn.Module:
     """Builds a model by name, in eval mode, with `weights` loaded (see `load_weights`).
@@ -38,9 +59,14 @@ def create_model(
     same inputs always give the same weights and the same exported file. The weights'
     provenance is left on the model as `weights_info`.
     """
+    import torch
+
+    from .registry import get_spec
+    from .weights import RANDOM_SEED, load_weights
+
     spec = get_spec(name)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(RANDOM_SEED if seed is None else seed)
         model = spec.builder(num_classes=spec.num_classes, **kwargs)
     model.weights_info = load_weights(model, spec, weights)
     return model.eval()

@@ -10,21 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-INPUT_NAME = "image__0"
-OUTPUT_NAME = "probabilities__0"
-
-
-def member_input_name(index: int) -> str:
-    return f"member__{index}"
-
 
 class ServingModel(nn.Module):
     """uint8 NHWC RGB (already cropped and resized) → float in [-1, 1] NCHW → network →
     softmax, returned as float32 whatever precision the network runs in.
 
     Inception's mean = std = 0.5 on [0, 1] is x / 127.5 − 1 on [0, 255]. The conversion
-    follows the dtype of `anchor`, a buffer, so calling `.half()` on the loaded TorchScript
-    module runs the whole network in float16 with no second trace.
+    follows the dtype of `anchor`, a buffer, so `.half()` on the traced module runs the
+    whole network in float16 with no second trace (the exporter's fp16 precision).
     """
 
     def __init__(self, network: nn.Module) -> None:

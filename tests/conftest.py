@@ -1,5 +1,6 @@
 """Session fixtures shared by every test folder: the repository root and one real
-tritonserver (from the nvidia-pytriton wheel) serving the exported CPU repository."""
+tritonserver (from the nvidia-pytriton wheel, with the PyTorch backend built by `make
+backend`) serving `model_repository/` in its CPU config variant."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from embedded.tritonserver import TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_REPOSITORY = ROOT / "build" / "model_repository_cpu"
+REPOSITORY = ROOT / "model_repository"
 
 
 @pytest.fixture(scope="session")
@@ -20,16 +21,21 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cpu_repository() -> Path:
-    if not (CPU_REPOSITORY / "inception_v4" / "config.pbtxt").is_file():
-        pytest.fail(f"no CPU repository at {CPU_REPOSITORY}: run `make repository` (make test does)")
-    return CPU_REPOSITORY
+def repository() -> Path:
+    """The exported repository: `make repository` (which `make test` runs) writes the
+    model files and config variants the tests serve."""
+    if (
+        not (REPOSITORY / "inception_v4" / "1" / "model.pt").is_file()
+        or not (REPOSITORY / "inception_v4" / "configs" / "cpu.pbtxt").is_file()
+    ):
+        pytest.fail(f"{REPOSITORY} is not exported: run `make repository` (make test does)")
+    return REPOSITORY
 
 
 @pytest.fixture(scope="session")
-def triton(cpu_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(cpu_repository, log_path=log)
+    server = TritonServer(repository, log_path=log)
     server.start()
     try:
         server.wait_ready(timeout=600)

@@ -120,6 +120,12 @@ def test_images_are_pinned(raw):
     assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3", raw["services"]["triton"]["image"])
 
 
+def test_triton_serves_the_gpu_variant_of_the_one_repository(raw):
+    """The same repository as the embedded stack, its configs/gpu.pbtxt selected."""
+    command = raw["services"]["triton"]["command"]
+    assert "--model-repository=/models" in command and "--model-config-name=gpu" in command
+
+
 def test_dockerfile_base_images_are_pinned():
     for path in DEPLOY.glob("*.Dockerfile"):
         text = path.read_text()
@@ -263,7 +269,7 @@ def test_models_entrypoint_chooses_weights(tmp_path, hub):
     assert result.returncode == 0, result.stderr
     args = next(line for line in result.stdout.splitlines() if line.startswith("ARGS: "))
     assert args.startswith(
-        f"ARGS: -m inception.export --flavour production --production-repository {tmp_path}/repo"
+        f"ARGS: -m inception.export --repository {tmp_path}/repo"
     )
     assert f"--checkpoint inception_resnet_v2={checkpoints}/inception_resnet_v2.safetensors" in args
     assert "--checkpoint inception_v4" not in args

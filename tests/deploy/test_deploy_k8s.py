@@ -114,6 +114,7 @@ def test_triton_gets_a_gpu_and_is_ready_only_with_every_model(objects):
     assert init["image"].startswith("inception-serving/models:")
     assert {e["name"]: e["value"] for e in init["env"]}["MODELS_REPOSITORY"] == "/models"
     assert "--model-repository=/models" in container["args"]
+    assert "--model-config-name=gpu" in container["args"]  # configs/gpu.pbtxt: GPU instances, provenance
     assert mounts["dshm"] == "/dev/shm"
 
 

@@ -54,8 +54,8 @@ def client(gateway: GatewayProcess) -> Iterator[httpx.Client]:
 def one_model_repository(tmp_path: Path) -> Path:
     """A repository of the cheapest model alone (linked, not copied): for tests that start
     and stop their own tritonserver, which then starts in seconds."""
-    source = Path(os.environ.get("GATEWAY_TEST_REPOSITORY", ROOT / "build" / "model_repository_cpu"))
-    if not (source / MODEL / "config.pbtxt").is_file():
+    source = Path(os.environ.get("GATEWAY_TEST_REPOSITORY", ROOT / "model_repository"))
+    if not (source / MODEL / "configs" / "cpu.pbtxt").is_file():
         pytest.skip(f"no model repository at {source}: run `make repository`")
     repository = tmp_path / "repository"
     repository.mkdir()

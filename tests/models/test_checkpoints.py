@@ -3,6 +3,8 @@ our state dicts, the hub path without network, and clear errors for what does no
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -123,38 +125,63 @@ def test_preprocessing_matches_timm_pretrained_config() -> None:
         assert cfg["num_classes"] == spec.num_classes
 
 
-def test_export_writes_checkpoint_provenance_into_the_config(tmp_path: Path) -> None:
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+def _tracked_copy(tmp_path: Path) -> Path:
+    """The repository's tracked model_repository files and .gitignore, committed in a git
+    repository of their own: what a fresh clone has before its first export."""
+    root = Path(__file__).resolve().parents[2]
+    clone = tmp_path / "clone"
+    tracked = subprocess.run(
+        ["git", "ls-files", "model_repository", ".gitignore"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for path in tracked:
+        (clone / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / path, clone / path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(clone)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "tracked"], check=True)
+    return clone
 
+
+def test_export_with_a_checkpoint_records_provenance_and_leaves_tracked_files_alone(tmp_path: Path) -> None:
     from inception.export import main
+    from inception.repository import parse
 
     reference = timm.create_model("inception_v4", pretrained=False).eval()
     checkpoint = tmp_path / "inception_v4.tf_in1k.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(checkpoint))
-    production = tmp_path / "production"
+    clone = _tracked_copy(tmp_path)
+    repository = clone / "model_repository"
     args = [
         "--models",
         "inception_v4",
         "--no-ensemble",
-        "--flavour",
-        "production",
-        "--production-repository",
-        str(production),
+        "--repository",
+        str(repository),
         "--checkpoint",
         f"inception_v4={checkpoint}",
     ]
     assert main(args) == 0
-    config = text_format.Parse(
-        (production / "inception_v4" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+    for variant in ("gpu", "cpu"):
+        config = parse((repository / "inception_v4" / "configs" / f"{variant}.pbtxt").read_text())
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert params["weights"] == "pretrained:inception_v4.tf_in1k.safetensors"
+        assert params["weights_sha256"] == weights_module.sha256_of(checkpoint)
+        assert params["precision"] == "fp32"
+    # What the export generated (weights, provenance) is ignored; what is tracked is as committed.
+    status = subprocess.run(
+        ["git", "-C", str(clone), "status", "--porcelain"], capture_output=True, text=True, check=True
     )
-    params = {k: v.string_value for k, v in config.parameters.items()}
-    assert params["weights"] == "pretrained:inception_v4.tf_in1k.safetensors"
-    assert params["weights_sha256"] == weights_module.sha256_of(checkpoint)
-    mtime = (production / "inception_v4" / "1" / "model.pt").stat().st_mtime_ns
+    assert status.stdout == ""
+    assert (repository / "inception_v4" / "1" / "model.pt").is_file()
+    mtime = (repository / "inception_v4" / "1" / "model.pt").stat().st_mtime_ns
     assert main(args) == 0  # unchanged inputs: the file is kept, the provenance too
-    assert (production / "inception_v4" / "1" / "model.pt").stat().st_mtime_ns == mtime
+    assert (repository / "inception_v4" / "1" / "model.pt").stat().st_mtime_ns == mtime
     assert (
         "pretrained:inception_v4.tf_in1k.safetensors"
-        in (production / "inception_v4" / "config.pbtxt").read_text()
+        in (repository / "inception_v4" / "configs" / "gpu.pbtxt").read_text()
     )

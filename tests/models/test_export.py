@@ -1,5 +1,5 @@
-"""The exported TorchScript files: traced equals eager at batch 1 and the largest batch,
-the in-graph preprocessing, the ensemble mean, and re-runs that skip finished work."""
+"""The exported TorchScript files: frozen traces equal to eager at batch 1 and the largest
+batch, fp16, the in-graph preprocessing, the ensemble mean, and re-runs that skip work."""
 
 from __future__ import annotations
 
@@ -57,30 +57,45 @@ def test_ensemble_mean_file_is_the_weighted_mean() -> None:
         WeightedMean([0.0, 0.0])
 
 
-def test_rerun_with_unchanged_inputs_skips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        [
-            "--flavour",
-            "cpu",
-            "--cpu-repository",
-            str(tmp_path / "cpu"),
-            "--production-repository",
-            str(PRODUCTION),
-        ]
-    )
+@pytest.mark.parametrize("name", list_models())
+def test_exported_file_is_frozen(name: str) -> None:
+    """Frozen: no parameters left, batch norms folded into the convolutions."""
+    module = load(PRODUCTION / name / "1" / "model.pt")
+    assert list(module.parameters()) == []
+    nodes = {node.kind() for node in module.inlined_graph.nodes()}
+    assert "aten::batch_norm" not in nodes
+    assert nodes & {"aten::_convolution", "aten::conv2d"}
+
+
+def test_rerun_with_unchanged_inputs_skips(capsys: pytest.CaptureFixture[str]) -> None:
+    mtimes = {p: p.stat().st_mtime_ns for p in PRODUCTION.glob("*/1/model.pt")}
+    code = main(["--repository", str(PRODUCTION)])
     out = capsys.readouterr().out
     assert code == 0
     for name in list_models():
         assert f"{name}: up to date (random-init), skipped" in out
     assert "inception_ensemble_mean: up to date, skipped" in out
-    assert (tmp_path / "cpu" / "inception_v4" / "1" / "model.py").is_file()
-    assert (tmp_path / "cpu" / "inception_v4" / "1" / "model.pt").resolve() == (
-        PRODUCTION / "inception_v4" / "1" / "model.pt"
-    ).resolve()
+    assert {p: p.stat().st_mtime_ns for p in PRODUCTION.glob("*/1/model.pt")} == mtimes
+
+
+def test_fp16_export_runs_in_half_precision_with_float32_output() -> None:
+    from inception.export import trace_and_check
+
+    module = ServingModel(create_model("inception_resnet_v1")).eval()
+    half = trace_and_check(module, [(example_images(1),), (example_images(2, seed=3),)], "fp16")
+    images = example_images(2, seed=9)
+    with torch.no_grad():
+        got, expected = half(images), module(images)
+    assert got.dtype == torch.float32 and got.shape == (2, 1000)
+    assert torch.isfinite(got).all()
+    assert float((got - expected).abs().max()) <= 1e-2
+    constants = [n.output().toIValue() for n in half.graph.findAllNodes("prim::Constant")]
+    dtypes = {c.dtype for c in constants if isinstance(c, torch.Tensor) and c.dim() > 1}
+    assert dtypes == {torch.float16}
 
 
 def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--models", "inception_v3", "--production-repository", str(tmp_path)]) == 2
+    assert main(["--models", "inception_v3", "--repository", str(tmp_path)]) == 2
     assert "known models: inception_v4, inception_resnet_v1, inception_resnet_v2" in capsys.readouterr().err
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
@@ -91,10 +106,8 @@ def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
             "--checkpoint",
             f"inception_v4={bad}",
             "--no-ensemble",
-            "--production-repository",
+            "--repository",
             str(tmp_path / "prod"),
-            "--flavour",
-            "production",
         ]
     )
     assert code == 2

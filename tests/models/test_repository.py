@@ -1,96 +1,173 @@
-"""The two flavours of the repository: production configs parse as Triton's ModelConfig
-and agree with the CPU flavour in everything but platform, instance kind and warm-up."""
+"""One repository, one backend: the committed configs are what the writer writes, the two
+variants differ only in instance kind and warm-up, and every model runs on
+`pytorch_libtorch`."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
-from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
-from tritonclient.grpc.model_config_pb2 import ModelConfig
+from tritonclient.grpc import model_config_pb2 as mc
 
-from inception.repository import MAX_BATCH_SIZE
+from inception.contract import ENSEMBLE_MEAN_NAME, ENSEMBLE_NAME, GENERATED_PARAMS, NETWORKS
+from inception.registry import get_spec
+from inception.repository import (
+    GPU_WARMUP_BATCH_SIZES,
+    MAX_BATCH_SIZE,
+    EnsembleEntry,
+    Export,
+    NetworkEntry,
+    ensemble_config,
+    mean_config,
+    network_config,
+    parse,
+    render,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-NETWORKS = ["inception_v4", "inception_resnet_v1", "inception_resnet_v2"]
-ALL = [*NETWORKS, "inception_ensemble_mean", "inception_ensemble"]
+ALL = [*NETWORKS, ENSEMBLE_MEAN_NAME, ENSEMBLE_NAME]
 
 
-def parse(path: Path) -> model_config_pb2.ModelConfig:
-    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+def read(path: Path) -> mc.ModelConfig:
+    return parse(path.read_text())
 
 
 @pytest.fixture(scope="module")
-def configs(cpu_repository: Path) -> dict[str, tuple[ModelConfig, ModelConfig]]:
+def configs(repository: Path) -> dict[str, dict[str, mc.ModelConfig]]:
+    """Per model: the committed config and the two generated variants."""
     return {
-        name: (
-            parse(ROOT / "model_repository" / name / "config.pbtxt"),
-            parse(cpu_repository / name / "config.pbtxt"),
-        )
+        name: {
+            "committed": read(repository / name / "config.pbtxt"),
+            "gpu": read(repository / name / "configs" / "gpu.pbtxt"),
+            "cpu": read(repository / name / "configs" / "cpu.pbtxt"),
+        }
         for name in ALL
     }
 
 
+def without(config: mc.ModelConfig, *fields: str, params: tuple[str, ...] = ()) -> mc.ModelConfig:
+    copy = mc.ModelConfig()
+    copy.CopyFrom(config)
+    for field in fields:
+        copy.ClearField(field)
+    for key in params:
+        copy.parameters.pop(key, None)
+    return copy
+
+
+def default_entries() -> tuple[list[NetworkEntry], EnsembleEntry]:
+    networks = [
+        NetworkEntry(n, get_spec(n).crop_pct, get_spec(n).interpolation, get_spec(n).input_size)
+        for n in NETWORKS
+    ]
+    return networks, EnsembleEntry(tuple(networks), (0.333333,) * 3)
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_flavours_agree(configs, name: str) -> None:
-    prod, cpu = configs[name]
-    assert prod.name == cpu.name == name
-    assert prod.max_batch_size == cpu.max_batch_size == MAX_BATCH_SIZE
-    assert list(prod.input) == list(cpu.input)
-    assert list(prod.output) == list(cpu.output)
-    assert prod.dynamic_batching == cpu.dynamic_batching
-    shared = {k for k in prod.parameters if k not in ("INFERENCE_MODE", "DISABLE_OPTIMIZED_EXECUTION")}
-    cpu_shared = {k: cpu.parameters[k] for k in shared if k in cpu.parameters}
-    assert {k: prod.parameters[k] for k in shared} == cpu_shared
+def test_variants_differ_only_in_instance_kind_and_warmup(configs, name: str) -> None:
+    gpu, cpu = configs[name]["gpu"], configs[name]["cpu"]
+    assert without(gpu, "instance_group", "model_warmup") == without(cpu, "instance_group", "model_warmup")
+    assert [g.count for g in gpu.instance_group] == [g.count for g in cpu.instance_group]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_committed_config_is_the_gpu_variant_without_export_facts(configs, name: str) -> None:
+    committed, gpu = configs[name]["committed"], configs[name]["gpu"]
+    assert committed == without(gpu, params=GENERATED_PARAMS)
+    assert not set(GENERATED_PARAMS) & set(committed.parameters)
+
+
+def test_committed_configs_are_what_the_writer_writes(repository: Path) -> None:
+    """No hand edits and no drift: every export rewrites config.pbtxt with the writer's
+    text, and git must see no change (commit the configs after changing the writer)."""
+    networks, ensemble = default_entries()
+    expected = {n.name: network_config(n, None) for n in networks}
+    expected[ENSEMBLE_MEAN_NAME] = mean_config(ensemble, None)
+    expected[ENSEMBLE_NAME] = ensemble_config(ensemble, None)
+    for name, config in expected.items():
+        assert (repository / name / "config.pbtxt").read_text() == render(config), name
+    diff = subprocess.run(
+        ["git", "diff", "--stat", "HEAD", "--", "model_repository"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert diff.returncode == 0 and diff.stdout == "", diff.stdout
+
+
+def test_render_is_what_triton_parses() -> None:
+    networks, ensemble = default_entries()
+    for config in (network_config(networks[0], "gpu"), ensemble_config(ensemble, "cpu")):
+        assert parse(render(config)) == config
 
 
 @pytest.mark.parametrize("name", NETWORKS)
 def test_network_configs(configs, name: str) -> None:
-    prod, cpu = configs[name]
-    assert prod.platform == "pytorch_libtorch" and cpu.backend == "python"
-    assert [g.kind for g in prod.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_GPU]
-    assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
-    (image,) = prod.input
-    uint8, fp32 = model_config_pb2.TYPE_UINT8, model_config_pb2.TYPE_FP32
-    assert (image.name, image.data_type, list(image.dims)) == ("image__0", uint8, [299, 299, 3])
-    (probs,) = prod.output
-    assert (probs.name, probs.data_type, list(probs.dims)) == ("probabilities__0", fp32, [1000])
+    gpu, cpu = configs[name]["gpu"], configs[name]["cpu"]
+    assert gpu.platform == cpu.platform == "pytorch_libtorch"
+    assert gpu.max_batch_size == MAX_BATCH_SIZE
+    assert [g.kind for g in gpu.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert [g.kind for g in cpu.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    (image,) = gpu.input
+    assert (image.name, image.data_type, list(image.dims)) == ("image__0", mc.TYPE_UINT8, [299, 299, 3])
+    (probs,) = gpu.output
+    assert (probs.name, probs.data_type, list(probs.dims)) == ("probabilities__0", mc.TYPE_FP32, [1000])
     assert probs.label_filename == "labels.txt"
-    assert prod.dynamic_batching.preferred_batch_size
-    assert prod.dynamic_batching.default_queue_policy.max_queue_size
-    assert sorted(w.batch_size for w in prod.model_warmup) == list(range(1, MAX_BATCH_SIZE + 1))
-    assert {w.batch_size for w in cpu.model_warmup} >= {1}
-    params = {k: v.string_value for k, v in prod.parameters.items()}
+    assert gpu.dynamic_batching.preferred_batch_size
+    assert gpu.dynamic_batching.default_queue_policy.max_queue_size
+    # TorchScript optimises a shape after running it twice: warm each one more than that.
+    assert [w.batch_size for w in gpu.model_warmup] == list(GPU_WARMUP_BATCH_SIZES)
+    assert [w.batch_size for w in cpu.model_warmup] == [1]
+    assert all(w.count >= 3 for w in [*gpu.model_warmup, *cpu.model_warmup])
+    params = {k: v.string_value for k, v in gpu.parameters.items()}
     assert params["interpolation"] == "bicubic" and params["input_size"] == "299"
     assert params["crop_pct"] == {"inception_resnet_v2": "0.8975"}.get(name, "0.875")
     assert params["weights"] == "random-init" or params["weights"].startswith("pretrained:")
     assert (params["weights_sha256"] == "") == (params["weights"] == "random-init")
+    assert params["precision"] in ("fp32", "fp16")
+    assert params["INFERENCE_MODE"] == "true"
 
 
 def test_ensemble_config(configs) -> None:
-    prod, _ = configs["inception_ensemble"]
-    assert prod.platform == "ensemble"
-    steps = prod.ensemble_scheduling.step
-    assert [s.model_name for s in steps] == [*NETWORKS, "inception_ensemble_mean"]
+    gpu = configs[ENSEMBLE_NAME]["gpu"]
+    assert gpu.platform == "ensemble"
+    steps = gpu.ensemble_scheduling.step
+    assert [s.model_name for s in steps] == [*NETWORKS, ENSEMBLE_MEAN_NAME]
     assert [s.output_map["probabilities__0"] for s in steps[:3]] == ["member__0", "member__1", "member__2"]
-    params = {k: v.string_value for k, v in prod.parameters.items()}
+    params = {k: v.string_value for k, v in gpu.parameters.items()}
     assert params["members"] == ",".join(NETWORKS)
     assert params["member_weights"] == "0.333333,0.333333,0.333333"
     assert params["weights"] == "random-init"
+    assert configs[ENSEMBLE_MEAN_NAME]["cpu"].platform == "pytorch_libtorch"
 
 
-def test_labels(cpu_repository: Path) -> None:
+def test_mixed_ensemble_provenance_is_random() -> None:
+    networks, _ = default_entries()
+    pretrained = Export("pretrained:a.safetensors", "ab" * 32)
+    members = (
+        NetworkEntry(**{**networks[0].__dict__, "export": pretrained}),
+        NetworkEntry(**{**networks[1].__dict__, "export": Export("random-init")}),
+    )
+    assert EnsembleEntry(members, (0.5, 0.5)).export == Export("random-init", "", "fp32")
+    both = (members[0], NetworkEntry(**{**networks[1].__dict__, "export": pretrained}))
+    export = EnsembleEntry(both, (0.5, 0.5)).export
+    assert export is not None
+    assert export.weights == ("pretrained:inception_v4=a.safetensors,inception_resnet_v1=a.safetensors")
+
+
+def test_labels(repository: Path) -> None:
     labels = (ROOT / "inception" / "data" / "imagenet_labels.txt").read_text().splitlines()
     assert len(labels) == 1000
     assert labels[0] == "tench, Tinca tinca" and labels[999].startswith("toilet tissue")
     for name in ALL:
-        assert (cpu_repository / name / "labels.txt").read_text().splitlines() == labels
+        assert (repository / name / "labels.txt").read_text().splitlines() == labels
 
 
 def test_generated_files_stay_out_of_git() -> None:
-    import subprocess
-
     git = ["git", "ls-files", "model_repository"]
     tracked = subprocess.run(git, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert tracked.split() == [f"model_repository/{n}/config.pbtxt" for n in sorted(ALL)]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "model_repository/inception_v4/configs/gpu.pbtxt",
+         "model_repository/inception_v4/1/model.pt", "model_repository/inception_v4/labels.txt"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert len(ignored.stdout.split()) == 3, ignored

@@ -1,0 +1,53 @@
+"""The contract between the model repository, Triton and the gateway, in one place.
+
+Tensor names, shapes, the class count, the config parameter keys and the provenance
+vocabulary are read by the exporter, the repository writer, the launcher and the gateway
+alike. This module imports nothing heavy (no torch), so the gateway can import it.
+"""
+
+from __future__ import annotations
+
+# The pytorch_libtorch backend maps tensors to the module's arguments by the
+# `<name>__<index>` naming convention, so these names are what make the positional
+# TorchScript signature work; every flavour and the ensemble use the same ones.
+INPUT_NAME = "image__0"
+OUTPUT_NAME = "probabilities__0"
+IMAGE_SIZE = 299
+IMAGE_DIMS = (IMAGE_SIZE, IMAGE_SIZE, 3)
+NUM_CLASSES = 1000
+LABELS_FILE = "labels.txt"
+
+NETWORKS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2")
+ENSEMBLE_NAME = "inception_ensemble"
+ENSEMBLE_MEAN_NAME = "inception_ensemble_mean"
+
+# Config variants, selected by tritonserver's --model-config-name (configs/<variant>.pbtxt).
+GPU_VARIANT = "gpu"
+CPU_VARIANT = "cpu"
+VARIANTS = (GPU_VARIANT, CPU_VARIANT)
+MODEL_FILE = "model.pt"
+
+# Keys of config.pbtxt `parameters` that the gateway reads.
+PARAM_CROP_PCT = "crop_pct"
+PARAM_INTERPOLATION = "interpolation"
+PARAM_INPUT_SIZE = "input_size"
+PARAM_WEIGHTS = "weights"
+PARAM_WEIGHTS_SHA256 = "weights_sha256"
+PARAM_PRECISION = "precision"
+PARAM_MEMBERS = "members"
+PARAM_MEMBER_WEIGHTS = "member_weights"
+# What an export generates, as opposed to what the committed config states.
+GENERATED_PARAMS = (PARAM_WEIGHTS, PARAM_WEIGHTS_SHA256, PARAM_PRECISION)
+
+# Provenance: "pretrained:<source>", "random-init", or "unknown" (a config that no export
+# wrote, such as the committed one).
+RANDOM_INIT = "random-init"
+PRETRAINED_PREFIX = "pretrained:"
+UNKNOWN_WEIGHTS = "unknown"
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def member_input_name(index: int) -> str:
+    """The ensemble's mean model takes member i's probabilities as `member__i`."""
+    return f"member__{index}"
