@@ -7,7 +7,7 @@
 2. Preprocessing (decode + crop + resize) images per second, one thread, on a large and a
    small real photo, with draft JPEG decoding on and off.
 
-    python -m bench.gateway --repository build/model_repository_cpu
+    python -m bench.gateway --repository model_repository
     python -m bench.gateway --triton 127.0.0.1:8001    # a Triton already running
 
 Client, gateway and Triton share the machine's cores: on a 2-core box the figures are a
@@ -193,7 +193,7 @@ def markdown(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, default=ROOT / "build" / "model_repository_cpu")
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--triton", help="gRPC host:port of a running Triton (else one is started)")
     parser.add_argument("--model", default="inception_resnet_v1")
     parser.add_argument("--concurrency", default="1,4,16")

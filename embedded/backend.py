@@ -164,11 +164,8 @@ def fetch(url: str, dest: Path) -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cmake_flags(torch: Torch, python_h: Path, sources: dict[str, Path]) -> list[str]:
