@@ -44,7 +44,9 @@ def timings(fn: Callable[[], object], repeats: int) -> list[float]:
     return out
 
 
-def infer_fn(client: grpcclient.InferenceServerClient, model: str, images: np.ndarray) -> Callable[[], object]:
+def infer_fn(
+    client: grpcclient.InferenceServerClient, model: str, images: np.ndarray
+) -> Callable[[], object]:
     tensor = grpcclient.InferInput(INPUT_NAME, list(images.shape), "UINT8")
     tensor.set_data_from_numpy(np.ascontiguousarray(images))
     return lambda: client.infer(model, [tensor]).as_numpy(OUTPUT_NAME)
@@ -110,6 +112,11 @@ def side_by_side(repository: Path, plain: Path, repeats: int) -> dict[str, dict[
     return results
 
 
+def figure(seconds: float, batch: int) -> str:
+    """Batch 1 as latency, larger batches as throughput."""
+    return f"{1e3 * seconds:.0f} ms" if batch == 1 else f"{batch / seconds:.1f} img/s"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.models", description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -130,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         plain_repository(args.repository, Path(tmp))
         results = side_by_side(args.repository, Path(tmp), args.repeats)
     columns = ["in-process plain", "in-process frozen", "Triton plain", "Triton frozen"]
-    print("\n| model | batch | " + " | ".join(columns) + " | frozen / plain in-process | Triton / in-process (frozen) |")
+    ratios = " | frozen / plain in-process | Triton / in-process (frozen) |"
+    print("\n| model | batch | " + " | ".join(columns) + ratios)
     print("| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: | ---: |")
     for name, by_column in results.items():
         for batch in (1, 8):
             t = {c: by_column[c][batch] for c in columns}
-            unit = (lambda s: f"{1e3 * s:.0f} ms") if batch == 1 else (lambda s: f"{batch / s:.1f} img/s")
             print(
                 f"| {name} | {batch} | "
-                + " | ".join(unit(t[c]) for c in columns)
+                + " | ".join(figure(t[c], batch) for c in columns)
                 + f" | {t['in-process plain'] / t['in-process frozen']:.2f}× faster"
                 + f" | {t['in-process frozen'] / t['Triton frozen']:.2f} |"
             )
