@@ -429,11 +429,13 @@ async def _answer(
     # One string for the whole answer: a mixed per-request ensemble names every source, and
     # any random member makes the whole answer "random-init" (the conservative reading).
     provenance = _provenance(involved) if plan.custom else ("random-init" if random else infos[0].weights)
-    warning = (
-        f"randomly initialised weights ({', '.join(random)}): the predictions carry no meaning"
-        if random
-        else None
-    )
+    unknown = [i.name for i in involved if not i.random_init and not i.weights.startswith("pretrained:")]
+    warning = None
+    if random:
+        warning = f"randomly initialised weights ({', '.join(random)}): the predictions carry no meaning"
+    elif unknown:
+        # A config that no export wrote (Triton started without --model-config-name).
+        warning = f"weights of unknown provenance ({', '.join(unknown)}): served from an unexported config"
     return ClassifyResponse(
         model=plan.name,
         predictions=gateway.top_k(np.asarray(probabilities), top_k),

@@ -40,7 +40,7 @@ NUM_CLASSES = 1000
 
 
 class ConfigError(ValueError):
-    """A model config that breaks the contract of DESIGN.md (names, types, dims, parameters)."""
+    """A model config that breaks the contract of docs/architecture.md (names, types, dims, parameters)."""
 
 
 @dataclass(frozen=True)

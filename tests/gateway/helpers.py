@@ -33,7 +33,7 @@ GRACE_HOPPER = _package_dir("matplotlib") / "mpl-data" / "sample_data" / "grace_
 
 
 def photo(name: str) -> Path:
-    """A real photo shipped inside a wheel (see DESIGN.md)."""
+    """A real photo shipped inside a wheel (see docs/architecture.md)."""
     return GRACE_HOPPER if name == "grace_hopper.jpg" else SKIMAGE_DATA / name
 
 

@@ -1,0 +1,49 @@
+"""Weights whose provenance nobody recorded are never passed off as trained: a config that
+no export wrote (the committed contract, served without --model-config-name) makes the
+gateway say `unknown` and warn, as it does for random weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedded.tritonserver import TritonServer
+from inception.contract import CPU_VARIANT, GENERATED_PARAMS
+from inception.repository import parse, render
+
+from .helpers import MODEL, ROOT, classify, photo, running_gateway
+
+pytestmark = pytest.mark.integration
+
+
+def unexported_repository(tmp_path: Path) -> Path:
+    """The CPU variant stripped of what an export records, beside the real model file."""
+    source = ROOT / "model_repository" / MODEL
+    folder = tmp_path / "repository" / MODEL
+    (folder / "configs").mkdir(parents=True)
+    (folder / "1").mkdir()
+    (folder / "1" / "model.pt").symlink_to((source / "1" / "model.pt").resolve())
+    (folder / "labels.txt").symlink_to((source / "labels.txt").resolve())
+    config = parse((source / "configs" / f"{CPU_VARIANT}.pbtxt").read_text())
+    for key in GENERATED_PARAMS:
+        del config.parameters[key]
+    (folder / "configs" / f"{CPU_VARIANT}.pbtxt").write_text(render(config))
+    return folder.parent
+
+
+def test_unrecorded_provenance_is_unknown_and_warned(tmp_path: Path) -> None:
+    repository = unexported_repository(tmp_path)
+    env = {"GATEWAY_MODELS": MODEL, "GATEWAY_DEFAULT_MODEL": MODEL}
+    with (
+        TritonServer(repository, log_path=tmp_path / "triton.log") as triton,
+        running_gateway(triton.grpc_url, tmp_path / "gateway.log", env=env) as gateway,
+        gateway.client() as client,
+    ):
+        answer = classify(client, photo("chelsea.png").read_bytes(), "image/png")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["weights"] == "unknown" and body["random_init"] is False
+        assert "unknown provenance" in body["warning"]
+        listed = client.get("/v1/models").json()
+        assert "unknown" in str(listed)
