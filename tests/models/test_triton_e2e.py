@@ -1,5 +1,6 @@
-"""End to end on a real tritonserver (the nvidia-pytriton wheel's) serving the exported
-CPU-flavour repository, through tritonclient over gRPC and HTTP."""
+"""End to end on a real tritonserver (the nvidia-pytriton wheel's, with the PyTorch backend
+built by `make backend`) serving `model_repository/` in its CPU variant, through
+tritonclient over gRPC and HTTP."""
 
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def served(triton, images: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
         for model in [*NETWORKS, "inception_ensemble"]:
             results[protocol, model] = infer(protocol, url, model, images)
     return results
+
+
+def test_every_model_is_ready_on_the_pytorch_backend(triton) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    index = {m.name: m.state for m in client.get_model_repository_index().models}
+    assert index == dict.fromkeys([*NETWORKS, "inception_ensemble_mean", "inception_ensemble"], "READY")
+    for name in [*NETWORKS, "inception_ensemble_mean"]:
+        config = client.get_model_config(name, as_json=True)["config"]
+        assert (config["platform"], config["backend"]) == ("pytorch_libtorch", "pytorch")
+        assert [g["kind"] for g in config["instance_group"]] == ["KIND_CPU"]
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
