@@ -13,7 +13,7 @@ CHECKPOINTS ?=
 HUB ?=
 PRECISION ?=
 
-.PHONY: all venv backend repository serve test bench bench-gateway clean
+.PHONY: all venv backend repository serve test check bench bench-gateway clean
 
 all: test
 
@@ -53,6 +53,14 @@ serve: backend repository
 test: backend repository
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
+
+# The quick loop while editing (under a minute): lint, format, types, and the tests that
+# start no server and build no whole network. `make test` is the full suite.
+check: repository
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	$(BIN)/python -m mypy
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 bench: backend repository
 	$(BIN)/python -m bench.models --repository $(REPO)

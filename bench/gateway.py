@@ -23,7 +23,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -35,8 +34,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from PIL import Image
 
-from embedded.serve import gateway_command, gateway_environment, wait_http
-from embedded.tritonserver import TritonServer, free_port, stop_group
+from embedded.processes import free_port, start_group, stop_group, wait_http
+from embedded.serve import gateway_command, gateway_environment
+from embedded.tritonserver import TritonServer
 from service.imaging import Preprocessing, configure_pillow, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,13 +217,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             triton.start().wait_ready(timeout=600)
             grpc_url = triton.grpc_url
-        gateway = subprocess.Popen(
-            gateway_command(port, args.workers, "127.0.0.1"),
+        gateway = start_group(
+            gateway_command(port, args.workers),
             env=gateway_environment(grpc_url, args.workers, None),
             cwd=ROOT,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
         )
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120, alive=gateway)
         serving_rows = asyncio.run(

@@ -12,6 +12,8 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY service ./service
+# The contract shared with the exporter (names, dims, parameter keys); imports no torch.
+COPY inception/__init__.py inception/contract.py ./inception/
 # Only the gateway extra: fastapi, uvicorn, pillow, numpy, tritonclient, prometheus-client, ...
 RUN /opt/venv/bin/pip install --no-compile ".[gateway]" \
     && ! /opt/venv/bin/python -c "import torch" 2>/dev/null

@@ -22,12 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from embedded.tritonserver import TritonServer, free_port, stop_group
+from embedded.processes import free_port, start_group, stop_group, wait_http
+from embedded.tritonserver import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,25 +39,12 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-def wait_http(url: str, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``url`` until it answers 200, the child dies, or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if alive is not None and alive.poll() is not None:
-            raise RuntimeError(f"the process serving {url} exited with code {alive.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
-
-
-def gateway_command(port: int, workers: int, host: str) -> list[str]:
+def gateway_command(
+    port: int, workers: int = 1, host: str = "127.0.0.1", graceful_s: int = 10, python: str = sys.executable
+) -> list[str]:
+    """The one uvicorn command line of the gateway: `make serve`, the tests and the bench."""
     return [
-        sys.executable,
+        python,
         "-m",
         "uvicorn",
         "service.app:app",
@@ -70,7 +56,7 @@ def gateway_command(port: int, workers: int, host: str) -> list[str]:
         str(workers),
         "--no-access-log",  # the gateway logs each request itself, as JSON with its request id
         "--timeout-graceful-shutdown",
-        "10",
+        str(graceful_s),
     ]
 
 
@@ -142,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
             f"tritonserver ready: grpc {triton.grpc_url}, metrics http://{triton.metrics_url}/metrics",
             flush=True,
         )
-        gateway = subprocess.Popen(
+        # Its own group: stopped with its workers, not by our Ctrl-C.
+        gateway = start_group(
             gateway_command(args.port, args.workers, args.host),
             env=gateway_environment(triton.grpc_url, args.workers, multiproc_dir),
             cwd=ROOT,
-            start_new_session=True,  # its own group: stopped with its workers, not by our Ctrl-C
         )
         wait_http(f"http://127.0.0.1:{args.port}/readyz", timeout=120, alive=gateway)
         print(curl_example(args.port), flush=True)
@@ -161,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except Stop as stop:
         print(f"\n{stop}: stopping the gateway and tritonserver ...", flush=True)
         return 0
-    except RuntimeError as exc:  # TritonError included: a missing backend, a model that failed
+    except RuntimeError as exc:  # TritonError, NotReady: a missing backend, a failed model, ...
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -14,18 +14,16 @@ gateway.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import TracebackType
+
+from .processes import NotReady, answers_200, free_port, start_group, stop_group, wait_http
 
 
 class TritonError(RuntimeError):
@@ -41,12 +39,6 @@ def _package_dir(name: str) -> Path:
 
 def pytriton_home() -> Path:
     return _package_dir("pytriton") / "tritonserver"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def default_backend_directory() -> Path:
@@ -88,24 +80,6 @@ def load_failures(log_text: str) -> list[str]:
     return failures
 
 
-def stop_group(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
-    """SIGTERM a child started in its own session, then SIGKILL what lingers of its group
-    (uvicorn's workers, anything Triton started)."""
-    if process is None:
-        return
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group
-
-
 class TritonServer:
     """A tritonserver process on loopback ports, started and stopped by its owner."""
 
@@ -129,7 +103,6 @@ class TritonServer:
         self.log_path = log_path
         self.extra_args = extra_args or []
         self.process: subprocess.Popen[bytes] | None = None
-        self._log_file = None
 
     @property
     def http_url(self) -> str:
@@ -167,16 +140,7 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None and self.process.poll() is None:
             return self
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            self.command(),
-            env=server_environment(),
-            stdout=self._log_file or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # so that stop() ends whatever it started with it
-        )
+        self.process = start_group(self.command(), env=server_environment(), log_path=self.log_path)
         return self
 
     def failure_report(self) -> str:
@@ -189,29 +153,26 @@ class TritonServer:
         return "; ".join(dict.fromkeys(failures)) + f" (log: {self.log_path})"
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_200(f"http://{self.http_url}/v2/health/ready")
 
     def wait_ready(self, timeout: float = 300.0) -> TritonServer:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                code = None if self.process is None else self.process.returncode
-                raise TritonError(f"tritonserver exited with code {code}: {self.failure_report()}")
-            if self.is_ready():
-                return self
-            time.sleep(0.5)
-        raise TritonError(f"tritonserver not ready after {timeout:.0f} s: {self.failure_report()}")
+        if self.process is None:
+            raise TritonError("tritonserver was not started")
+        try:
+            wait_http(f"http://{self.http_url}/v2/health/ready", timeout, self.process, interval=0.5)
+        except NotReady as exc:
+            if exc.exit_code is not None:
+                raise TritonError(
+                    f"tritonserver exited with code {exc.exit_code}: {self.failure_report()}"
+                ) from None
+            raise TritonError(
+                f"tritonserver not ready after {timeout:.0f} s: {self.failure_report()}"
+            ) from None
+        return self
 
     def stop(self, timeout: float = 30.0) -> None:
         process, self.process = self.process, None
         stop_group(process, timeout)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
     def __enter__(self) -> TritonServer:
         return self.start().wait_ready()

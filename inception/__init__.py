@@ -68,5 +68,6 @@ def create_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED if seed is None else seed)
         model = spec.builder(num_classes=spec.num_classes, **kwargs)
-    model.weights_info = load_weights(model, spec, weights)
+    # An attribute of the module, not a submodule or tensor: nn.Module's typing does not know it.
+    model.weights_info = load_weights(model, spec, weights)  # type: ignore[assignment]
     return model.eval()

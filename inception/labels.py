@@ -30,10 +30,6 @@ def generate_labels() -> list[str]:
     return [lemmas[s].strip() for s in synsets]
 
 
-def read_labels(path: Path = LABELS_PATH) -> list[str]:
-    return path.read_text().splitlines()
-
-
 def main() -> None:
     labels = generate_labels()
     LABELS_PATH.write_text("\n".join(labels) + "\n")

@@ -24,13 +24,11 @@ Rule = tuple[str, str | Callable[[re.Match[str]], str]]
 class ModelSpec:
     name: str
     builder: Callable[..., nn.Module]
-    title: str
     crop_pct: float
     interpolation: str = "bicubic"
     input_size: int = 299
     num_classes: int = 1000
-    # timm's pretrained tag and hub repository, when a public checkpoint exists.
-    timm_name: str | None = None
+    # timm's hub repository, when a public checkpoint exists.
     hub_repo: str | None = None
     hub_filename: str = "model.safetensors"
     # Regex rules that rename timm's parameter names to ours, applied in order.
@@ -97,9 +95,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="inception_v4",
             builder=InceptionV4,
-            title="Inception-v4",
             crop_pct=0.875,
-            timm_name="inception_v4.tf_in1k",
             hub_repo="timm/inception_v4.tf_in1k",
             timm_rules=_V4_RULES,
             paper_top1_error=20.0,
@@ -108,7 +104,6 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="inception_resnet_v1",
             builder=InceptionResNetV1,
-            title="Inception-ResNet-v1",
             # No checkpoint was ever trained for it in this layout: use Inception-v4's.
             crop_pct=0.875,
             paper_top1_error=21.3,
@@ -117,9 +112,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="inception_resnet_v2",
             builder=InceptionResNetV2,
-            title="Inception-ResNet-v2",
             crop_pct=0.8975,
-            timm_name="inception_resnet_v2.tf_in1k",
             hub_repo="timm/inception_resnet_v2.tf_in1k",
             timm_rules=_IRV2_RULES,
             paper_top1_error=19.9,

@@ -79,8 +79,7 @@ class Prepared:
     """The decoded image's model inputs, one per distinct preprocessing, and what it cost."""
 
     inputs: dict[Preprocessing, np.ndarray]
-    format: str
-    size: tuple[int, int]
+    size: tuple[int, int]  # of the stored image, before any draft reduction
     draft_scale: int = 1
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -175,8 +174,8 @@ def decode(
             image.draft(None, (draft_short_side, draft_short_side))
             scale = max(1, round(width / image.size[0]))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
-        rgb = _to_rgb(image)
+        oriented: Image.Image = ImageOps.exif_transpose(image) or image
+        rgb = _to_rgb(oriented)
         rgb.load()
         return rgb, fmt, (width, height), scale
     except ApiError:
@@ -224,13 +223,12 @@ def prepare(
     started = time.perf_counter()
     unique = list(dict.fromkeys(pres))
     short = draft_short_side(unique, oversample) if draft else None
-    image, fmt, size, scale = decode(data, max_pixels=max_pixels, draft_short_side=short)
+    image, _format, size, scale = decode(data, max_pixels=max_pixels, draft_short_side=short)
     decoded = time.perf_counter()
     inputs = {pre: preprocess(image, pre) for pre in unique}
     done = time.perf_counter()
     return Prepared(
         inputs=inputs,
-        format=fmt,
         size=size,
         draft_scale=scale,
         timings={"decode": decoded - started, "preprocess": done - decoded},

@@ -23,7 +23,7 @@ class Plan:
     name: str
     label: str
     targets: tuple[str, ...]
-    weights: tuple[float, ...] = (1.0,)
+    coefficients: tuple[float, ...] = (1.0,)  # of a per-request ensemble, summing to one
 
     @property
     def custom(self) -> bool:
@@ -84,7 +84,7 @@ def resolve(
             name=f"{ENSEMBLE_ALIAS}({','.join(names)})",
             label=CUSTOM_ENSEMBLE,
             targets=tuple(names),
-            weights=tuple(float(w) / total for w in weights),
+            coefficients=tuple(float(w) / total for w in weights),
         )
     if weights is not None:
         raise InvalidRequest("weights needs models")

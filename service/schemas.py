@@ -20,6 +20,20 @@ class ClassifyOptions(BaseModel):
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many classes to answer")
 
 
+class ClassifyQuery(BaseModel):
+    """The query string of ``POST /v1/classify``: raw text, parsed and checked together
+    with the body's fields by ``service.inputs`` (query parameters win)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str | None = Field(None, description="model name, `ensemble`, or omitted for the default")
+    models: str | None = Field(
+        None, description="per-request ensemble, e.g. `inception_v4,inception_resnet_v2`"
+    )
+    weights: str | None = Field(None, description="weights of `models`, e.g. `0.5,0.5`")
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="how many classes (default 5)")
+
+
 class ClassifyJson(ClassifyOptions):
     """The JSON form of a classify request."""
 

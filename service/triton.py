@@ -1,8 +1,8 @@
 """The gateway's side of Triton: one async gRPC channel, the models' configs, inference.
 
 The repository is the source of truth for preprocessing and weight provenance, so configs
-are read from Triton (``config.pbtxt`` ``parameters``), at start when Triton is up and
-lazily otherwise: the gateway starts, and becomes ready, whatever order the two come up in.
+are read from Triton (``parameters``, parsed by :mod:`service.model_config`), at start when
+Triton is up and lazily otherwise: the gateway starts, and becomes ready, whatever order the two come up in.
 Triton's errors are mapped here to the gateway's :mod:`service.errors`, with messages that
 name no internals (addresses, stack traces and Triton's own words go to the log only).
 """
@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
+
+from inception.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
 from .errors import (
     ApiError,
@@ -29,89 +29,10 @@ from .errors import (
     ModelUnavailable,
     Overloaded,
 )
-from .imaging import Preprocessing
+from .model_config import ConfigError, ModelInfo, parse_model_config
 from .settings import Settings
 
 log = logging.getLogger("service.triton")
-
-INPUT_NAME = "image__0"
-OUTPUT_NAME = "probabilities__0"
-NUM_CLASSES = 1000
-
-
-class ConfigError(ValueError):
-    """A model config that breaks the contract of docs/architecture.md (names, types, dims, parameters)."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the gateway needs to know of one routable model, read from its config."""
-
-    name: str
-    preprocessing: Preprocessing
-    weights: str
-    weights_sha256: str = ""
-    max_batch_size: int = 0
-    platform: str = ""
-    members: tuple[str, ...] = ()
-    member_weights: tuple[float, ...] = ()
-    parameters: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def is_ensemble(self) -> bool:
-        return bool(self.members)
-
-    @property
-    def random_init(self) -> bool:
-        return self.weights == "random-init"
-
-
-def _dims(tensor: Mapping[str, Any]) -> list[int]:
-    return [int(d) for d in tensor.get("dims", [])]
-
-
-def parse_model_config(config: Mapping[str, Any]) -> ModelInfo:
-    """Check a config (Triton's JSON form) against the contract and extract what we use."""
-    if "config" in config and isinstance(config["config"], Mapping):
-        config = config["config"]
-    name = str(config.get("name", ""))
-    params = {k: str(v.get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
-    inputs, outputs = list(config.get("input", [])), list(config.get("output", []))
-    if len(inputs) != 1 or inputs[0].get("name") != INPUT_NAME or inputs[0].get("data_type") != "TYPE_UINT8":
-        raise ConfigError(f"{name}: expected one TYPE_UINT8 input named {INPUT_NAME}")
-    if not any(o.get("name") == OUTPUT_NAME and o.get("data_type") == "TYPE_FP32" for o in outputs):
-        raise ConfigError(f"{name}: expected a TYPE_FP32 output named {OUTPUT_NAME}")
-    try:
-        size = int(params.get("input_size", "299"))
-        pre = Preprocessing(
-            crop_pct=float(params.get("crop_pct", "0.875")),
-            interpolation=params.get("interpolation", "bicubic"),
-            input_size=size,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"{name}: bad preprocessing parameters: {exc}") from exc
-    if _dims(inputs[0]) != [size, size, 3]:
-        raise ConfigError(f"{name}: input dims {_dims(inputs[0])} are not [{size}, {size}, 3]")
-    members = tuple(m.strip() for m in params.get("members", "").split(",") if m.strip())
-    try:
-        weights = tuple(float(w) for w in params.get("member_weights", "").split(",") if w.strip())
-    except ValueError as exc:
-        raise ConfigError(f"{name}: bad member_weights") from exc
-    if members and weights and len(weights) != len(members):
-        raise ConfigError(f"{name}: {len(members)} members but {len(weights)} member_weights")
-    if members and not weights:
-        weights = tuple(1.0 / len(members) for _ in members)
-    return ModelInfo(
-        name=name,
-        preprocessing=pre,
-        weights=params.get("weights", "unknown") or "unknown",
-        weights_sha256=params.get("weights_sha256", ""),
-        max_batch_size=int(config.get("max_batch_size", 0) or 0),
-        platform=str(config.get("platform", "") or config.get("backend", "")),
-        members=members,
-        member_weights=weights,
-        parameters=params,
-    )
 
 
 def _status(exc: InferenceServerException) -> str:

@@ -268,9 +268,7 @@ def test_models_entrypoint_chooses_weights(tmp_path, hub):
     )
     assert result.returncode == 0, result.stderr
     args = next(line for line in result.stdout.splitlines() if line.startswith("ARGS: "))
-    assert args.startswith(
-        f"ARGS: -m inception.export --repository {tmp_path}/repo"
-    )
+    assert args.startswith(f"ARGS: -m inception.export --repository {tmp_path}/repo")
     assert f"--checkpoint inception_resnet_v2={checkpoints}/inception_resnet_v2.safetensors" in args
     assert "--checkpoint inception_v4" not in args
     uses_hub = hub in ("auto-online", "1")

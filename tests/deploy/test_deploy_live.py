@@ -18,18 +18,13 @@ A misspelt metric or label name in a panel or rule makes this fail.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -48,6 +43,9 @@ from promql_tools import (
     substitute,
 )
 
+from embedded.processes import free_port, log_tail, start_group, stop_group, wait_http
+from embedded.serve import gateway_command
+
 pytestmark = pytest.mark.integration
 
 #: The values the dashboards' $model variable is tried with: All, a network, the ensemble.
@@ -55,43 +53,9 @@ MODEL_VALUES = (".*", "inception_v4", "inception_ensemble")
 BURST = {"inception_v4": 4, "inception_ensemble": 2}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{url}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"{url} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def gateway(triton, tmp_path_factory) -> Iterator[str]:
     """The gateway as the image runs it: uvicorn, two workers, multiprocess metrics."""
-    if not (ROOT / "service" / "app.py").is_file():
-        pytest.skip("service/app.py does not exist yet")
     work = tmp_path_factory.mktemp("gateway")
     (work / "metrics").mkdir()
     port = free_port()
@@ -102,21 +66,12 @@ def gateway(triton, tmp_path_factory) -> Iterator[str]:
         "GATEWAY_API_KEYS": "",
     }
     log = work / "gateway.log"
-    cmd = [sys.executable, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [*cmd, "--workers", "2"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_group(gateway_command(port, workers=2), env=env, cwd=ROOT, log_path=log)
     try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", process, log, timeout=180)
+        wait_http(f"http://127.0.0.1:{port}/readyz", 180, process, describe=log_tail(log))
         yield f"127.0.0.1:{port}"
     finally:
-        stop(process)
+        stop_group(process)
 
 
 @pytest.fixture(scope="module")
@@ -133,23 +88,20 @@ def prometheus(prometheus_bin, gateway, triton, tmp_path_factory) -> Iterator[st
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     log = work / "prometheus.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [
-                prometheus_bin,
-                f"--config.file={work / 'prometheus.yml'}",
-                f"--storage.tsdb.path={work / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = start_group(
+        [
+            prometheus_bin,
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        log_path=log,
+    )
     try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", process, log, timeout=60)
+        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop(process)
+        stop_group(process)
 
 
 def jpeg() -> bytes:

@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,9 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
+
+from embedded.processes import free_port, start_group, stop_group, wait_http
+from embedded.serve import gateway_command
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The cheapest model on 2 CPU cores, for tests that need one model, not a given one.
@@ -41,12 +43,6 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class GatewayProcess:
@@ -79,56 +75,24 @@ class GatewayProcess:
         if multiproc_dir is not None:
             multiproc_dir.mkdir(parents=True, exist_ok=True)
             self.environment["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
-        self.command = [
-            python, "-m", "uvicorn", "service.app:app", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", str(workers), "--no-access-log", "--timeout-graceful-shutdown", "5",
-        ]  # fmt: skip
+        self.command = gateway_command(self.port, workers, graceful_s=5, python=python)
         self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=self.cwd,
-                env=self.environment,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = start_group(self.command, env=self.environment, cwd=self.cwd, log_path=self.log_path)
         return self
 
     def wait(self, path: str = "/healthz", timeout: float = 120.0) -> GatewayProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited ({self.process.returncode}):\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + path, timeout=5).status_code == 200:
-                    return self
-            time.sleep(0.25)
-        raise RuntimeError(f"gateway {path} not 200 after {timeout} s:\n{self.log()}")
+        wait_http(self.url + path, timeout, self.process, describe=self.log)
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+        stop_group(process)
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)  # type: ignore[arg-type]
@@ -200,3 +164,23 @@ def _complete(answer: bytes) -> bool:
         if line.lower().startswith(b"content-length:"):
             return len(body) >= int(line.split(b":", 1)[1])
     return False
+
+
+#: A Triton address where nothing listens (port 1), for the app without a Triton.
+UNREACHABLE = "127.0.0.1:1"
+
+
+def model_config_json(**parameters: str) -> dict:
+    """A model config in Triton's JSON form (as `get_model_config(as_json=True)` answers),
+    with the contract's tensors and the given `parameters` over sane defaults."""
+    params = {"crop_pct": "0.875", "interpolation": "bicubic", "input_size": "299", "weights": "random-init"}
+    params.update(parameters)
+    return {
+        "config": {
+            "name": "inception_v4",
+            "max_batch_size": 64,
+            "input": [{"name": "image__0", "data_type": "TYPE_UINT8", "dims": ["299", "299", "3"]}],
+            "output": [{"name": "probabilities__0", "data_type": "TYPE_FP32", "dims": ["1000"]}],
+            "parameters": {k: {"string_value": v} for k, v in params.items()},
+        }
+    }

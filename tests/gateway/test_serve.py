@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import MODEL, ROOT, classify, free_port, photo
+from embedded.processes import free_port
+
+from .helpers import MODEL, ROOT, classify, photo
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from embedded.tritonserver import TritonServer, free_port
+from embedded.processes import free_port
+from embedded.tritonserver import TritonServer
 
 from .helpers import MODEL, GatewayProcess, classify, photo
 

@@ -147,6 +147,7 @@ def _tracked_copy(tmp_path: Path) -> Path:
     return clone
 
 
+@pytest.mark.slow
 def test_export_with_a_checkpoint_records_provenance_and_leaves_tracked_files_alone(tmp_path: Path) -> None:
     from inception.export import main
     from inception.repository import parse

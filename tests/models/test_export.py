@@ -23,6 +23,7 @@ def load(path: Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path)).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_exported_file_equals_eager(name: str) -> None:
     traced = load(PRODUCTION / name / "1" / "model.pt")
@@ -133,6 +134,7 @@ with quiet_torchscript():
 """
 
 
+@pytest.mark.slow
 def test_same_inputs_give_the_same_file(tmp_path: Path) -> None:
     """Each export runs in a process of its own, as `python -m inception.export` does
     (TorchScript numbers the classes it traces per process)."""

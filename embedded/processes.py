@@ -1,0 +1,108 @@
+"""Child processes the way the launchers, the tests and the benches all need them: on a
+free loopback port, in a session of their own (so that stopping one ends whatever it
+started: uvicorn's workers, Triton's helpers), stopped with escalation, and waited for
+over HTTP while watching that they have not died."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+
+class NotReady(RuntimeError):
+    """A process that exited, or a URL that did not answer 200 in time."""
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def free_port() -> int:
+    """A port free now on 127.0.0.1 (another process may take it before it is bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_group(
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    log_path: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Starts `command` in its own session, its output appended to `log_path` (or dropped)."""
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") if log_path is not None else open(os.devnull, "wb") as out:
+        return subprocess.Popen(
+            list(command),
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_group(process: subprocess.Popen[bytes] | None, timeout: float = 20.0) -> None:
+    """SIGTERM the group of a child started by `start_group`, SIGKILL it if it lingers past
+    `timeout`, then SIGKILL whatever is left of the group."""
+    if process is None:
+        return
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers of the group
+
+
+def answers_200(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_http(
+    url: str,
+    timeout: float,
+    alive: subprocess.Popen[bytes] | None = None,
+    describe: Callable[[], str] = lambda: "",
+    interval: float = 0.25,
+) -> None:
+    """Polls `url` until it answers 200; raises NotReady if `alive` exits first or the
+    timeout passes, with `describe()` (a log tail, say) in the message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            detail = describe()
+            raise NotReady(
+                f"the process serving {url} exited with code {alive.returncode}"
+                + (f": {detail}" if detail else ""),
+                alive.returncode,
+            )
+        if answers_200(url):
+            return
+        time.sleep(interval)
+    detail = describe()
+    raise NotReady(f"{url} did not answer 200 within {timeout:.0f} s" + (f": {detail}" if detail else ""))
+
+
+def log_tail(path: Path, chars: int = 3000) -> Callable[[], str]:
+    return lambda: path.read_text(errors="replace")[-chars:] if path.is_file() else ""

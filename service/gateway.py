@@ -1,0 +1,102 @@
+"""The gateway's state for one app: Triton client, labels, decode pool, concurrency slots."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .errors import Overloaded
+from .imaging import Prepared, Preprocessing, prepare
+from .schemas import Prediction
+from .settings import Settings
+from .triton import TritonBackend
+
+log = logging.getLogger("service.app")
+
+
+def load_labels(path: Path | None) -> list[str]:
+    """The ImageNet labels, one per line; the gateway refuses to start without all 1000."""
+    if path is None:
+        raise RuntimeError("no labels file: set GATEWAY_LABELS_PATH to inception/data/imagenet_labels.txt")
+    labels = Path(path).read_text(encoding="utf-8").splitlines()
+    if len(labels) != 1000:
+        raise RuntimeError(f"{path} has {len(labels)} labels, expected 1000")
+    return labels
+
+
+class Gateway:
+    """Per-app state, created by the app factory and started and stopped by its lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.labels = load_labels(settings.labels_path)
+        self.backend = TritonBackend(settings)
+        self.pool: ThreadPoolExecutor | None = None
+        self.slots = asyncio.Semaphore(settings.max_concurrency)
+
+    async def start(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=self.settings.decode_threads, thread_name_prefix="decode")
+        await self.backend.start()
+        log.info(
+            "gateway started",
+            extra={
+                "triton": self.settings.triton_grpc_url,
+                "models_known": ",".join(sorted(self.backend.models)) or "none yet",
+                "pid": os.getpid(),
+            },
+        )
+
+    async def stop(self) -> None:
+        await self.backend.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        metrics.mark_process_dead(os.getpid())
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """A classify slot, waited for at most ``queue_timeout_s`` (then 429).
+
+        A free slot is taken at once: ``wait_for`` with a timeout of 0 would cancel the
+        acquire before it ran, refusing every request when ``queue_timeout_s`` is 0."""
+        if self.slots.locked():
+            try:
+                await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.queue_timeout_s)
+            except TimeoutError:
+                raise Overloaded(
+                    "too many requests in flight; retry later",
+                    headers={"Retry-After": str(self.settings.retry_after_overloaded_s)},
+                ) from None
+        else:
+            await self.slots.acquire()
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+    async def prepare(self, data: bytes, pres: list[Preprocessing]) -> Prepared:
+        """Decoding and resizing hold the GIL little but take milliseconds: a thread pool
+        keeps them off the event loop."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        return await loop.run_in_executor(
+            self.pool,
+            lambda: prepare(
+                data, pres, max_pixels=s.max_pixels, draft=s.draft, oversample=s.draft_oversample
+            ),
+        )
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
+        """The k best classes, by score then class id: a full stable sort of 1000 floats costs
+        tens of microseconds and makes ties (common with random weights) deterministic."""
+        order = np.lexsort((np.arange(probabilities.shape[0]), -probabilities))[:k]
+        return [
+            Prediction(label=self.labels[i], class_id=int(i), score=float(probabilities[i])) for i in order
+        ]

@@ -1,0 +1,45 @@
+"""What FastAPI cannot infer for /docs: the three bodies of ``POST /v1/classify`` (the
+route reads the body itself, to bound it) and the error answers of every route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .schemas import ClassifyJson, ErrorResponse
+
+CLASSIFY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "model": {"type": "string"},
+                        "top_k": {"type": "integer"},
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": ClassifyJson.model_json_schema()},
+        },
+    }
+}
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "undecodable, truncated or empty image",
+        401: "missing or wrong API key",
+        404: "unknown model",
+        413: "body or pixel count over the limit",
+        415: "unsupported media type or image format",
+        422: "bad options",
+        429: "overloaded (Retry-After)",
+        502: "Triton failed the request",
+        503: "Triton or the model unavailable (Retry-After)",
+        504: "Triton did not answer in time",
+    }.items()
+}

@@ -1,0 +1,147 @@
+"""``POST /v1/classify``.
+
+A request goes: concurrency slot → bounded read → routing → model configs (from Triton) →
+decode and preprocess in the thread pool → Triton (one call, or one per member of a
+per-request ensemble, concurrently) → top-k and labels. Each stage is timed into the
+answer and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+
+from inception.contract import PRETRAINED_PREFIX, RANDOM_INIT
+
+from .. import metrics
+from ..deps import GatewayDep, require_api_key
+from ..errors import ApiError
+from ..gateway import Gateway
+from ..inputs import read_request
+from ..model_config import ModelInfo
+from ..openapi import CLASSIFY_BODY, ERROR_RESPONSES
+from ..routing import Plan, metric_label, resolve
+from ..schemas import ClassifyQuery, ClassifyResponse, Member
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses=ERROR_RESPONSES,
+    openapi_extra=CLASSIFY_BODY,
+    summary="Classify an image (multipart field `image`, raw image/* body, or JSON base64)",
+)
+async def classify(
+    request: Request, gateway: GatewayDep, query: Annotated[ClassifyQuery, Query()]
+) -> ClassifyResponse:
+    settings = gateway.settings
+    state = request.state
+    stages: dict[str, float] = state.stages
+    state.model_label = metric_label(settings, query.model) if not query.models else metrics.CUSTOM_ENSEMBLE
+    started = time.perf_counter()
+    async with gateway.slot():  # the wait for a slot counts in the total, not in a stage
+        read_started = time.perf_counter()
+        data, options = await read_request(request, query.model_dump(), settings.max_body_bytes)
+        stages["read"] = time.perf_counter() - read_started
+        state.size = len(data)
+        state.model_label = (
+            metric_label(settings, options.model) if not options.models else metrics.CUSTOM_ENSEMBLE
+        )
+        plan = resolve(settings, options.model, options.models, options.weights)
+        state.model_label = plan.label
+        infos = list(await asyncio.gather(*(gateway.backend.model(t) for t in plan.targets)))
+        decode_started = time.perf_counter()
+        try:
+            prepared = await gateway.prepare(data, [i.preprocessing for i in infos])
+        except ApiError:
+            stages["decode"] = time.perf_counter() - decode_started  # refused images cost too
+            raise
+        stages["decode"] = prepared.timings["decode"]
+        stages["preprocess"] = prepared.timings["preprocess"]
+        triton_started = time.perf_counter()
+        outputs = await asyncio.gather(
+            *(
+                gateway.backend.infer(i.name, prepared.inputs[i.preprocessing][None], state.request_id)
+                for i in infos
+            )
+        )
+        post_started = time.perf_counter()
+        stages["triton"] = post_started - triton_started
+    answer = await _answer(gateway, plan, infos, outputs, options.top_k, state.request_id)
+    stages["postprocess"] = time.perf_counter() - post_started
+    answer.timing_ms = {k: round(v * 1000, 3) for k, v in stages.items()}
+    answer.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
+    return answer
+
+
+def combined_provenance(infos: list[ModelInfo]) -> str:
+    """One string for a per-request ensemble: its members' common provenance, or each
+    source joined, or `random-init` if any member is (the conservative reading)."""
+    kinds = {i.provenance for i in infos}
+    if len(kinds) == 1:
+        return kinds.pop()
+    if any(i.random_init for i in infos):
+        return RANDOM_INIT
+    return "+".join(sorted(kinds))
+
+
+def provenance_warning(involved: list[ModelInfo]) -> str | None:
+    random = [i.name for i in involved if i.random_init]
+    if random:
+        return f"randomly initialised weights ({', '.join(random)}): the predictions carry no meaning"
+    # A config that no export wrote (Triton started without --model-config-name).
+    unknown = [i.name for i in involved if not i.provenance.startswith(PRETRAINED_PREFIX)]
+    if unknown:
+        return f"weights of unknown provenance ({', '.join(unknown)}): served from an unexported config"
+    return None
+
+
+async def _answer(
+    gateway: Gateway,
+    plan: Plan,
+    infos: list[ModelInfo],
+    outputs: list[np.ndarray],
+    top_k: int,
+    request_id: str,
+) -> ClassifyResponse:
+    """Combine, rank and label; say which weights served it, warn unless they are known
+    to be trained."""
+    if plan.custom:
+        probabilities = np.zeros_like(outputs[0][0], dtype=np.float64)
+        for coefficient, output in zip(plan.coefficients, outputs, strict=True):
+            probabilities += coefficient * output[0].astype(np.float64)
+        members = [
+            Member(model=i.name, weight=w, weights=i.provenance)
+            for i, w in zip(infos, plan.coefficients, strict=True)
+        ]
+        involved = infos
+        provenance = combined_provenance(infos)
+    else:
+        probabilities = outputs[0][0]
+        info = infos[0]
+        members, involved = None, [info]
+        if info.is_ensemble:
+            member_infos = list(await asyncio.gather(*(gateway.backend.model(m) for m in info.members)))
+            members = [
+                Member(model=m.name, weight=w, weights=m.provenance)
+                for m, w in zip(member_infos, info.member_weights, strict=True)
+            ]
+            involved = [info, *member_infos]
+        random = any(i.random_init for i in involved)
+        provenance = RANDOM_INIT if random else info.provenance
+    return ClassifyResponse(
+        model=plan.name,
+        predictions=gateway.top_k(np.asarray(probabilities), top_k),
+        weights=provenance,
+        members=members,
+        random_init=any(i.random_init for i in involved),
+        warning=provenance_warning(involved),
+        timing_ms={},
+        request_id=request_id,
+    )

@@ -1,0 +1,183 @@
+"""The app in process with no Triton behind it: it starts, says so per request, and
+decides every client mistake alone, each as the JSON error body."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from prometheus_client import REGISTRY
+
+from service.app import create_app
+from service.errors import Overloaded
+from service.settings import Settings
+
+from .helpers import UNREACHABLE, encode, photo
+
+PNG = encode(Image.new("RGB", (8, 8)), "PNG")
+AS_PNG = {"Content-Type": "image/png"}
+ROUTABLE = {"inception_v4", "inception_resnet_v1", "inception_resnet_v2", "inception_ensemble"}
+
+
+@pytest.fixture(scope="module")
+def offline_client() -> Iterator[TestClient]:
+    app = create_app(Settings(triton_grpc_url=UNREACHABLE, triton_timeout_s=3, api_keys=[]))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_starts_without_triton_and_answers_503(offline_client: TestClient) -> None:
+    assert offline_client.get("/healthz").json() == {"status": "ok"}
+    ready = offline_client.get("/readyz")
+    assert ready.status_code == 503 and "Retry-After" in ready.headers
+    data = photo("grace_hopper.jpg").read_bytes()
+    answer = offline_client.post("/v1/classify", content=data, headers={"Content-Type": "image/jpeg"})
+    assert answer.status_code == 503 and "Retry-After" in answer.headers
+    assert answer.json()["error"]["code"] == "backend_unavailable"
+    assert "127.0.0.1" not in answer.text
+    models = offline_client.get("/v1/models").json()["models"]
+    assert {m["name"] for m in models} == ROUTABLE
+    assert all(m["state"] == "unavailable" for m in models)
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "code"),
+    [
+        (dict(content=b"", headers={"Content-Type": "image/png"}), 400, "empty_body"),
+        (dict(content=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type"),
+        (dict(content=PNG, headers=AS_PNG, params={"top_k": 0}), 422, "invalid_request"),
+        (dict(content=PNG, headers=AS_PNG, params={"model": "nope"}), 404, "unknown_model"),
+        (dict(json={"image": "@@@"}), 422, "invalid_request"),
+        (dict(json={"image": base64.b64encode(PNG).decode(), "top_k": 1001}), 422, "invalid_request"),
+        (dict(json={"picture": "x"}), 422, "invalid_request"),
+        (dict(content=b"{", headers={"Content-Type": "application/json"}), 422, "invalid_request"),
+        (dict(files={"file": ("a.png", PNG, "image/png")}), 422, "invalid_request"),
+        (
+            dict(
+                content=PNG,
+                headers={"Content-Type": "image/png"},
+                params={"models": "inception_v4,inception_resnet_v2", "weights": "nan,1"},
+            ),
+            422,
+            "invalid_request",
+        ),
+        # Deep nesting (RecursionError) and an integer past Python's digit limit (ValueError)
+        # are the client's mistakes, not the gateway's 500.
+        (dict(content=b"[" * 100_000, headers={"Content-Type": "application/json"}), 422, "invalid_request"),
+        (
+            dict(
+                content=b'{"image": "aGk=", "top_k": ' + b"1" * 5000 + b"}",
+                headers={"Content-Type": "application/json"},
+            ),
+            422,
+            "invalid_request",
+        ),
+    ],
+    ids=[
+        "empty", "text", "top-k-0", "unknown-model", "bad-base64", "top-k-1001", "no-image-field",
+        "broken-json", "wrong-form-field", "nan-weight", "deep-json", "huge-integer",
+    ],
+)  # fmt: skip
+def test_request_errors_before_triton(
+    offline_client: TestClient, request_kwargs: dict, status: int, code: str
+) -> None:
+    answer = offline_client.post("/v1/classify", **request_kwargs)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"] == code
+    assert answer.headers["X-Request-ID"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "code"),
+    [("get", "/nowhere", "not_found"), ("get", "/v1/classify", "method_not_allowed")],
+)
+def test_routing_errors_are_json(offline_client: TestClient, method: str, path: str, code: str) -> None:
+    assert getattr(offline_client, method)(path).json()["error"]["code"] == code
+
+
+def test_request_id_is_echoed_or_made(offline_client: TestClient) -> None:
+    given = offline_client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["X-Request-ID"] == "abc-123"
+    made = offline_client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert made.headers["X-Request-ID"] != "bad id\twith spaces" and len(made.headers["X-Request-ID"]) == 32
+
+
+def test_openapi_documents_the_three_input_forms(offline_client: TestClient) -> None:
+    spec = offline_client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "image/*", "application/json"} <= set(body)
+    parameters = {p["name"] for p in spec["paths"]["/v1/classify"]["post"]["parameters"]}
+    assert parameters == {"model", "models", "weights", "top_k"}
+    assert offline_client.get("/docs").status_code == 200
+
+
+def test_top_k_is_sorted_and_stable() -> None:
+    gateway = create_app(Settings(triton_grpc_url=UNREACHABLE)).state.gateway
+    p = np.zeros(1000, dtype=np.float32)
+    p[[3, 7, 500]] = [0.2, 0.5, 0.2]
+    top = gateway.top_k(p, 4)
+    assert [t.class_id for t in top] == [7, 3, 500, 0]
+    assert top[0].label == gateway.labels[7]
+    assert len(gateway.top_k(p, 1000)) == 1000
+
+
+@pytest.mark.parametrize("queue_timeout_s", [0.05, 0], ids=["waits-then-429", "zero-takes-a-free-slot"])
+def test_concurrency_limit_answers_429(queue_timeout_s: float) -> None:
+    """A full gateway refuses with 429 and Retry-After; ``queue_timeout_s=0`` means "do
+    not wait", not "refuse everything"."""
+    settings = Settings(triton_grpc_url=UNREACHABLE, max_concurrency=1, queue_timeout_s=queue_timeout_s)
+    gateway = create_app(settings).state.gateway
+
+    async def scenario() -> None:
+        async with gateway.slot():
+            with pytest.raises(Overloaded) as refused:
+                async with gateway.slot():
+                    pass
+            assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "1"
+        async with gateway.slot():  # released again
+            pass
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("content_type", [b"image/jpeg", b"multipart/form-data; boundary=xyz"])
+def test_client_disconnect_mid_body_is_not_a_500(content_type: bytes) -> None:
+    """A client that leaves mid-upload is counted as 499, not as a server error, and no
+    traceback is logged for it."""
+    app = create_app(Settings(triton_grpc_url=UNREACHABLE))
+    head = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    body = (head if content_type.startswith(b"multipart") else b"") + b"\xff\xd8\xff"
+    messages = [{"type": "http.request", "body": body, "more_body": True}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/classify", "raw_path": b"/v1/classify", "root_path": "",
+        "query_string": b"", "headers": [(b"content-type", content_type)],
+        "server": ("test", 80), "client": ("test", 1), "app": app,
+    }  # fmt: skip
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    logging.getLogger("service").addHandler(handler)
+    labels = {"model": "inception_v4", "code": "client_disconnected"}
+    before = REGISTRY.get_sample_value("inception_gateway_errors_total", labels)
+    try:
+        asyncio.run(app(scope, receive, send))
+    finally:
+        logging.getLogger("service").removeHandler(handler)
+    assert sent == [] and errors == []
+    after = REGISTRY.get_sample_value("inception_gateway_errors_total", labels)
+    assert (after or 0) - (before or 0) == 1
