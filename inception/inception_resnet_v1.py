@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 from torch import nn
 
 from .layers import (
-    ClassifierHead,
     ConvBnReLU,
+    InceptionResNet,
     ResidualInception,
     conv_chain,
     reduction_a,
@@ -28,7 +27,6 @@ from .layers import (
 
 STAGE_CHANNELS = (256, 896, 1792)
 BLOCK_COUNTS = (5, 10, 5)
-DEFAULT_SCALES = (0.17, 0.10, 0.20)
 
 
 def stem(in_channels: int = 3) -> nn.Sequential:
@@ -69,15 +67,10 @@ def block_c(scale: float) -> ResidualInception:
     return ResidualInception(branches, 384, c, scale)
 
 
-class InceptionResNetV1(nn.Module):
-    def __init__(
-        self,
-        num_classes: int = 1000,
-        in_channels: int = 3,
-        drop_rate: float = 0.2,
-        scales: tuple[float, float, float] = DEFAULT_SCALES,
-    ) -> None:
-        super().__init__()
+class InceptionResNetV1(InceptionResNet):
+    num_features = STAGE_CHANNELS[2]
+
+    def build(self, in_channels: int, scales: tuple[float, float, float]) -> None:
         scale_a, scale_b, scale_c = scales
         n_a, n_b, n_c = BLOCK_COUNTS
         self.stem = stem(in_channels)
@@ -87,9 +80,3 @@ class InceptionResNetV1(nn.Module):
         # Figure 12: 896 + 384 + 256 + 256 = 1792.
         self.reduction_b = residual_reduction_b(STAGE_CHANNELS[1], out_a=384, out_b=256, mid_c=256, out_c=256)
         self.blocks_c = nn.Sequential(*[block_c(scale_c) for _ in range(n_c)])
-        self.head = ClassifierHead(STAGE_CHANNELS[2], num_classes, drop_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks_a(self.stem(x))
-        x = self.blocks_b(self.reduction_a(x))
-        return self.head(self.blocks_c(self.reduction_b(x)))

@@ -33,8 +33,8 @@ from torch import nn
 
 from .layers import (
     Branches,
-    ClassifierHead,
     ConvBnReLU,
+    InceptionResNet,
     ResidualInception,
     conv_chain,
     pool_branch,
@@ -44,7 +44,6 @@ from .layers import (
 )
 
 NUM_FEATURES = 1536
-DEFAULT_SCALES = (0.17, 0.10, 0.20)
 
 
 def stem(in_channels: int = 3) -> nn.Sequential:
@@ -90,15 +89,10 @@ def block_c(scale: float, activate: bool = True) -> ResidualInception:
     return ResidualInception(branches, 448, 2080, scale, activate)
 
 
-class InceptionResNetV2(nn.Module):
-    def __init__(
-        self,
-        num_classes: int = 1000,
-        in_channels: int = 3,
-        drop_rate: float = 0.2,
-        scales: tuple[float, float, float] = DEFAULT_SCALES,
-    ) -> None:
-        super().__init__()
+class InceptionResNetV2(InceptionResNet):
+    num_features = NUM_FEATURES
+
+    def build(self, in_channels: int, scales: tuple[float, float, float]) -> None:
         scale_a, scale_b, scale_c = scales
         self.stem = stem(in_channels)
         self.blocks_a = nn.Sequential(*[block_a(scale_a) for _ in range(10)])
@@ -108,10 +102,6 @@ class InceptionResNetV2(nn.Module):
         # The checkpoint's last block has scale 1.0 and no ReLU.
         self.blocks_c = nn.Sequential(*[block_c(scale_c) for _ in range(9)], block_c(1.0, activate=False))
         self.conv_7b = ConvBnReLU(2080, NUM_FEATURES, 1)
-        self.head = ClassifierHead(NUM_FEATURES, num_classes, drop_rate)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks_a(self.stem(x))
-        x = self.blocks_b(self.reduction_a(x))
-        x = self.blocks_c(self.reduction_b(x))
-        return self.head(self.conv_7b(x))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_7b(super().features(x))

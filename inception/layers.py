@@ -162,3 +162,44 @@ def residual_stem_column(in_channels: int = 3) -> dict[str, nn.Module]:
         "conv_3b": ConvBnReLU(64, 80, 1),
         "conv_4a": ConvBnReLU(80, 192, 3),
     }
+
+
+# The residual scales of the Inception-ResNet-v2 checkpoint (section 3.3: 0.1 to 0.3).
+DEFAULT_RESIDUAL_SCALES = (0.17, 0.10, 0.20)
+
+
+class InceptionResNet(nn.Module):
+    """The layout both residual networks share (Figure 15): stem, blocks A, Reduction-A,
+    blocks B, Reduction-B, blocks C, classifier. A subclass builds the parts in `build`,
+    under these attribute names, which the checkpoint-name rules of `registry.py` map to;
+    `num_features` is the width the classifier sees."""
+
+    num_features: int
+    stem: nn.Module
+    blocks_a: nn.Module
+    reduction_a: nn.Module
+    blocks_b: nn.Module
+    reduction_b: nn.Module
+    blocks_c: nn.Module
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        drop_rate: float = 0.2,
+        scales: tuple[float, float, float] = DEFAULT_RESIDUAL_SCALES,
+    ) -> None:
+        super().__init__()
+        self.build(in_channels, scales)
+        self.head = ClassifierHead(self.num_features, num_classes, drop_rate)
+
+    def build(self, in_channels: int, scales: tuple[float, float, float]) -> None:
+        raise NotImplementedError
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks_a(self.stem(x))
+        x = self.blocks_b(self.reduction_a(x))
+        return self.blocks_c(self.reduction_b(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -57,7 +57,7 @@ MAX_BATCH_SIZE = 64
 PREFERRED_BATCH_SIZES = (8, 16, 32, 64)
 MAX_QUEUE_DELAY_US = 2000
 # Past this many queued requests Triton rejects new ones, which the gateway answers with
-# 503 and Retry-After instead of letting latency grow without bound.
+# 429 and Retry-After (overloaded) instead of letting latency grow without bound.
 MAX_QUEUE_SIZE = 256
 GPU_WARMUP_BATCH_SIZES = tuple(range(1, MAX_BATCH_SIZE + 1))
 CPU_WARMUP_BATCH_SIZES = (1,)

@@ -7,20 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from inception.contract import (
-    IMAGE_SIZE,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    PARAM_CROP_PCT,
-    PARAM_INPUT_SIZE,
-    PARAM_INTERPOLATION,
-    PARAM_MEMBER_WEIGHTS,
-    PARAM_MEMBERS,
-    PARAM_WEIGHTS,
-    PARAM_WEIGHTS_SHA256,
-    RANDOM_INIT,
-    UNKNOWN_WEIGHTS,
-)
+from inception import contract
 
 from .imaging import Preprocessing
 
@@ -47,7 +34,7 @@ class ModelInfo:
 
     @property
     def random_init(self) -> bool:
-        return self.provenance == RANDOM_INIT
+        return self.provenance == contract.RANDOM_INIT
 
 
 def _dims(tensor: Mapping[str, Any]) -> list[int]:
@@ -61,35 +48,43 @@ def parse_model_config(config: Mapping[str, Any]) -> ModelInfo:
     name = str(config.get("name", ""))
     params = {k: str(v.get("string_value", "")) for k, v in (config.get("parameters") or {}).items()}
     inputs, outputs = list(config.get("input", [])), list(config.get("output", []))
-    if len(inputs) != 1 or inputs[0].get("name") != INPUT_NAME or inputs[0].get("data_type") != "TYPE_UINT8":
-        raise ConfigError(f"{name}: expected one TYPE_UINT8 input named {INPUT_NAME}")
-    if not any(o.get("name") == OUTPUT_NAME and o.get("data_type") == "TYPE_FP32" for o in outputs):
-        raise ConfigError(f"{name}: expected a TYPE_FP32 output named {OUTPUT_NAME}")
+    if (
+        len(inputs) != 1
+        or inputs[0].get("name") != contract.INPUT_NAME
+        or inputs[0].get("data_type") != "TYPE_UINT8"
+    ):
+        raise ConfigError(f"{name}: expected one TYPE_UINT8 input named {contract.INPUT_NAME}")
+    if not any(o.get("name") == contract.OUTPUT_NAME and o.get("data_type") == "TYPE_FP32" for o in outputs):
+        raise ConfigError(f"{name}: expected a TYPE_FP32 output named {contract.OUTPUT_NAME}")
     try:
-        size = int(params.get(PARAM_INPUT_SIZE, str(IMAGE_SIZE)))
+        size = int(params.get(contract.PARAM_INPUT_SIZE, str(contract.IMAGE_SIZE)))
         pre = Preprocessing(
-            crop_pct=float(params.get(PARAM_CROP_PCT, "0.875")),
-            interpolation=params.get(PARAM_INTERPOLATION, "bicubic"),
+            crop_pct=float(params.get(contract.PARAM_CROP_PCT, "0.875")),
+            interpolation=params.get(contract.PARAM_INTERPOLATION, "bicubic"),
             input_size=size,
         )
     except ValueError as exc:
         raise ConfigError(f"{name}: bad preprocessing parameters: {exc}") from exc
     if _dims(inputs[0]) != [size, size, 3]:
         raise ConfigError(f"{name}: input dims {_dims(inputs[0])} are not [{size}, {size}, 3]")
-    members = tuple(m.strip() for m in params.get(PARAM_MEMBERS, "").split(",") if m.strip())
+    members = tuple(m.strip() for m in params.get(contract.PARAM_MEMBERS, "").split(",") if m.strip())
     try:
-        coefficients = tuple(float(w) for w in params.get(PARAM_MEMBER_WEIGHTS, "").split(",") if w.strip())
+        coefficients = tuple(
+            float(w) for w in params.get(contract.PARAM_MEMBER_WEIGHTS, "").split(",") if w.strip()
+        )
     except ValueError as exc:
-        raise ConfigError(f"{name}: bad {PARAM_MEMBER_WEIGHTS}") from exc
+        raise ConfigError(f"{name}: bad {contract.PARAM_MEMBER_WEIGHTS}") from exc
     if members and coefficients and len(coefficients) != len(members):
-        raise ConfigError(f"{name}: {len(members)} members but {len(coefficients)} {PARAM_MEMBER_WEIGHTS}")
+        raise ConfigError(
+            f"{name}: {len(members)} members but {len(coefficients)} {contract.PARAM_MEMBER_WEIGHTS}"
+        )
     if members and not coefficients:
         coefficients = tuple(1.0 / len(members) for _ in members)
     return ModelInfo(
         name=name,
         preprocessing=pre,
-        provenance=params.get(PARAM_WEIGHTS, UNKNOWN_WEIGHTS) or UNKNOWN_WEIGHTS,
-        checkpoint_sha256=params.get(PARAM_WEIGHTS_SHA256, ""),
+        provenance=params.get(contract.PARAM_WEIGHTS, contract.UNKNOWN_WEIGHTS) or contract.UNKNOWN_WEIGHTS,
+        checkpoint_sha256=params.get(contract.PARAM_WEIGHTS_SHA256, ""),
         max_batch_size=int(config.get("max_batch_size", 0) or 0),
         members=members,
         member_weights=coefficients,
