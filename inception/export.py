@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_repository(args.repository, networks, ensemble)
         log(f"wrote the repository at {args.repository}")
         for entry in networks:
-            if entry.export is not None and entry.export.weights == RANDOM_INIT:
+            if entry.export is not None and entry.export.provenance == RANDOM_INIT:
                 log(f"WARNING: {entry.name} serves random weights (no checkpoint given)")
     except (CheckpointError, KeyError, ValueError) as exc:
         print(f"[export] error: {exc}", file=sys.stderr)

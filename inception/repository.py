@@ -70,7 +70,7 @@ BACKEND_PARAMETERS = {"INFERENCE_MODE": "true", "DISABLE_OPTIMIZED_EXECUTION": "
 class Export:
     """What one export produced for a model: facts the committed config cannot know."""
 
-    weights: str  # "pretrained:<source>" or "random-init"
+    provenance: str  # "pretrained:<source>" or "random-init"
     weights_sha256: str = ""
     precision: str = "fp32"
 
@@ -99,10 +99,10 @@ class EnsembleEntry:
         exports = [m.export for m in self.members]
         if any(e is None for e in exports):
             return None
-        if any(e.weights == RANDOM_INIT for e in exports if e is not None):
+        if any(e.provenance == RANDOM_INIT for e in exports if e is not None):
             return Export(RANDOM_INIT, "", _joined(e.precision for e in exports if e is not None))
         source = ",".join(
-            f"{m.name}={m.export.weights.removeprefix('pretrained:')}" for m in self.members if m.export
+            f"{m.name}={m.export.provenance.removeprefix('pretrained:')}" for m in self.members if m.export
         )
         return Export("pretrained:" + source, "", _joined(e.precision for e in exports if e is not None))
 
@@ -120,7 +120,7 @@ def _export_parameters(export: Export | None) -> dict[str, str]:
     if export is None:
         return {}
     return {
-        PARAM_WEIGHTS: export.weights,
+        PARAM_WEIGHTS: export.provenance,
         PARAM_WEIGHTS_SHA256: export.weights_sha256,
         PARAM_PRECISION: export.precision,
     }

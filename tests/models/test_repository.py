@@ -150,7 +150,7 @@ def test_mixed_ensemble_provenance_is_random() -> None:
     both = (members[0], NetworkEntry(**{**networks[1].__dict__, "export": pretrained}))
     export = EnsembleEntry(both, (0.5, 0.5)).export
     assert export is not None
-    assert export.weights == ("pretrained:inception_v4=a.safetensors,inception_resnet_v1=a.safetensors")
+    assert export.provenance == "pretrained:inception_v4=a.safetensors,inception_resnet_v1=a.safetensors"
 
 
 def test_labels(repository: Path) -> None:
