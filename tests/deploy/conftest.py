@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from promql_tools import DEPLOY, ROOT
+from promql_tools import DEPLOY
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -35,11 +35,6 @@ def require_tool(name: str, how: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed ({how}); `make test` installs it")
     return path
-
-
-@pytest.fixture(scope="session")
-def root() -> Path:
-    return ROOT
 
 
 @pytest.fixture(scope="session")

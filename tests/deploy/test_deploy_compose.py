@@ -177,7 +177,7 @@ def stages(path: Path) -> list[str]:
     return [p for p in parts if p.startswith("FROM ")]
 
 
-def test_gateway_image_is_multistage_slim_nonroot_without_torch(root):
+def test_gateway_image_is_multistage_slim_nonroot_without_torch(repo_root):
     path = DEPLOY / "gateway.Dockerfile"
     text = path.read_text()
     assert len(stages(path)) >= 2, "not multi-stage"
@@ -190,7 +190,7 @@ def test_gateway_image_is_multistage_slim_nonroot_without_torch(root):
         "the gateway image mentions torch"
     )
     assert '".[gateway]"' in text
-    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert not [d for d in extras["gateway"] if re.match(r"torch\b", d)], "the gateway extra pulls torch"
 
 
@@ -199,7 +199,7 @@ def test_gateway_image_is_multistage_slim_nonroot_without_torch(root):
 TRITON_PYTORCH = {"24.10": "2.5"}
 
 
-def test_models_image_traces_with_the_torch_of_the_triton_image(root):
+def test_models_image_traces_with_the_torch_of_the_triton_image(repo_root):
     """TorchScript written by a newer PyTorch than the libtorch inside the Triton image may
     not load there: the exporter pins the PyTorch that the pinned Triton release ships."""
     from packaging.requirements import Requirement
@@ -207,18 +207,18 @@ def test_models_image_traces_with_the_torch_of_the_triton_image(root):
     text = (DEPLOY / "models.Dockerfile").read_text()
     pinned = re.search(r"^ARG TORCH_VERSION=(\S+)", text, re.M).group(1)
     triton_tag = re.search(
-        r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", (root / "docker-compose.yml").read_text()
+        r"nvcr\.io/nvidia/tritonserver:(\d\d\.\d\d)-py3", (repo_root / "docker-compose.yml").read_text()
     )
     assert triton_tag is not None
     assert TRITON_PYTORCH[triton_tag.group(1)] == ".".join(pinned.split(".")[:2])
-    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     torch_req = Requirement(next(d for d in extras["models"] if re.match(r"torch\b", d)))
     assert torch_req.specifier.contains(pinned), f"{torch_req} does not admit the image's torch {pinned}"
     assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
 
 
 @pytest.mark.parametrize("dockerfile", sorted(DEPLOY.glob("*.Dockerfile")), ids=lambda p: p.name)
-def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile, root):
+def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile, repo_root):
     """Each COPY source exists and its Dockerfile's .dockerignore lets it through."""
     ignore = Path(f"{dockerfile}.dockerignore")
     assert ignore.is_file(), f"{ignore.name} is missing: the whole repository (.venv too) would be sent"
@@ -226,9 +226,9 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile, root):
     for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile.read_text(), re.M):
         parts = [p for p in line.split() if not p.startswith("--")]
         for source in parts[:-1]:
-            if source in {"pyproject.toml", "README.md"} and not (root / source).exists():
+            if source in {"pyproject.toml", "README.md"} and not (repo_root / source).exists():
                 continue  # written by the lead alongside this work; checked in the image build
-            assert (root / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
+            assert (repo_root / source).exists(), f"{dockerfile.name}: COPY {source} does not exist"
             assert any(
                 source == pattern or pattern.startswith(f"{source.rstrip('/')}/") or pattern == f"{source}/**"
                 for pattern in allowed

@@ -99,9 +99,9 @@ def test_metric_names_are_exported_or_documented(expression):
     assert names <= KNOWN_METRICS, f"unknown metric names {sorted(names - KNOWN_METRICS)}"
 
 
-def test_gateway_metric_names_match_the_gateway_code(root):
+def test_gateway_metric_names_match_the_gateway_code(repo_root):
     """The names the tests expect are the names service/metrics.py declares."""
-    source = (root / "service" / "metrics.py").read_text()
+    source = (repo_root / "service" / "metrics.py").read_text()
     for name in (
         "inception_gateway_requests",
         "inception_gateway_request_duration_seconds",
