@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_url = triton.grpc_url
         gateway = start_group(
             gateway_command(port, args.workers),
-            env=gateway_environment(grpc_url, args.workers, None),
+            env=gateway_environment(grpc_url),
             cwd=ROOT,
         )
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120, alive=gateway)

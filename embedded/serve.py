@@ -60,7 +60,9 @@ def gateway_command(
     ]
 
 
-def gateway_environment(grpc_url: str, workers: int, multiproc_dir: Path | None) -> dict[str, str]:
+def gateway_environment(grpc_url: str, multiproc_dir: Path | None = None) -> dict[str, str]:
+    """This environment for the gateway, pointed at Triton; multiprocess metrics when the
+    gateway runs several workers (`multiproc_dir`), and never an inherited metrics folder."""
     env = dict(os.environ)
     env["GATEWAY_TRITON_GRPC_URL"] = grpc_url
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         # Its own group: stopped with its workers, not by our Ctrl-C.
         gateway = start_group(
             gateway_command(args.port, args.workers, args.host),
-            env=gateway_environment(triton.grpc_url, args.workers, multiproc_dir),
+            env=gateway_environment(triton.grpc_url, multiproc_dir),
             cwd=ROOT,
         )
         wait_http(f"http://127.0.0.1:{args.port}/readyz", timeout=120, alive=gateway)

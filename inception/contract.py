@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # The pytorch_libtorch backend maps tensors to the module's arguments by the
 # `<name>__<index>` naming convention, so these names are what make the positional
-# TorchScript signature work; every flavour and the ensemble use the same ones.
+# TorchScript signature work; both config variants and the ensemble use the same ones.
 INPUT_NAME = "image__0"
 OUTPUT_NAME = "probabilities__0"
 IMAGE_SIZE = 299

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import numpy as np
@@ -27,30 +27,39 @@ def chelsea() -> Image.Image:
     return Image.open(photo("chelsea.png")).convert("RGB")
 
 
-def test_every_input_form_gives_the_same_predictions(client: httpx.Client) -> None:
-    data = photo("grace_hopper.jpg").read_bytes()
-    b64 = base64.b64encode(data).decode()
-    answers = {
-        "raw": classify(client, data, top_k=10),
-        "octet-stream": classify(client, data, "application/octet-stream", top_k=10),
-        "multipart": client.post(
-            "/v1/classify", files={"image": ("g.jpg", data, "image/jpeg")}, params={"top_k": 10}
-        ),
-        "multipart-fields": client.post(
-            "/v1/classify", files={"image": ("g.jpg", data, "image/jpeg")}, data={"top_k": "10"}
-        ),
-        "json": client.post("/v1/classify", json={"image": b64, "top_k": 10}),
-        "json-data-url": client.post(
-            "/v1/classify", json={"image": f"data:image/jpeg;base64,{b64}", "top_k": 10}
-        ),
-    }
-    reference = probabilities(answers["raw"])
+GRACE = photo("grace_hopper.jpg").read_bytes()
+GRACE_B64 = base64.b64encode(GRACE).decode()
+INPUT_FORMS: dict[str, Callable[[httpx.Client], httpx.Response]] = {
+    "octet-stream": lambda c: classify(c, GRACE, "application/octet-stream", top_k=10),
+    "multipart": lambda c: c.post(
+        "/v1/classify", files={"image": ("g.jpg", GRACE, "image/jpeg")}, params={"top_k": 10}
+    ),
+    "multipart-fields": lambda c: c.post(
+        "/v1/classify", files={"image": ("g.jpg", GRACE, "image/jpeg")}, data={"top_k": "10"}
+    ),
+    "json": lambda c: c.post("/v1/classify", json={"image": GRACE_B64, "top_k": 10}),
+    "json-data-url": lambda c: c.post(
+        "/v1/classify", json={"image": f"data:image/jpeg;base64,{GRACE_B64}", "top_k": 10}
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def raw_body_answer(client: httpx.Client) -> dict[int, float]:
+    reference = probabilities(classify(client, GRACE, top_k=10))
     assert len(reference) == 10
-    for form, answer in answers.items():
-        scores = probabilities(answer)
-        assert list(scores) == list(reference), form
-        assert np.allclose(list(scores.values()), list(reference.values()), atol=1e-6), form
-        assert answer.json()["model"] == "inception_v4"
+    return reference
+
+
+@pytest.mark.parametrize("form", list(INPUT_FORMS))
+def test_every_input_form_gives_the_same_predictions(
+    client: httpx.Client, raw_body_answer: dict[int, float], form: str
+) -> None:
+    answer = INPUT_FORMS[form](client)
+    scores = probabilities(answer)
+    assert list(scores) == list(raw_body_answer)
+    assert np.allclose(list(scores.values()), list(raw_body_answer.values()), atol=1e-6)
+    assert answer.json()["model"] == "inception_v4"
 
 
 def test_answer_shape_and_labels(client: httpx.Client, gateway_triton: TritonEndpoint) -> None:
@@ -140,57 +149,58 @@ def _oversized_chunks(total: int, chunked: bool, size: int = 256 * 1024) -> Iter
         yield (f"{size:x}\r\n".encode() + payload + b"\r\n") if chunked else payload
 
 
-def test_errors_answer_json_and_the_gateway_keeps_serving(
-    client: httpx.Client, gateway: GatewayProcess
-) -> None:
-    jpeg = photo("rocket.jpg").read_bytes()
-    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
-    cases: list[tuple[str, httpx.Response, int, str]] = [
-        ("truncated jpeg", classify(client, jpeg[: len(jpeg) // 2]), 400, "invalid_image"),
-        ("random bytes", classify(client, np.random.default_rng(1).bytes(50_000)), 400, "invalid_image"),
-        ("empty body", classify(client, b""), 400, "empty_body"),
-        (
-            "decompression bomb",
-            classify(client, png_bomb(30_000, 30_000), "image/png"),
-            413,
-            "image_too_large",
-        ),
-        ("wrong media type", classify(client, jpeg, "text/plain"), 415, "unsupported_media_type"),
-        ("eps", classify(client, eps, "image/x-eps"), 415, "unsupported_image_format"),
-        ("unknown model", classify(client, jpeg, model="resnet50"), 404, "unknown_model"),
-        ("top_k 0", classify(client, jpeg, top_k=0), 422, "invalid_request"),
-        ("top_k 1001", classify(client, jpeg, top_k=1001), 422, "invalid_request"),
-        (
-            "json top_k",
-            client.post("/v1/classify", json={"image": "", "top_k": 5000}),
-            422,
-            "invalid_request",
-        ),
-    ]
-    for name, answer, status, code in cases:
-        assert answer.status_code == status, (name, answer.text)
-        error = answer.json()["error"]
-        assert error["code"] == code and error["message"], name
-        assert "Traceback" not in answer.text and "File " not in answer.text, name
-        _serves(client)
-    assert "inception_v4" in cases[6][1].json()["error"]["message"]
+ROCKET = photo("rocket.jpg").read_bytes()
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
+BAD_REQUESTS: dict[str, tuple[Callable[[httpx.Client], httpx.Response], int, str]] = {
+    "truncated jpeg": (lambda c: classify(c, ROCKET[: len(ROCKET) // 2]), 400, "invalid_image"),
+    "random bytes": (lambda c: classify(c, np.random.default_rng(1).bytes(50_000)), 400, "invalid_image"),
+    "empty body": (lambda c: classify(c, b""), 400, "empty_body"),
+    "decompression bomb": (
+        lambda c: classify(c, png_bomb(30_000, 30_000), "image/png"),
+        413,
+        "image_too_large",
+    ),
+    "wrong media type": (lambda c: classify(c, ROCKET, "text/plain"), 415, "unsupported_media_type"),
+    "eps": (lambda c: classify(c, EPS, "image/x-eps"), 415, "unsupported_image_format"),
+    "unknown model": (lambda c: classify(c, ROCKET, model="resnet50"), 404, "unknown_model"),
+    "top_k 0": (lambda c: classify(c, ROCKET, top_k=0), 422, "invalid_request"),
+    "top_k 1001": (lambda c: classify(c, ROCKET, top_k=1001), 422, "invalid_request"),
+    "json top_k": (
+        lambda c: c.post("/v1/classify", json={"image": "", "top_k": 5000}),
+        422,
+        "invalid_request",
+    ),
+}
 
-    # Oversized bodies, declared and chunked: refused with 413 while they stream.
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_errors_answer_json_and_the_gateway_keeps_serving(client: httpx.Client, case: str) -> None:
+    send, status, code = BAD_REQUESTS[case]
+    answer = send(client)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == code and error["message"]
+    assert "Traceback" not in answer.text and "File " not in answer.text
+    if code == "unknown_model":
+        assert "inception_v4" in error["message"]
+    _serves(client)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared-length", "chunked"])
+def test_oversized_bodies_are_refused_while_they_stream(
+    client: httpx.Client, gateway: GatewayProcess, chunked: bool
+) -> None:
     limit = 16 * 1024 * 1024
-    port = gateway.port
-    for chunked in (False, True):
-        framing = (
-            b"Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {4 * limit}\r\n".encode()
-        )
-        head = b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n" + framing + b"\r\n"
-        answer, sent = raw_http(port, head, _oversized_chunks(4 * limit, chunked))
-        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-        assert b'"payload_too_large"' in answer
-        assert sent < 2 * limit, sent  # refused long before the 64 MiB were sent
-        if not chunked:
-            assert sent < limit // 4  # a declared length is refused before reading
-        _serves(client)
-    assert classify(client, jpeg, model=FAST).status_code == 200
+    framing = b"Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {4 * limit}\r\n".encode()
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\n" + framing + b"\r\n"
+    answer, sent = raw_http(gateway.port, head, _oversized_chunks(4 * limit, chunked))
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"payload_too_large"' in answer
+    assert sent < 2 * limit, sent  # refused long before the 64 MiB were sent
+    if not chunked:
+        assert sent < limit // 4  # a declared length is refused before reading
+    _serves(client)
+    assert classify(client, ROCKET, model=FAST).status_code == 200
 
 
 def test_api_keys(gateway_triton: TritonEndpoint, tmp_path_factory: pytest.TempPathFactory) -> None:
