@@ -31,6 +31,9 @@ from embedded.tritonserver import TritonServer
 ROOT = Path(__file__).resolve().parent.parent
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 class Stop(Exception):
     """Raised by the signal handler to unwind into the clean-up path."""
 
@@ -111,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no model repository at {args.repository}: run `make repository` first", file=sys.stderr)
         return 2
 
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    # SIGHUP too: a closed terminal must not leave Triton and the gateway running.
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, _on_signal)
     triton = TritonServer(
         args.repository,
         free_port(),
@@ -154,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         # Ignore further signals while cleaning up, so a second Ctrl-C cannot leave orphans.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
         stop_group(gateway)
         triton.stop()
         if multiproc_dir is not None:

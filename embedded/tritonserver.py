@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log", type=Path, default=None)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
     server = TritonServer(
         args.repository,
@@ -204,19 +206,27 @@ def main(argv: list[str] | None = None) -> int:
         config_name=args.config_name,
         backend_directory=args.backend_directory,
     )
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.start().wait_ready()
-    print(f"tritonserver ready: http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}")
-    while not stop and server.process is not None and server.process.poll() is None:
-        time.sleep(0.5)
-    server.stop()
+    stopping = threading.Event()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, lambda signum, frame: stopping.set())
+    try:
+        server.start()
+        # Readiness is polled in short steps so that a signal ends the wait at once.
+        deadline = time.monotonic() + args.timeout
+        while not stopping.is_set() and not server.is_ready():
+            if time.monotonic() > deadline or server.process is None or server.process.poll() is not None:
+                server.wait_ready(timeout=0.1)  # raises with Triton's reason
+            stopping.wait(0.5)
+        if not stopping.is_set():
+            urls = f"http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}"
+            print(f"tritonserver ready: {urls}", flush=True)
+        while not stopping.is_set() and server.process is not None and server.process.poll() is None:
+            stopping.wait(0.5)
+    except TritonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()  # never leaves Triton behind, whatever ended the wait
     return 0
 
 

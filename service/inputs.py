@@ -99,8 +99,13 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _decode_base64(text: str, limit: int) -> bytes:
+    """Standard base64, optionally as a `data:` URL; line breaks and spaces (MIME wraps at
+    76 characters, `base64` at 76 too) are ignored, anything else outside the alphabet is
+    refused."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
+    if any(c in text for c in " \t\r\n"):
+        text = "".join(text.split())
     if len(text) > (limit + 2) // 3 * 4 + 4:
         raise _too_large(limit)
     try:

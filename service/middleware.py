@@ -28,7 +28,8 @@ CLASSIFY_PATH = "/v1/classify"
 #: Status and error code in the metrics and logs of a request whose client went away
 #: before its body was read (nginx's convention): neither a server error nor an answer.
 CLIENT_CLOSED_STATUS, CLIENT_CLOSED_CODE = 499, "client_disconnected"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Matched whole (`fullmatch`): `$` alone would let a trailing newline into the logs.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
 class RequestContextMiddleware:
@@ -43,7 +44,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         given = Headers(scope=scope).get("x-request-id", "")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
         state.update(request_id=request_id, stages={}, error_code=None, size=None)

@@ -57,6 +57,19 @@ def map_triton_error(exc: InferenceServerException, model: str, settings: Settin
     return BackendError("the inference server could not run the request")
 
 
+def checked_output(probabilities: np.ndarray | None, batch_size: int, model: str) -> np.ndarray:
+    """Triton's answer as probabilities, or a 502: a missing output, a wrong shape, or a
+    NaN or infinity (which JSON would carry as `null`) is the server's fault, not an answer."""
+    if probabilities is None or probabilities.shape != (batch_size, NUM_CLASSES):
+        shape = None if probabilities is None else probabilities.shape
+        log.error("unexpected triton output", extra={"model": model, "shape": str(shape)})
+        raise BackendError("the inference server answered with an unexpected output")
+    if not np.isfinite(probabilities).all():
+        log.error("non-finite triton output", extra={"model": model})
+        raise BackendError("the inference server answered with scores that are not finite numbers")
+    return probabilities.astype(np.float32, copy=False)
+
+
 class TritonBackend:
     """One gRPC channel to Triton for the process, and the routable models' configs."""
 
@@ -181,11 +194,7 @@ class TritonBackend:
             probabilities = result.as_numpy(OUTPUT_NAME)
         except ValueError:  # e.g. an output of the wrong byte size
             probabilities = None
-        if probabilities is None or probabilities.shape != (batch.shape[0], NUM_CLASSES):
-            shape = None if probabilities is None else probabilities.shape
-            log.error("unexpected triton output", extra={"model": name, "shape": str(shape)})
-            raise BackendError("the inference server answered with an unexpected output")
-        return probabilities.astype(np.float32, copy=False)
+        return checked_output(probabilities, batch.shape[0], name)
 
     async def server_live(self) -> bool:
         try:

@@ -1,5 +1,5 @@
 """``python -m embedded.serve`` (what ``make serve`` runs): Triton and the gateway come up,
-answer, and on Ctrl-C or SIGTERM both stop, leaving no process behind."""
+answer, and on Ctrl-C, SIGTERM or SIGHUP (a closed terminal) both stop, leaving no process behind."""
 
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize(
+    "stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"]
+)
 def test_serve_starts_both_and_stops_both(
     one_model_repository: Path,
     tmp_path: Path,

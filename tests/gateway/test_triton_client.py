@@ -3,12 +3,14 @@ the mapping of Triton's errors to the API's, with no internals in the messages."
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from service.errors import BackendError
 from service.model_config import ConfigError, parse_model_config
 from service.settings import Settings
-from service.triton import map_triton_error
+from service.triton import checked_output, map_triton_error
 
 from .helpers import UNREACHABLE, model_config_json
 
@@ -70,3 +72,24 @@ def test_triton_errors_are_mapped_without_internals(status: str, message: str, h
     assert (error.status, error.code) == (http, code)
     assert "10.0.0.7" not in error.message and "torch" not in error.message
     assert ("Retry-After" in error.headers) == (http in (429, 503))
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        None,
+        np.zeros((1, 999), np.float32),
+        np.full((1, 1000), np.nan, np.float32),
+        np.full((1, 1000), np.inf),
+    ],
+    ids=["missing", "wrong-shape", "nan", "inf"],
+)
+def test_unusable_triton_output_is_a_502(output: np.ndarray | None) -> None:
+    with pytest.raises(BackendError) as error:
+        checked_output(output, 1, "inception_v4")
+    assert error.value.status == 502
+
+
+def test_usable_triton_output_is_float32() -> None:
+    got = checked_output(np.full((2, 1000), 1e-3, np.float64), 2, "inception_v4")
+    assert got.dtype == np.float32 and got.shape == (2, 1000)
