@@ -138,7 +138,13 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
             upload = form.get("image")
             if upload is None:
                 raise InvalidRequest("multipart body has no field named 'image'")
-            data = await upload.read() if isinstance(upload, UploadFile) else str(upload).encode()
+            if not isinstance(upload, UploadFile):
+                # A part without a filename is parsed as text: its bytes are already lost.
+                raise InvalidRequest(
+                    "the multipart field 'image' has no filename, so it arrived as text and its "
+                    "bytes were lost; send it as a file part (curl -F image=@photo.jpg)"
+                )
+            data = await upload.read()
             fields = {k: form.get(k) for k in OPTION_FIELDS if isinstance(form.get(k), str)}
         finally:
             await form.close()

@@ -49,7 +49,10 @@ def default_labels_path() -> Path | None:
 class Settings(BaseSettings):
     """The gateway's configuration; see each field's description."""
 
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", frozen=True)
+    # Errors never quote the input: a bad setting must not print the API keys beside it.
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     triton_grpc_url: str = Field("127.0.0.1:8001", description="host:port of Triton's gRPC endpoint")
     triton_timeout_s: float = Field(
@@ -109,10 +112,20 @@ class Settings(BaseSettings):
     json_logs: bool = Field(True, description="structured JSON logs on stderr")
     log_level: str = Field("INFO")
 
-    @field_validator("models", "api_keys", "cors_origins", mode="before")
+    @field_validator("models", "cors_origins", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        """Empty means no keys; set to nothing but blanks and commas is a mistake that
+        would silently turn authentication off, so it stops the start."""
+        keys = _split_csv(value)
+        if isinstance(value, str) and value != "" and not keys:
+            raise ValueError("GATEWAY_API_KEYS is set but names no key")
+        return keys
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

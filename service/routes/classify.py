@@ -21,6 +21,7 @@ from .. import metrics
 from ..deps import GatewayDep, require_api_key
 from ..errors import ApiError
 from ..gateway import Gateway
+from ..imaging import Preprocessing
 from ..inputs import read_request
 from ..model_config import ModelInfo
 from ..openapi import CLASSIFY_BODY, ERROR_RESPONSES
@@ -65,12 +66,7 @@ async def classify(
         stages["decode"] = prepared.timings["decode"]
         stages["preprocess"] = prepared.timings["preprocess"]
         triton_started = time.perf_counter()
-        outputs = await asyncio.gather(
-            *(
-                gateway.backend.infer(i.name, prepared.inputs[i.preprocessing][None], state.request_id)
-                for i in infos
-            )
-        )
+        outputs = await infer_all(gateway, infos, prepared.inputs, state.request_id)
         post_started = time.perf_counter()
         stages["triton"] = post_started - triton_started
     answer = await _answer(gateway, plan, infos, outputs, options.top_k, state.request_id)
@@ -78,6 +74,22 @@ async def classify(
     answer.timing_ms = {k: round(v * 1000, 3) for k, v in stages.items()}
     answer.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
     return answer
+
+
+async def infer_all(
+    gateway: Gateway, infos: list[ModelInfo], inputs: dict[Preprocessing, np.ndarray], request_id: str
+) -> list[np.ndarray]:
+    """Every member of a request at once; the first failure cancels the others (a half
+    answer is no answer, and Triton should not compute what nobody will read)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(gateway.backend.infer(i.name, inputs[i.preprocessing][None], request_id))
+                for i in infos
+            ]
+    except* ApiError as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 def combined_provenance(infos: list[ModelInfo]) -> str:

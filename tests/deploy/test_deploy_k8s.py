@@ -129,7 +129,8 @@ def test_gateway_deployment(objects):
     env = {e["name"]: e for e in container["env"]}
     assert env["GATEWAY_TRITON_GRPC_URL"]["value"] == "triton:8001"
     secret = env["GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]
-    assert secret["optional"] is True
+    # Keys are meant to be used: no Secret, no pod (rather than a pod without authentication).
+    assert secret["optional"] is False
     assert "cpu" in container["resources"]["requests"], "the CPU autoscaler needs a CPU request"
     # The Service in front of Triton's gRPC port is the one the gateway names.
     triton_service = by_kind(objects, "Service")["triton"]

@@ -102,6 +102,19 @@ def test_routing_errors_are_json(offline_client: TestClient, method: str, path: 
     assert getattr(offline_client, method)(path).json()["error"]["code"] == code
 
 
+def test_multipart_image_without_a_filename_is_refused_clearly(offline_client: TestClient) -> None:
+    """`curl -F 'image=<photo.jpg'` sends the image as a text field, which the parser
+    decodes as text: the answer says so instead of classifying corrupted bytes."""
+    jpeg = photo("grace_hopper.jpg").read_bytes()
+    body = b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n\r\n' + jpeg + b"\r\n--xyz--\r\n"
+    answer = offline_client.post(
+        "/v1/classify", content=body, headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+    )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "invalid_request"
+    assert "filename" in answer.json()["error"]["message"]
+
+
 def test_request_id_is_echoed(offline_client: TestClient) -> None:
     given = offline_client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert given.headers["X-Request-ID"] == "abc-123"

@@ -36,3 +36,33 @@ def test_labels_file_is_the_exporters(tmp_path: Path) -> None:
     short.write_text("a\nb\n")
     with pytest.raises(RuntimeError):
         create_app(Settings(triton_grpc_url=UNREACHABLE, labels_path=short))
+
+
+KEY = "k3y-0123456789abcdefghijklmnopqr"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("GATEWAY_DEFAULT_MODEL", "nope"), ("GATEWAY_MAX_BODY_BYTES", "lots"), ("GATEWAY_MODELS", " , ")],
+    ids=["model-check", "field-type", "empty-models"],
+)
+def test_a_bad_setting_never_prints_the_keys(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv("GATEWAY_API_KEYS", f"{KEY},other-key-value")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError) as error:
+        Settings()
+    assert KEY[:8] not in str(error.value) and "other-key" not in str(error.value)
+
+
+@pytest.mark.parametrize("value", [" ", ",", " , ,"], ids=["blank", "comma", "blanks-and-commas"])
+def test_keys_set_to_nothing_stop_the_start(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("GATEWAY_API_KEYS", value)
+    with pytest.raises(ValueError, match="names no key"):
+        Settings()
+
+
+def test_empty_keys_mean_no_authentication(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_API_KEYS", "")
+    assert Settings().api_keys == []
