@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schemas import ClassifyJson, ErrorResponse
+from .schemas import MAX_TOP_K, ClassifyJson, ErrorResponse
 
 CLASSIFY_BODY: dict[str, Any] = {
     "requestBody": {
@@ -18,7 +18,7 @@ CLASSIFY_BODY: dict[str, Any] = {
                     "properties": {
                         "image": {"type": "string", "format": "binary"},
                         "model": {"type": "string"},
-                        "top_k": {"type": "integer"},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
                     },
                 }
             },
@@ -42,4 +42,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503: "Triton or the model unavailable (Retry-After)",
         504: "Triton did not answer in time",
     }.items()
+}
+
+# /metrics answers Prometheus' text exposition format, not JSON.
+METRICS_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
 }

@@ -37,7 +37,9 @@ class ClassifyQuery(BaseModel):
 class ClassifyJson(ClassifyOptions):
     """The JSON form of a classify request."""
 
-    image: str = Field(..., description="the image file's bytes, base64 (a `data:` URL prefix is accepted)")
+    image: str = Field(
+        ..., min_length=1, description="the image file's bytes, base64 (a `data:` URL prefix is accepted)"
+    )
 
 
 class Prediction(BaseModel):

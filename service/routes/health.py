@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from .. import metrics
 from ..deps import GatewayDep
 from ..errors import error_body
+from ..openapi import METRICS_RESPONSE
 from ..schemas import ErrorResponse
 
 router = APIRouter()
@@ -43,7 +44,7 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=METRICS_RESPONSE)
 async def prometheus_metrics() -> Response:
     payload, content_type = metrics.render()
     return Response(payload, media_type=content_type)

@@ -155,6 +155,21 @@ def test_openapi_documents_the_three_input_forms(offline_client: TestClient) -> 
     assert offline_client.get("/docs").status_code == 200
 
 
+def test_openapi_says_what_the_code_does(offline_client: TestClient) -> None:
+    """The three mismatches schemathesis found: /metrics is text, the multipart top_k is
+    bounded like the others, and the JSON image may not be empty."""
+    spec = offline_client.get("/openapi.json").json()
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(metrics) == ["text/plain"]
+    assert offline_client.get("/metrics").headers["content-type"].startswith("text/plain")
+    body = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    top_k = body["multipart/form-data"]["schema"]["properties"]["top_k"]
+    assert (top_k["minimum"], top_k["maximum"]) == (1, 1000)
+    assert body["application/json"]["schema"]["properties"]["image"]["minLength"] == 1
+    empty = offline_client.post("/v1/classify", json={"image": ""})
+    assert empty.status_code == 422 and empty.json()["error"]["code"] == "invalid_request"
+
+
 @pytest.mark.parametrize("wrap", [76, 64], ids=["mime", "pem"])
 def test_line_wrapped_base64_is_accepted(offline_client: TestClient, wrap: int) -> None:
     """Wrapped base64 decodes; the request then fails only for want of a Triton (503)."""
