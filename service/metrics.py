@@ -184,9 +184,29 @@ class ProcessTreeCollector(Collector):
         ]
 
 
+def prune_dead_workers(directory: str) -> list[int]:
+    """Drops the live gauges of workers that died without a clean stop (SIGKILL, OOM): their
+    files stay behind, and `livesum` would count a killed worker's in-flight requests forever."""
+    dead = []
+    for path in Path(directory).glob("gauge_live*_*.db"):
+        try:
+            pid = int(path.stem.rsplit("_", 1)[1])
+            os.kill(pid, 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            dead.append(pid)
+        except PermissionError:
+            continue  # alive, another user's
+    for pid in sorted(set(dead)):
+        _multiprocess.mark_process_dead(pid, directory)
+    return sorted(set(dead))
+
+
 def render() -> tuple[bytes, str]:
     """The exposition of every worker's metrics (or this process's, without multiprocess)."""
     if multiprocess_enabled():
+        prune_dead_workers(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         registry = CollectorRegistry()
         _multiprocess.MultiProcessCollector(registry)
         ProcessTreeCollector(registry=registry)

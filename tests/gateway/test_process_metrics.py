@@ -174,3 +174,54 @@ def test_tree_sums_from_a_fake_proc(tmp_path: Path) -> None:
     assert metrics.ProcessTreeCollector(root_pid=12, proc=proc).totals()[2] == 2
     assert metrics.ProcessTreeCollector(root_pid=77, proc=proc).collect() == []
     assert metrics.ProcessTreeCollector(root_pid=10, proc=tmp_path / "none").collect() == []
+
+
+IN_FLIGHT_NAME = "inception_gateway_in_flight_requests"
+IN_FLIGHT_THEN_HANG = """
+import os, sys, time
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from service import metrics
+metrics.IN_FLIGHT.inc(3)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+SCRAPE = """
+import os, sys
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from service import metrics
+print(metrics.render()[0].decode())
+"""
+
+
+def in_flight(text: str) -> float:
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == IN_FLIGHT_NAME]
+    return sum(sample.value for sample in family.samples)
+
+
+def test_a_killed_workers_in_flight_requests_are_forgotten(tmp_path: Path) -> None:
+    """A worker killed mid-request (SIGKILL, OOM) never marks itself dead: the next scrape
+    must drop its live gauge rather than count its in-flight requests forever."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", IN_FLIGHT_THEN_HANG, str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+        before = subprocess.run(
+            [sys.executable, "-c", SCRAPE, str(tmp_path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert in_flight(before) == 3
+    finally:
+        worker.kill()
+        worker.wait()
+    after = subprocess.run(
+        [sys.executable, "-c", SCRAPE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert in_flight(after) == 0
