@@ -34,6 +34,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         400: "undecodable, truncated or empty image",
         401: "missing or wrong API key",
         404: "unknown model",
+        408: "the body did not arrive in time",
         413: "body or pixel count over the limit",
         415: "unsupported media type or image format",
         422: "bad options",

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     )
 
     max_concurrency: int = Field(256, ge=1, description="classify requests handled at once by one worker")
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="deadline for a request's whole body once it holds a slot; past it the answer is 408",
+    )
     queue_timeout_s: float = Field(
         2.0, ge=0, description="how long a request waits for a free slot before 429"
     )

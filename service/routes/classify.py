@@ -19,7 +19,7 @@ from inception.contract import PRETRAINED_PREFIX, RANDOM_INIT
 
 from .. import metrics
 from ..deps import GatewayDep, require_api_key
-from ..errors import ApiError
+from ..errors import ApiError, RequestTimeout
 from ..gateway import Gateway
 from ..imaging import Preprocessing
 from ..inputs import read_request
@@ -48,7 +48,15 @@ async def classify(
     started = time.perf_counter()
     async with gateway.slot():  # the wait for a slot counts in the total, not in a stage
         read_started = time.perf_counter()
-        data, options = await read_request(request, query.model_dump(), settings.max_body_bytes)
+        try:
+            # A client that sends headers and stalls its body must not hold a slot forever.
+            async with asyncio.timeout(settings.body_timeout_s):
+                data, options = await read_request(request, query.model_dump(), settings.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                headers={"Connection": "close"},
+            ) from None
         stages["read"] = time.perf_counter() - read_started
         state.size = len(data)
         state.model_label = (
