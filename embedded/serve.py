@@ -3,9 +3,10 @@
 Starts the tritonserver of the ``nvidia-pytriton`` wheel, with the PyTorch backend built by
 ``make backend``, on ``model_repository/`` (its ``cpu`` config variant), waits until
 it is ready, starts the gateway (uvicorn, ``WORKERS`` processes) on ``PORT`` (8080) pointed at
-it, waits until the gateway is ready, prints a curl example, and on Ctrl-C or SIGTERM stops
-both. Both children run in their own process groups and are ended by group, so no backend
-worker outlives this process. Imports no torch.
+it, waits until the gateway is ready, and prints a curl example. If tritonserver dies it is
+restarted, with backoff, while the gateway answers 503 with Retry-After. On Ctrl-C, SIGTERM
+or SIGHUP it stops both; they run in their own process groups and are ended by group, so
+no worker outlives this process. Imports no torch.
 
     python -m embedded.serve --repository model_repository
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from embedded.processes import free_port, start_group, stop_group, wait_http
-from embedded.tritonserver import TritonServer
+from embedded.tritonserver import TritonError, TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,31 @@ def curl_example(port: int) -> str:
     )
 
 
+MIN_BACKOFF_S, MAX_BACKOFF_S = 1.0, 30.0
+
+
+def restart_triton(triton: TritonServer, backoff: float, timeout: float) -> float:
+    """Supervision: a tritonserver that died is started again after `backoff` seconds,
+    doubled after each failed start. The gateway stays up meanwhile and answers 503 with
+    Retry-After. Returns the backoff for the next failure."""
+    code = None if triton.process is None else triton.process.returncode
+    print(
+        f"tritonserver exited (code {code}); restarting in {backoff:g} s (log: {triton.log_path})",
+        file=sys.stderr,
+        flush=True,
+    )
+    time.sleep(backoff)
+    triton.stop()  # whatever is left of its process group
+    try:
+        triton.start().wait_ready(timeout=timeout)
+    except TritonError as exc:
+        print(f"tritonserver restart failed: {exc}", file=sys.stderr, flush=True)
+        triton.stop()
+        return min(2 * backoff, MAX_BACKOFF_S)
+    print(f"tritonserver ready again: grpc {triton.grpc_url}", flush=True)
+    return MIN_BACKOFF_S
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embedded.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -142,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         wait_http(f"http://127.0.0.1:{args.port}/readyz", timeout=120, alive=gateway)
         print(curl_example(args.port), flush=True)
+        backoff = MIN_BACKOFF_S
         while True:
             if gateway.poll() is not None:
                 print(f"the gateway exited with code {gateway.returncode}", file=sys.stderr)
                 return 1
             if triton.process is None or triton.process.poll() is not None:
-                print("tritonserver exited; see its log", file=sys.stderr)
-                return 1
+                backoff = restart_triton(triton, backoff, args.triton_timeout)
             time.sleep(0.5)
     except Stop as stop:
         print(f"\n{stop}: stopping the gateway and tritonserver ...", flush=True)

@@ -110,3 +110,60 @@ def test_serve_starts_both_and_stops_both(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_restarts_a_dead_triton_and_answers_503_meanwhile(
+    one_model_repository: Path, tmp_path: Path
+) -> None:
+    """Triton killed under `make serve`: every request during the outage gets a fast 503
+    with Retry-After, and answers are 200 again within 5 s of the gateway being ready."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        "PORT": str(port),
+        "WORKERS": "1",
+        "GATEWAY_MODELS": MODEL,
+        "GATEWAY_DEFAULT_MODEL": MODEL,
+        "GATEWAY_TRITON_TIMEOUT_S": "5",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embedded.serve", "--repository", str(one_model_repository),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    data = photo("chelsea.png").read_bytes()
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not process.stdout.readline().startswith("Ctrl-C stops"):
+            pass
+        (triton_pid,) = [p for p in descendants(process.pid) if command_name(p) == "tritonserver"]
+        os.kill(triton_pid, signal.SIGKILL)
+        outage = []
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                answer = classify(client, data, "image/png")
+                took = time.monotonic() - started
+                if answer.status_code == 200:
+                    break
+                outage.append((answer.status_code, took, answer.headers.get("Retry-After")))
+                if client.get("/readyz").status_code == 200:
+                    ready_at = time.monotonic()
+                    answer = classify(client, data, "image/png")
+                    while answer.status_code != 200 and time.monotonic() - ready_at < 5:
+                        time.sleep(0.2)
+                        answer = classify(client, data, "image/png")
+                    assert answer.status_code == 200, answer.text
+                    break
+                time.sleep(0.2)
+            assert answer.status_code == 200, outage
+        assert outage, "the outage was not seen"
+        assert all(status == 503 and retry for status, _, retry in outage), outage
+        assert all(took < 6 for _, took, _ in outage), outage
+        assert [p for p in descendants(process.pid) if command_name(p) == "tritonserver"] != [triton_pid]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+    assert "restarting in" in rest and "ready again" in rest, rest
