@@ -95,6 +95,12 @@ class ModelUnavailable(ApiError):
     status, code = 503, "model_unavailable"
 
 
+class TemporarilyUnavailable(ApiError):
+    """The gateway itself cannot take the request now (a resource of its own ran out)."""
+
+    status, code = 503, "temporarily_unavailable"
+
+
 class BackendTimeout(ApiError):
     status, code = 504, "backend_timeout"
 

@@ -10,21 +10,34 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import EmptyBody, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .errors import EmptyBody, InvalidRequest, PayloadTooLarge, TemporarilyUnavailable, UnsupportedMediaType
 from .schemas import ClassifyJson, ClassifyOptions
+
+log = logging.getLogger("service.inputs")
 
 #: Room for the multipart boundaries and option fields beside the image.
 MULTIPART_OVERHEAD = 64 * 1024
 OPTION_FIELDS = ("model", "models", "weights", "top_k")
 
 Message = MutableMapping[str, Any]
+
+
+class InMemoryMultiPartParser(MultiPartParser):
+    """Parts stay in memory, which the body limit already bounds. Starlette spools parts
+    over 1 MiB to a temporary file: in Kubernetes that is a small in-memory emptyDir shared
+    with the metrics files, and a full one came back as a 422 quoting the errno."""
+
+    spool_max_size = sys.maxsize
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -128,10 +141,18 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
     if media == "multipart/form-data":
         _check_declared_length(request, limit + MULTIPART_OVERHEAD)
         bounded = Request(request.scope, bounded_receive(request.receive, limit + MULTIPART_OVERHEAD))
+        parser = InMemoryMultiPartParser(
+            bounded.headers, bounded.stream(), max_files=1, max_fields=len(OPTION_FIELDS)
+        )
         try:
-            form = await bounded.form(max_files=1, max_fields=len(OPTION_FIELDS))
+            form = await parser.parse()
         except (PayloadTooLarge, ClientDisconnect):
             raise
+        except OSError:
+            log.exception("cannot buffer a multipart body")
+            raise TemporarilyUnavailable(
+                "the gateway cannot buffer the upload now; retry later", headers={"Retry-After": "1"}
+            ) from None
         except Exception as exc:  # starlette's MultiPartException and friends
             raise InvalidRequest(f"bad multipart body: {exc}") from None
         try:

@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import REGISTRY
+from starlette.datastructures import Headers
 
 from service.app import create_app
 from service.errors import Overloaded
@@ -244,3 +245,45 @@ def test_client_disconnect_mid_body_is_not_a_500(content_type: bytes) -> None:
     assert sent == [] and errors == []
     after = REGISTRY.get_sample_value("inception_gateway_errors_total", labels)
     assert (after or 0) - (before or 0) == 1
+
+
+def test_multipart_parts_stay_in_memory() -> None:
+    """No part is spooled to a temporary file, whatever its size within the body limit."""
+    from service.inputs import InMemoryMultiPartParser
+
+    big = bytes(range(256)) * (12 * 1024)  # 3 MiB, three times starlette's spool threshold
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + big + b"\r\n--xyz--\r\n"
+    )
+
+    async def stream():  # type: ignore[no-untyped-def]
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    async def parse() -> tuple[bool, bytes]:
+        headers = Headers({"content-type": "multipart/form-data; boundary=xyz"})
+        form = await InMemoryMultiPartParser(headers, stream(), max_files=1, max_fields=4).parse()
+        upload = form["image"]
+        rolled = bool(upload.file._rolled)  # type: ignore[union-attr]
+        data = await upload.read()  # type: ignore[union-attr]
+        await form.close()
+        return rolled, data
+
+    rolled, data = asyncio.run(parse())
+    assert not rolled and data == big
+
+
+def test_a_failure_to_buffer_is_a_503_that_names_no_internals(
+    offline_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.inputs import InMemoryMultiPartParser
+
+    async def full_disk(self: object) -> None:
+        raise OSError(28, "No space left on device", "/tmp/tmpab12cd")
+
+    monkeypatch.setattr(InMemoryMultiPartParser, "parse", full_disk)
+    answer = offline_client.post("/v1/classify", files={"image": ("a.png", PNG, "image/png")})
+    assert answer.status_code == 503 and answer.headers["Retry-After"]
+    assert answer.json()["error"]["code"] == "temporarily_unavailable"
+    assert "/tmp" not in answer.text and "space" not in answer.text and "28" not in answer.text
