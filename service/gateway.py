@@ -41,6 +41,7 @@ class Gateway:
         self.backend = TritonBackend(settings)
         self.pool: ThreadPoolExecutor | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrency)
+        self.buffered = 0  # bytes reserved by the bodies being read and decoded
 
     async def start(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.settings.decode_threads, thread_name_prefix="decode")
@@ -80,6 +81,24 @@ class Gateway:
             yield
         finally:
             self.slots.release()
+
+    @asynccontextmanager
+    async def buffer(self, cost: int) -> AsyncIterator[None]:
+        """Reserves `cost` bytes of the worker's buffer budget for one request, or sheds it
+        at once with 429. One request alone is always admitted, whatever it costs, so that
+        the largest allowed body can be served; the event loop's single thread makes the
+        check and the reservation one step."""
+        budget = self.settings.buffer_budget_bytes
+        if self.buffered and self.buffered + cost > budget:
+            raise Overloaded(
+                "too many large requests in flight; retry later",
+                headers={"Retry-After": str(self.settings.retry_after_overloaded_s)},
+            )
+        self.buffered += cost
+        try:
+            yield
+        finally:
+            self.buffered -= cost
 
     async def prepare(self, data: bytes, pres: list[Preprocessing]) -> Prepared:
         """Decoding and resizing hold the GIL little but take milliseconds: a thread pool

@@ -7,6 +7,7 @@ Kubernetes deployment lives here, so that no code has to be edited to move betwe
 from __future__ import annotations
 
 import importlib.util
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,31 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+def worker_memory_bytes() -> int:
+    """The memory one worker may use: the container's limit (cgroup v2 or v1) or the
+    machine's, shared by the uvicorn workers (`WEB_CONCURRENCY`)."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+            break
+    try:
+        workers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
+    except ValueError:
+        workers = 1
+    return limit // workers
+
+
+def default_buffer_budget() -> int:
+    """A quarter of a worker's memory for request bodies in flight; the rest is for
+    decoding, the interpreter and the libraries."""
+    return worker_memory_bytes() // 4
 
 
 def default_labels_path() -> Path | None:
@@ -82,6 +108,12 @@ class Settings(BaseSettings):
         16 * 1024 * 1024,
         gt=0,
         description="largest image (raw bytes) accepted; bodies are refused while streaming",
+    )
+    buffer_budget_bytes: int = Field(
+        default_factory=default_buffer_budget,
+        gt=0,
+        description="request bodies one worker buffers at once (as they will cost once read); "
+        "past it a request is shed with 429 (default: a quarter of a worker's memory)",
     )
     max_pixels: int = Field(
         50_000_000,

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
+from starlette.datastructures import Headers
 
 from inception.contract import PRETRAINED_PREFIX, RANDOM_INIT
 
@@ -46,7 +47,10 @@ async def classify(
     stages: dict[str, float] = state.stages
     state.model_label = metric_label(settings, query.model) if not query.models else metrics.CUSTOM_ENSEMBLE
     started = time.perf_counter()
-    async with gateway.slot():  # the wait for a slot counts in the total, not in a stage
+    cost = buffer_cost(request.headers, settings.max_body_bytes)
+    # The wait for a slot counts in the total, not in a stage; the buffer budget is taken
+    # only with a slot, and never waited for.
+    async with gateway.slot(), gateway.buffer(cost):
         read_started = time.perf_counter()
         try:
             # A client that sends headers and stalls its body must not hold a slot forever.
@@ -98,6 +102,23 @@ async def infer_all(
     except* ApiError as failed:
         raise failed.exceptions[0] from None
     return [task.result() for task in tasks]
+
+
+#: What a body costs in memory once read, per byte on the wire: JSON holds the text, the
+#: decoded bytes and the parser's copies (16 MiB of base64 JSON peaked at 80 MiB), the raw
+#: and multipart forms their chunks and the joined bytes.
+JSON_EXPANSION, BINARY_EXPANSION = 5, 2
+
+
+def buffer_cost(headers: Headers, max_body_bytes: int) -> int:
+    """The bytes a request will hold, from its declared length (the limit when chunked)."""
+    try:
+        declared = int(headers.get("content-length", ""))
+    except ValueError:
+        declared = max_body_bytes
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    is_json = media == "application/json" or media.endswith("+json")
+    return max(0, min(declared, 2 * max_body_bytes)) * (JSON_EXPANSION if is_json else BINARY_EXPANSION)
 
 
 def combined_provenance(infos: list[ModelInfo]) -> str:

@@ -287,3 +287,36 @@ def test_a_failure_to_buffer_is_a_503_that_names_no_internals(
     assert answer.status_code == 503 and answer.headers["Retry-After"]
     assert answer.json()["error"]["code"] == "temporarily_unavailable"
     assert "/tmp" not in answer.text and "space" not in answer.text and "28" not in answer.text
+
+
+def test_buffer_budget_admits_one_request_whatever_it_costs() -> None:
+    gateway = create_app(Settings(triton_grpc_url=UNREACHABLE, buffer_budget_bytes=100)).state.gateway
+
+    async def scenario() -> None:
+        async with gateway.buffer(500):  # alone: admitted though over the budget
+            assert gateway.buffered == 500
+        async with gateway.buffer(80):
+            with pytest.raises(Overloaded) as shed:
+                async with gateway.buffer(30):
+                    pass
+            assert shed.value.status == 429 and shed.value.headers["Retry-After"]
+            async with gateway.buffer(20):
+                assert gateway.buffered == 100
+        assert gateway.buffered == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("headers", "cost"),
+    [
+        ({"content-length": "1000", "content-type": "image/jpeg"}, 2000),
+        ({"content-length": "1000", "content-type": "application/json"}, 5000),
+        ({"content-type": "image/jpeg"}, 2 * 16 * 1024 * 1024),  # chunked: the limit
+    ],
+    ids=["raw", "json", "chunked"],
+)
+def test_buffer_cost(headers: dict[str, str], cost: int) -> None:
+    from service.routes.classify import buffer_cost
+
+    assert buffer_cost(Headers(headers), 16 * 1024 * 1024) == cost

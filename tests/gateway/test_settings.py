@@ -66,3 +66,13 @@ def test_keys_set_to_nothing_stop_the_start(monkeypatch: pytest.MonkeyPatch, val
 def test_empty_keys_mean_no_authentication(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_API_KEYS", "")
     assert Settings().api_keys == []
+
+
+def test_buffer_budget_defaults_to_a_quarter_of_a_workers_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.settings import worker_memory_bytes
+
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    one = worker_memory_bytes()
+    assert Settings().buffer_budget_bytes == one // 4 > 0
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    assert worker_memory_bytes() == one // 4
