@@ -178,6 +178,30 @@ def _to_rgb(image: Image.Image, reduce_to: int | None = None) -> tuple[Image.Ima
     return (converted.convert("RGB") if grey else converted), factor * more
 
 
+#: libtiff inflates a whole tile whatever the image's size: one 16384² tile on a 64×64
+#: image took 800 MB. Tiles may not outgrow the image (rounded up to the 16 pixels the
+#: format asks tiles to be multiples of), nor this many bytes.
+MAX_TILE_BYTES = 64 * 1024 * 1024
+_TILE_WIDTH, _TILE_LENGTH = 322, 323
+
+
+def _check_tiles(image: Image.Image) -> None:
+    tags = getattr(image, "tag_v2", {})
+    tile_w, tile_h = tags.get(_TILE_WIDTH), tags.get(_TILE_LENGTH)
+    if not tile_w or not tile_h:
+        return
+    width, height = image.size
+    bands = max(1, len(image.getbands()))
+    if (
+        tile_w > -(-width // 16) * 16
+        or tile_h > -(-height // 16) * 16
+        or tile_w * tile_h * bands * 4 > MAX_TILE_BYTES
+    ):
+        raise InvalidImage(
+            f"the TIFF's {tile_w}x{tile_h} tiles are larger than its {width}x{height} image allows"
+        )
+
+
 _ORIENTATION_TAG = 0x0112
 _TRANSPOSITIONS = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -258,6 +282,8 @@ def decode(
             raise InvalidImage("the image has no pixels")
         if width * height > max_pixels:
             raise ImageTooLarge(f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+        if fmt == "TIFF":
+            _check_tiles(image)
         scale = 1
         if draft_short_side and fmt in JPEG_FORMATS:
             image.draft(None, (draft_short_side, draft_short_side))

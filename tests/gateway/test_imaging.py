@@ -279,3 +279,48 @@ def test_reduction_in_strips_equals_one_reduction(mode: str) -> None:
     reduced, factor = _reduce(image, 100)
     assert factor == 3
     assert np.array_equal(np.asarray(reduced), np.asarray(image.reduce(3)))
+
+
+def tiled_tiff(width: int, height: int, tile: int, rgb: tuple[int, int, int] = (10, 20, 30)) -> bytes:
+    """A deflate-compressed, tiled RGB TIFF written by hand (Pillow writes no tiles)."""
+    import struct
+    import zlib
+
+    n = (-(-width // tile)) * (-(-height // tile))
+    blob = zlib.compress(bytes(rgb) * (tile * tile), 9)
+    ifd_at, count = 8, 11
+    bps_at = ifd_at + 2 + count * 12 + 4
+    offsets_at = bps_at + 6
+    counts_at = offsets_at + 4 * n
+    offsets = [counts_at + 4 * n + i * len(blob) for i in range(n)]
+
+    def entry(tag: int, kind: int, cnt: int, value: bytes) -> bytes:
+        return struct.pack("<HHI", tag, kind, cnt) + value
+
+    def short(v: int) -> bytes:
+        return struct.pack("<HH", v, 0)
+
+    def long(v: int) -> bytes:
+        return struct.pack("<I", v)
+
+    entries = [
+        entry(256, 4, 1, long(width)), entry(257, 4, 1, long(height)), entry(258, 3, 3, long(bps_at)),
+        entry(259, 3, 1, short(8)), entry(262, 3, 1, short(2)), entry(277, 3, 1, short(3)),
+        entry(284, 3, 1, short(1)), entry(322, 4, 1, long(tile)), entry(323, 4, 1, long(tile)),
+        entry(324, 4, n, long(offsets_at) if n > 1 else long(offsets[0])),
+        entry(325, 4, n, long(counts_at) if n > 1 else long(len(blob))),
+    ]  # fmt: skip
+    head = b"II*\x00" + long(ifd_at) + struct.pack("<H", count) + b"".join(entries) + long(0)
+    arrays = struct.pack("<HHH", 8, 8, 8) + struct.pack(f"<{n}I", *offsets)
+    return head + arrays + struct.pack(f"<{n}I", *([len(blob)] * n)) + blob * n
+
+
+def test_tiled_tiff_decodes() -> None:
+    decoded, *_ = decode(tiled_tiff(512, 512, 256), max_pixels=LIMIT)
+    assert decoded.size == (512, 512) and decoded.getpixel((300, 300)) == (10, 20, 30)
+
+
+def test_tiff_tile_larger_than_its_image_is_refused() -> None:
+    """libtiff inflates whole tiles: one 16384² tile on a 64×64 image took 800 MB."""
+    with pytest.raises(InvalidImage, match="tiles are larger"):
+        decode(tiled_tiff(64, 64, 4096), max_pixels=LIMIT)
