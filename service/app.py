@@ -43,6 +43,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Image classification with Inception-v4, Inception-ResNet-v1/v2 and their ensemble, "
         "served by Triton.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.gateway = gateway
     install_error_handlers(app)

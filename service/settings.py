@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="origins allowed to call the API from a browser"
     )
+    metrics_require_key: bool = Field(False, description="/metrics needs an API key too (when keys are set)")
+    docs: bool = Field(True, description="serve /docs and /openapi.json (the API's shape, no data)")
     json_logs: bool = Field(True, description="structured JSON logs on stderr")
     log_level: str = Field("INFO")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 
 from .. import metrics
-from ..deps import GatewayDep
+from ..deps import GatewayDep, require_metrics_key
 from ..errors import error_body
 from ..openapi import METRICS_RESPONSE
 from ..schemas import ErrorResponse
@@ -44,7 +44,13 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=METRICS_RESPONSE)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses=METRICS_RESPONSE,
+    dependencies=[Depends(require_metrics_key)],
+)
 async def prometheus_metrics() -> Response:
     payload, content_type = metrics.render()
     return Response(payload, media_type=content_type)
