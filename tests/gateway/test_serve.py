@@ -167,3 +167,31 @@ def test_serve_restarts_a_dead_triton_and_answers_503_meanwhile(
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
     assert "restarting in" in rest and "ready again" in rest, rest
+
+
+def test_serve_killed_outright_takes_its_children_along(one_model_repository: Path, tmp_path: Path) -> None:
+    """SIGKILL leaves the launcher no clean-up: the children die with it all the same."""
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        "PORT": str(port),
+        "GATEWAY_MODELS": MODEL,
+        "GATEWAY_DEFAULT_MODEL": MODEL,
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "embedded.serve", "--repository", str(one_model_repository),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not process.stdout.readline().startswith("Ctrl-C stops"):
+        pass
+    children = descendants(process.pid)
+    assert len(children) >= 2
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)]
