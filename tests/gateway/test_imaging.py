@@ -250,33 +250,33 @@ def test_truncated_real_jpeg_is_400() -> None:
 def test_malformed_exif_keeps_the_stored_orientation() -> None:
     """Pillow raises on some corrupt EXIF blocks; the image is still decodable, so the
     stored orientation is used rather than refusing it."""
-    from service.imaging import _orientation
+    from service.pixels import orientation
 
     class CorruptExif:
         def getexif(self) -> None:
             raise SyntaxError("not a TIFF file")
 
-    assert _orientation(CorruptExif()) is None  # type: ignore[arg-type]
+    assert orientation(CorruptExif()) is None  # type: ignore[arg-type]
 
 
 def test_strip_conversion_equals_whole_image_conversion() -> None:
     """Converting in strips (for memory) gives what Pillow's whole-image conversion gives."""
-    from service.imaging import STRIP_ROWS, _to_rgb
+    from service.pixels import STRIP_ROWS, to_rgb
 
     base = chelsea().resize((300, 2 * STRIP_ROWS + 37))
     for mode in ("P", "CMYK", "L", "YCbCr"):
         image = base.convert(mode)
-        converted, factor = _to_rgb(image)
+        converted, factor = to_rgb(image)
         assert factor == 1
         assert np.array_equal(np.asarray(converted), np.asarray(image.convert("RGB"))), mode
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "F"])
 def test_reduction_in_strips_equals_one_reduction(mode: str) -> None:
-    from service.imaging import STRIP_ROWS, _reduce
+    from service.pixels import STRIP_ROWS, reduce
 
     image = chelsea().resize((301, 3 * STRIP_ROWS + 11)).convert(mode)
-    reduced, factor = _reduce(image, 100)
+    reduced, factor = reduce(image, 100)
     assert factor == 3
     assert np.array_equal(np.asarray(reduced), np.asarray(image.reduce(3)))
 

@@ -1,5 +1,5 @@
 """Every image within the limits stays within the per-request memory budget
-(`service.imaging.memory_budget`, derived from GATEWAY_MAX_PIXELS), measured as the peak
+(`service.pixels.memory_budget`, derived from GATEWAY_MAX_PIXELS), measured as the peak
 RSS of a real gateway worker while it answers. The cases are the bombs that once took
 gigabytes: a 16-bit grey PNG (converted in float64), an RGBA PNG (a second full-size RGBA
 image), a palette PNG with transparency."""
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import memory_budget
+from service.pixels import memory_budget
 
 from .conftest import TritonEndpoint
 from .helpers import MODEL, GatewayProcess, classify, encode, running_gateway

@@ -53,6 +53,37 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def start_serve(repository: Path, tmp_path: Path, port: int, **env: str) -> subprocess.Popen[str]:
+    """`python -m embedded.serve` on one model, its output readable line by line."""
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        "PORT": str(port),
+        "GATEWAY_MODELS": MODEL,
+        "GATEWAY_DEFAULT_MODEL": MODEL,
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedded.serve", "--repository", str(repository),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def read_until_serving(process: subprocess.Popen[str], timeout: float = 300) -> str:
+    """Its output up to the line that says it serves (or to its end)."""
+    assert process.stdout is not None
+    output: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if line.startswith("Ctrl-C stops"):
+            break
+    return "".join(output)
+
+
 @pytest.mark.parametrize(
     "stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"]
 )
@@ -62,30 +93,9 @@ def test_serve_starts_both_and_stops_both(
     stop_signal: signal.Signals,
 ) -> None:
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-        "PORT": str(port),
-        "WORKERS": "2",
-        "GATEWAY_MODELS": MODEL,
-        "GATEWAY_DEFAULT_MODEL": MODEL,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "embedded.serve", "--repository", str(one_model_repository),
-         "--log-dir", str(tmp_path / "logs")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    output: list[str] = []
+    process = start_serve(one_model_repository, tmp_path, port, WORKERS="2")
     try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if line.startswith("Ctrl-C stops"):
-                break
-        text = "".join(output)
+        text = read_until_serving(process)
         assert "curl" in text and f"127.0.0.1:{port}" in text, text
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             answer = classify(client, photo("chelsea.png").read_bytes(), "image/png")
@@ -118,25 +128,10 @@ def test_serve_restarts_a_dead_triton_and_answers_503_meanwhile(
     """Triton killed under `make serve`: every request during the outage gets a fast 503
     with Retry-After, and answers are 200 again within 5 s of the gateway being ready."""
     port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-        "PORT": str(port),
-        "WORKERS": "1",
-        "GATEWAY_MODELS": MODEL,
-        "GATEWAY_DEFAULT_MODEL": MODEL,
-        "GATEWAY_TRITON_TIMEOUT_S": "5",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "embedded.serve", "--repository", str(one_model_repository),
-         "--log-dir", str(tmp_path / "logs")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    process = start_serve(one_model_repository, tmp_path, port, WORKERS="1", GATEWAY_TRITON_TIMEOUT_S="5")
     data = photo("chelsea.png").read_bytes()
     try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not process.stdout.readline().startswith("Ctrl-C stops"):
-            pass
+        read_until_serving(process)
         (triton_pid,) = [p for p in descendants(process.pid) if command_name(p) == "tritonserver"]
         os.kill(triton_pid, signal.SIGKILL)
         outage = []
@@ -171,22 +166,8 @@ def test_serve_restarts_a_dead_triton_and_answers_503_meanwhile(
 
 def test_serve_killed_outright_takes_its_children_along(one_model_repository: Path, tmp_path: Path) -> None:
     """SIGKILL leaves the launcher no clean-up: the children die with it all the same."""
-    port = free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-        "PORT": str(port),
-        "GATEWAY_MODELS": MODEL,
-        "GATEWAY_DEFAULT_MODEL": MODEL,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "embedded.serve", "--repository", str(one_model_repository),
-         "--log-dir", str(tmp_path / "logs")],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not process.stdout.readline().startswith("Ctrl-C stops"):
-        pass
+    process = start_serve(one_model_repository, tmp_path, free_port())
+    read_until_serving(process)
     children = descendants(process.pid)
     assert len(children) >= 2
     process.kill()
