@@ -233,7 +233,7 @@ def run(command: Sequence[str], cwd: Path, log: Path) -> None:
 
 
 def installed_library(backends: Path = BACKENDS_DIR) -> Path | None:
-    library = backends / "current" / LIBRARY
+    library = backends / CURRENT.name / LIBRARY
     return library if library.is_file() else None
 
 
@@ -246,7 +246,7 @@ def build(sources: Path, jobs: int, download: bool, backends: Path = BACKENDS_DI
     placeholder = {repo: Path(f"<{repo}>") for repo in PINNED_COMMITS}
     key = fingerprint(archives, torch, tools, cmake_flags(torch, python_h, placeholder))
     target = backends / key
-    current = backends / "current"
+    current = backends / CURRENT.name
     if (target / LIBRARY).is_file():
         print(f"[backend] up to date: {target / LIBRARY} (torch {torch.version})", flush=True)
     else:

@@ -100,11 +100,15 @@ def wait_http(
     alive: subprocess.Popen[bytes] | None = None,
     describe: Callable[[], str] = lambda: "",
     interval: float = 0.25,
-) -> None:
-    """Polls `url` until it answers 200; raises NotReady if `alive` exits first or the
-    timeout passes, with `describe()` (a log tail, say) in the message."""
+    cancelled: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Polls `url` until it answers 200 (True) or `cancelled()` says to give up (False);
+    raises NotReady if `alive` exits first or the timeout passes, with `describe()` (a log
+    tail, say) in the message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if cancelled():
+            return False
         if alive is not None and alive.poll() is not None:
             detail = describe()
             raise NotReady(
@@ -113,7 +117,7 @@ def wait_http(
                 alive.returncode,
             )
         if answers_200(url):
-            return
+            return True
         time.sleep(interval)
     detail = describe()
     raise NotReady(f"{url} did not answer 200 within {timeout:.0f} s" + (f": {detail}" if detail else ""))

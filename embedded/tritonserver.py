@@ -20,10 +20,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+from .backend import CURRENT
 from .processes import NotReady, answers_200, free_port, start_group, stop_group, wait_http
 
 
@@ -43,7 +44,7 @@ def pytriton_home() -> Path:
 
 
 def default_backend_directory() -> Path:
-    return Path(__file__).resolve().parent.parent / "build" / "backends" / "current"
+    return CURRENT
 
 
 def check_backend_directory(backends: Path) -> Path:
@@ -156,11 +157,21 @@ class TritonServer:
     def is_ready(self) -> bool:
         return answers_200(f"http://{self.http_url}/v2/health/ready")
 
-    def wait_ready(self, timeout: float = 300.0) -> TritonServer:
+    def wait_ready(
+        self, timeout: float = 300.0, cancelled: Callable[[], bool] = lambda: False
+    ) -> TritonServer:
+        """Waits for readiness, or until `cancelled()`; raises TritonError with Triton's
+        reason if the server exits or the timeout passes."""
         if self.process is None:
             raise TritonError("tritonserver was not started")
         try:
-            wait_http(f"http://{self.http_url}/v2/health/ready", timeout, self.process, interval=0.5)
+            wait_http(
+                f"http://{self.http_url}/v2/health/ready",
+                timeout,
+                self.process,
+                interval=0.5,
+                cancelled=cancelled,
+            )
         except NotReady as exc:
             if exc.exit_code is not None:
                 raise TritonError(
@@ -210,13 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop_signal, lambda signum, frame: stopping.set())
     try:
-        server.start()
-        # Readiness is polled in short steps so that a signal ends the wait at once.
-        deadline = time.monotonic() + args.timeout
-        while not stopping.is_set() and not server.is_ready():
-            if time.monotonic() > deadline or server.process is None or server.process.poll() is not None:
-                server.wait_ready(timeout=0.1)  # raises with Triton's reason
-            stopping.wait(0.5)
+        # A signal ends the wait at once.
+        server.start().wait_ready(timeout=args.timeout, cancelled=stopping.is_set)
         if not stopping.is_set():
             urls = f"http {server.http_url}, grpc {server.grpc_url}, metrics {server.metrics_url}"
             print(f"tritonserver ready: {urls}", flush=True)

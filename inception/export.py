@@ -8,8 +8,8 @@ file (source code, weights, precision, torch version, batch size) is kept beside
 re-run with unchanged inputs skips the work.
 
 Freezing inlines the weights as constants and folds each batch norm into its convolution:
-on two CPU cores that made a forward pass 7–15 % faster and the first calls 2–3× faster,
-with outputs equal to eager within 1e-9 (`bench/README.md`). One frozen file serves the
+on two CPU cores that made a forward pass 1.04–1.06× faster at batch 1 and 1.02–1.22× at
+batch 8, with outputs equal to the unfrozen trace within 1e-9 (`bench/README.md`). One frozen file serves the
 CPU and the GPU alike: TorchScript maps its constants to the device it is loaded on.
 """
 

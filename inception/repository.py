@@ -47,6 +47,7 @@ from .contract import (
     PARAM_PRECISION,
     PARAM_WEIGHTS,
     PARAM_WEIGHTS_SHA256,
+    PRETRAINED_PREFIX,
     RANDOM_INIT,
     VARIANTS,
     member_input_name,
@@ -96,15 +97,15 @@ class EnsembleEntry:
     @property
     def export(self) -> Export | None:
         """Random if any member is: the conservative reading of a mixed ensemble."""
-        exports = [m.export for m in self.members]
-        if any(e is None for e in exports):
+        exports = [m.export for m in self.members if m.export is not None]
+        if len(exports) < len(self.members):
             return None
-        if any(e.provenance == RANDOM_INIT for e in exports if e is not None):
-            return Export(RANDOM_INIT, "", _joined(e.precision for e in exports if e is not None))
-        source = ",".join(
-            f"{m.name}={m.export.provenance.removeprefix('pretrained:')}" for m in self.members if m.export
-        )
-        return Export("pretrained:" + source, "", _joined(e.precision for e in exports if e is not None))
+        precision = _joined(e.precision for e in exports)
+        if any(e.provenance == RANDOM_INIT for e in exports):
+            return Export(RANDOM_INIT, "", precision)
+        sources = (e.provenance.removeprefix(PRETRAINED_PREFIX) for e in exports)
+        pairs = ",".join(f"{m.name}={source}" for m, source in zip(self.members, sources, strict=True))
+        return Export(PRETRAINED_PREFIX + pairs, "", precision)
 
 
 def _joined(values: Iterable[str]) -> str:

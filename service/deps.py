@@ -19,23 +19,21 @@ def get_gateway(request: Request) -> Gateway:
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 
-def _check_key(keys: list[str], authorization: str, x_api_key: str) -> None:
-    """Compared in constant time, so that a key cannot be guessed by timing."""
-    bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-    given = bearer or x_api_key
-    if not given or not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
-        raise Unauthorized("a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
-
-
 Authorization = Annotated[str, Header(include_in_schema=False)]
 
 
 def require_api_key(
     gateway: GatewayDep, authorization: Authorization = "", x_api_key: Authorization = ""
 ) -> None:
-    """``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` when keys are configured."""
-    if gateway.settings.api_keys:
-        _check_key(gateway.settings.api_keys, authorization, x_api_key)
+    """``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` when keys are configured,
+    compared in constant time so that a key cannot be guessed by timing."""
+    keys = gateway.settings.api_keys
+    if not keys:
+        return
+    bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+    given = bearer or x_api_key
+    if not given or not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
+        raise Unauthorized("a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
 
 
 def require_metrics_key(
@@ -43,5 +41,5 @@ def require_metrics_key(
 ) -> None:
     """/metrics behind the keys too when the operator asks (GATEWAY_METRICS_REQUIRE_KEY):
     open by default, so that the shipped Prometheus configurations scrape it."""
-    if gateway.settings.api_keys and gateway.settings.metrics_require_key:
-        _check_key(gateway.settings.api_keys, authorization, x_api_key)
+    if gateway.settings.metrics_require_key:
+        require_api_key(gateway, authorization, x_api_key)

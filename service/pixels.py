@@ -53,7 +53,7 @@ def _composite_on_white(strip: Image.Image) -> np.ndarray:
 
 def to_rgb(image: Image.Image, reduce_to: int | None = None) -> tuple[Image.Image, int]:
     """Any mode to RGB; transparency composited on white, 16-bit scaled (not clipped);
-    reduced first (see `_reduce`) when `reduce_to` is given. Returns the image and the
+    reduced first (see `reduce`) when `reduce_to` is given. Returns the image and the
     reduction factor.
 
     Converted a strip of rows at a time into the result, so that a large image costs its
