@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -90,6 +91,14 @@ class Settings(BaseSettings):
     triton_reconnect_backoff_ms: int = Field(
         1000, ge=100, description="cap of gRPC's reconnect backoff, so a restarted Triton is found fast"
     )
+    triton_lb_policy: Literal["round_robin", "pick_first"] = Field(
+        "round_robin",
+        description="how requests spread over the addresses the Triton URL resolves to "
+        "(round_robin: all of them, e.g. every pod behind a headless Service, `dns:///triton:8001`)",
+    )
+    triton_dns_min_interval_ms: int = Field(
+        5000, ge=0, description="least time between two DNS resolutions of the Triton URL"
+    )
     config_refresh_interval_s: float = Field(
         1.0, ge=0, description="at most one refresh of the model configs per interval while any is missing"
     )
@@ -148,6 +157,7 @@ class Settings(BaseSettings):
     )
     metrics_require_key: bool = Field(False, description="/metrics needs an API key too (when keys are set)")
     docs: bool = Field(True, description="serve /docs and /openapi.json (the API's shape, no data)")
+    page: bool = Field(True, description="serve the page at / that tries the API from a browser")
     json_logs: bool = Field(True, description="structured JSON logs on stderr")
     log_level: str = Field("INFO")
 
@@ -155,6 +165,19 @@ class Settings(BaseSettings):
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        """An origin is what a browser sends in ``Origin``: ``scheme://host[:port]``, no path.
+        Browsers send it in lower case with no trailing slash, so ``https://App.example/``
+        as written would never match and silently refuse the app: it is normalised, and
+        anything with a path stops the start."""
+        cleaned = [o.rstrip("/").lower() for o in origins]
+        bad = [o for o in cleaned if o != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", o)]
+        if bad:
+            raise ValueError(f"GATEWAY_CORS_ORIGINS: not an origin (scheme://host[:port]): {', '.join(bad)}")
+        return cleaned
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -96,6 +96,12 @@ class TritonBackend:
                     ("grpc.initial_reconnect_backoff_ms", min(200, backoff)),
                     ("grpc.min_reconnect_backoff_ms", min(200, backoff)),
                     ("grpc.max_reconnect_backoff_ms", backoff),
+                    # Every address the target resolves to gets requests (a headless Service
+                    # lists one per Triton pod), and the name is resolved again when a
+                    # connection ends: Triton's --grpc-max-connection-age ends them, so new
+                    # pods are found (docs/architecture.md, "Spreading requests over Triton").
+                    ("grpc.lb_policy_name", self.settings.triton_lb_policy),
+                    ("grpc.dns_min_time_between_resolutions_ms", self.settings.triton_dns_min_interval_ms),
                 ],
             )
         return self._client
