@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus docker-compose; }
 	command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; }
+	# Debian's browser, which Playwright drives in tests/browser (its own download cannot work here).
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	  --no-install-recommends chromium; }
 	# Debian tools that build Triton's PyTorch backend (embedded/backend.py says why each).
 	command -v cmake >/dev/null && command -v g++ >/dev/null && command -v patchelf >/dev/null && \
 	  test -f /usr/include/rapidjson/document.h && test -f /usr/src/googletest/CMakeLists.txt || \

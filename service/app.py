@@ -19,7 +19,7 @@ from .gateway import Gateway
 from .imaging import configure_pillow
 from .logs import configure_logging
 from .middleware import RequestContextMiddleware
-from .routes import classify, health, models
+from .routes import classify, health, models, page
 from .settings import Settings, get_settings
 
 
@@ -52,16 +52,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    if settings.page:
+        app.include_router(page.router)
+    app.add_middleware(RequestContextMiddleware)
     if settings.cors_origins:
+        # Outermost, so that every answer a listed origin gets is readable there, the last
+        # guard's 500 included; a preflight is answered here and reaches no route. Other
+        # origins get no CORS header at all, so the browser refuses them the answer.
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware)
     return app
 
 

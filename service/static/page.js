@@ -1,0 +1,222 @@
+// The page calls the public API exactly as a web app would, and shows what it answers,
+// errors included, word for word (docs/architecture.md, "The page"). No framework, no build.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORE = "inception-api-key";
+let image = null; // the File or Blob to classify
+let previewUrl = null;
+
+// ---- talking to the API -------------------------------------------------------------
+
+/** fetch with the API key, if any; answers the JSON body or throws the API's own error. */
+async function api(path, init = {}) {
+  const headers = new Headers(init.headers);
+  const key = $("key").value.trim();
+  if (key) headers.set("X-API-Key", key);
+  let answer;
+  try {
+    answer = await fetch(path, { ...init, headers });
+  } catch (failure) {
+    throw new Error(`The gateway did not answer (${failure.message}).`);
+  }
+  const body = await answer.json().catch(() => null);
+  if (answer.ok) return body;
+  const error = body && body.error;
+  const retry = answer.headers.get("Retry-After");
+  throw new Error(
+    `${answer.status} ${error ? `${error.code}: ${error.message}` : answer.statusText}` +
+      (retry ? ` (retry after ${retry} s)` : ""),
+  );
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+// ---- the form: models, members, crops, key --------------------------------------------
+
+async function loadModels() {
+  let listing;
+  try {
+    listing = await api("/v1/models");
+  } catch (failure) {
+    showError(`Cannot list the models: ${failure.message}`);
+    if (failure.message.startsWith("401")) $("key").focus();
+    return;
+  }
+  showError("");
+  const select = $("model");
+  select.replaceChildren();
+  const list = $("member-list");
+  list.replaceChildren();
+  for (const m of listing.models) {
+    const notes = [m.kind === "ensemble" ? "Triton ensemble" : "", m.default ? "default" : "",
+      m.weights === "random-init" ? "random init" : "", m.state !== "ready" ? "unavailable" : ""];
+    const option = new Option([m.name, ...notes.filter(Boolean)].join(" · "), m.name, m.default, m.default);
+    select.add(option);
+    if (m.kind === "model") list.append(memberRow(m.name));
+  }
+  select.add(new Option("members and weights of my choice…", "custom"));
+  showMembers();
+  const crops = listing.crops || listing.crop_protocols; // if the listing advertises them
+  if (Array.isArray(crops)) offerCrops(crops);
+}
+
+function memberRow(name) {
+  const row = document.createElement("div");
+  row.className = "member";
+  row.innerHTML = `<input type="checkbox" checked><label></label>
+    <label class="weight">weight <input type="number" min="0" step="any" value="1"></label>`;
+  const [check, weight] = row.querySelectorAll("input");
+  check.id = `member-${name}`;
+  check.value = name;
+  row.querySelector("label").htmlFor = check.id;
+  row.querySelector("label").textContent = name;
+  weight.setAttribute("aria-label", `weight of ${name}`);
+  return row;
+}
+
+function showMembers() {
+  $("members").hidden = $("model").value !== "custom";
+}
+
+/** The crops control appears only when the API says it takes `crops`. */
+async function loadCrops() {
+  const spec = await fetch("/openapi.json").then((r) => (r.ok ? r.json() : null)).catch(() => null);
+  const post = spec && spec.paths && spec.paths["/v1/classify"] && spec.paths["/v1/classify"].post;
+  const param = post && (post.parameters || []).find((p) => p.name === "crops");
+  if (!param) return;
+  const schema = param.schema || {};
+  const values = schema.enum || (schema.anyOf || []).flatMap((s) => s.enum || []);
+  offerCrops(values.length ? values : [1, 10, 144], schema.default);
+}
+
+function offerCrops(values, chosen) {
+  const select = $("crops");
+  select.replaceChildren(...values.map((v) => new Option(String(v), String(v), v === chosen, v === chosen)));
+  $("crops-field").hidden = false;
+}
+
+// ---- choosing an image: file, drop, paste ---------------------------------------------
+
+function choose(blob) {
+  if (!blob) return;
+  image = blob;
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(blob);
+  const preview = $("preview");
+  preview.src = previewUrl;
+  preview.alt = `Preview of ${blob.name || "the pasted image"}`;
+  preview.hidden = false;
+  $("status").textContent = `${blob.name || "Pasted image"}: ${blob.size} bytes, ready to classify.`;
+}
+
+// ---- the answer -------------------------------------------------------------------------
+
+function pairs(target, entries) {
+  target.replaceChildren();
+  for (const [name, value] of entries) {
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    target.append(dt, dd);
+  }
+}
+
+function render(answer) {
+  const warning = $("warning");
+  warning.hidden = !answer.warning && !answer.random_init;
+  warning.querySelector("strong").textContent = answer.random_init
+    ? "Random initialisation: these predictions carry no meaning."
+    : "Warning:";
+  $("warning-text").textContent = answer.warning || "";
+
+  const list = $("predictions");
+  list.replaceChildren();
+  for (const p of answer.predictions) {
+    const percent = `${(p.score * 100).toFixed(2)} %`;
+    const item = document.createElement("li");
+    item.innerHTML = `<span class="label"></span><span class="pct"></span>
+      <span class="bar" aria-hidden="true"><span></span></span>`;
+    item.querySelector(".label").textContent = p.label;
+    item.querySelector(".pct").textContent = percent;
+    item.querySelector(".bar span").style.width = `${Math.min(100, p.score * 100)}%`;
+    item.title = `class ${p.class_id}`;
+    list.append(item);
+  }
+
+  const provenance = [["model", answer.model], ["weights", answer.weights]];
+  for (const m of answer.members || []) provenance.push([`member ${m.model}`, `× ${m.weight} · ${m.weights}`]);
+  if (answer.crops !== undefined) provenance.push(["crops", String(answer.crops)]);
+  provenance.push(["request id", answer.request_id]);
+  pairs($("provenance"), provenance);
+  pairs($("timings"), Object.entries(answer.timing_ms).map(([stage, ms]) => [stage, ms.toFixed(1)]));
+
+  $("result").hidden = false;
+  $("result-title").focus();
+}
+
+async function classify(event) {
+  event.preventDefault();
+  showError("");
+  if (!image) {
+    showError("Choose, drop or paste an image first.");
+    $("file").focus();
+    return;
+  }
+  const query = new URLSearchParams({ top_k: $("top_k").value });
+  if ($("model").value === "custom") {
+    const rows = [...$("member-list").querySelectorAll(".member")].filter((r) => r.querySelector("input").checked);
+    query.set("models", rows.map((r) => r.querySelector("input").value).join(","));
+    query.set("weights", rows.map((r) => r.querySelector(".weight input").value).join(","));
+  } else if ($("model").value) {
+    query.set("model", $("model").value);
+  }
+  if (!$("crops-field").hidden) query.set("crops", $("crops").value);
+
+  $("submit").disabled = true;
+  $("result").setAttribute("aria-busy", "true");
+  $("status").textContent = "Classifying…";
+  try {
+    // The file as it is, with its own type: the API judges it (415 for a non-image).
+    const type = image.type || "application/octet-stream";
+    render(await api(`/v1/classify?${query}`, { method: "POST", body: image, headers: { "Content-Type": type } }));
+    $("status").textContent = "Done.";
+  } catch (failure) {
+    $("status").textContent = "";
+    showError(failure.message);
+  } finally {
+    $("submit").disabled = false;
+    $("result").removeAttribute("aria-busy");
+  }
+}
+
+// ---- wiring ---------------------------------------------------------------------------------
+
+$("key").value = sessionStorage.getItem(KEY_STORE) || "";
+$("key").addEventListener("change", () => {
+  sessionStorage.setItem(KEY_STORE, $("key").value.trim());
+  loadModels();
+});
+$("file").addEventListener("change", () => choose($("file").files[0]));
+$("model").addEventListener("change", showMembers);
+$("form").addEventListener("submit", classify);
+const drop = $("drop");
+for (const name of ["dragenter", "dragover"]) {
+  drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
+}
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  choose(e.dataTransfer.files[0]);
+});
+document.addEventListener("paste", (e) => {
+  const item = [...e.clipboardData.items].find((i) => i.kind === "file");
+  if (item) choose(item.getAsFile());
+});
+loadModels();
+loadCrops();
