@@ -7,10 +7,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REPO := model_repository
 PORT ?= 8080
-# Optional real weights, e.g. CHECKPOINTS="inception_v4=/data/iv4.safetensors" or HUB=1;
+# Optional real weights, e.g. CHECKPOINTS="inception_v4=/data/iv4.safetensors";
 # PRECISION=fp16 exports half-precision networks (for GPUs).
+# HUB=auto|1|0: timm's published checkpoints. `make serve` defaults to auto (a short check;
+# random weights, with a message, when the hub does not answer); every other target to 0,
+# so that `make test` exports the same deterministic networks on every machine.
 CHECKPOINTS ?=
 HUB ?=
+HUB_DEFAULT = 0
+serve: HUB_DEFAULT = auto
 PRECISION ?=
 
 .PHONY: all venv backend repository serve test check bench bench-gateway clean
@@ -48,7 +53,7 @@ backend: $(STAMP)
 
 repository: $(STAMP)
 	$(BIN)/python -m inception.export --repository $(REPO) \
-		$(foreach c,$(CHECKPOINTS),--checkpoint $(c)) $(if $(HUB),--hub,) $(if $(PRECISION),--precision $(PRECISION),)
+		$(foreach c,$(CHECKPOINTS),--checkpoint $(c)) --hub $(or $(HUB),$(HUB_DEFAULT)) $(if $(PRECISION),--precision $(PRECISION),)
 
 serve: backend repository
 	PORT=$(PORT) $(BIN)/python -m embedded.serve --repository $(REPO)

@@ -1,24 +1,35 @@
 #!/bin/sh
-# Entry point of the models image (compose `models` job, Kubernetes init container):
-# exports the Triton repository (model files and configs/gpu.pbtxt, which Triton serves
-# with --model-config-name=gpu) into $MODELS_REPOSITORY, choosing each
-# network's weights and saying which:
+# Entry point of the models image (the compose `models` job; the build of the Kubernetes
+# repository image, deploy/repository.Dockerfile): exports the Triton repository (model
+# files and configs/gpu.pbtxt, which Triton serves with --model-config-name=gpu) into
+# $MODELS_REPOSITORY. Deployments serve real weights or nothing:
 #   1. $MODELS_CHECKPOINT_DIR/<model>.{safetensors,pth,pt,bin} when present;
-#   2. else timm's published checkpoint from the hub when MODELS_HUB=1, or when
-#      MODELS_HUB=auto (the default) and the hub answers;
-#   3. else random initialisation (the export warns about it).
-# A re-run with unchanged inputs skips the finished work, so this runs on every start.
+#   2. else timm's published checkpoint from the hub (MODELS_HUB: auto, the default, tries
+#      it when the hub answers; 1 insists; 0 never);
+#   3. else the export FAILS, naming the networks and what to do, unless the operator
+#      allowed random weights for them explicitly: MODELS_ALLOW_RANDOM=inception_resnet_v1
+#      (comma-separated names, or `all`). No checkpoint of Inception-ResNet-v1 is published.
+# An existing pretrained export is never replaced by random weights (a hub that is down
+# today keeps yesterday's weights), and a re-run with unchanged inputs skips the work.
 set -eu
 
 repository="${MODELS_REPOSITORY:-/models}"
 checkpoints="${MODELS_CHECKPOINT_DIR:-/checkpoints}"
 hub="${MODELS_HUB:-auto}"
-endpoint="${HF_ENDPOINT:-https://huggingface.co}"
+allow_random="${MODELS_ALLOW_RANDOM:-none}"
 python="${PYTHON:-python}"
 
 log() { echo "[models] $*"; }
 
-set -- --repository "$repository"
+case "$hub" in
+    auto | 1 | true | yes | always | 0 | false | no | never) ;;
+    *)
+        log "MODELS_HUB must be auto, 1 or 0, not '$hub'"
+        exit 2
+        ;;
+esac
+
+set -- --repository "$repository" --hub "$hub" --allow-random "$allow_random"
 
 for name in inception_v4 inception_resnet_v1 inception_resnet_v2; do
     found=""
@@ -36,29 +47,5 @@ for name in inception_v4 inception_resnet_v1 inception_resnet_v2; do
     fi
 done
 
-case "$hub" in
-    1 | true | yes) use_hub=1 ;;
-    0 | false | no) use_hub=0 ;;
-    auto)
-        if "$python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
-            "$endpoint" >/dev/null 2>&1; then
-            use_hub=1
-        else
-            use_hub=0
-        fi
-        ;;
-    *)
-        log "MODELS_HUB must be auto, 1 or 0, not '$hub'"
-        exit 2
-        ;;
-esac
-
-if [ "$use_hub" = 1 ]; then
-    log "the hub ($endpoint) is used for networks without a checkpoint that have a published one"
-    set -- "$@" --hub
-else
-    log "no hub ($endpoint unreachable or MODELS_HUB=0): networks without a checkpoint get random initialisation"
-fi
-
-log "exporting into $repository"
+log "exporting into $repository (hub: $hub; random weights allowed for: $allow_random)"
 exec "$python" -m inception.export "$@"

@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,15 @@ from .repository import (
     write_repository,
 )
 from .serving import ServingModel, WeightedMean
-from .weights import RANDOM_SEED, CheckpointError, hub_checkpoint, sha256_of
+from .weights import (
+    RANDOM_SEED,
+    CheckpointError,
+    hub_checkpoint,
+    hub_endpoint,
+    hub_mode,
+    hub_reachable,
+    sha256_of,
+)
 
 STAMP = ".export.json"
 TRACE_TOLERANCE = 1e-5
@@ -135,32 +144,91 @@ def trace_and_check(
     return frozen
 
 
-def resolve_weights(name: str, checkpoints: dict[str, str], use_hub: bool) -> tuple[str | None, str]:
-    """Returns (weights argument for create_model, identity for the fingerprint)."""
+@dataclass(frozen=True)
+class WeightsChoice:
+    """One network's weights for this export, and why they are random when they are."""
+
+    weights: str | None  # create_model's argument; None: the deterministic random init
+    identity: str  # what the fingerprint records of them
+    why_random: str = ""
+
+
+class WeightsRequired(ValueError):
+    """Networks would serve random weights that nobody allowed (`--allow-random`)."""
+
+
+def resolve_weights(name: str, checkpoints: dict[str, str], hub: str, hub_up: bool) -> WeightsChoice:
+    """A given checkpoint; else timm's published one when the hub is used (`hub` is
+    `never`, `auto` or `always`; `hub_up`: whether it answered); else random, with why.
+    With `always` a failed download is an error; with `auto` it falls back to random."""
     if name in checkpoints:
         path = Path(checkpoints[name]).expanduser().resolve()
-        return str(path), sha256_of(path) if path.is_file() else str(path)
-    if use_hub and get_spec(name).has_public_checkpoint:
-        path = hub_checkpoint(get_spec(name))
-        return str(path), sha256_of(path)
-    return None, f"{RANDOM_INIT}:{RANDOM_SEED}"
+        return WeightsChoice(str(path), sha256_of(path) if path.is_file() else str(path))
+    random_id = f"{RANDOM_INIT}:{RANDOM_SEED}"
+    spec = get_spec(name)
+    if not spec.has_public_checkpoint:
+        return WeightsChoice(None, random_id, "no checkpoint was given and none is published")
+    if hub == "never":
+        return WeightsChoice(None, random_id, "no checkpoint was given and the hub is not used")
+    if hub == "auto" and not hub_up:
+        return WeightsChoice(
+            None, random_id, f"no checkpoint was given and the hub ({hub_endpoint()}) did not answer"
+        )
+    try:
+        path = hub_checkpoint(spec)
+    except Exception as exc:  # network, HTTP or cache errors of huggingface_hub, all alike
+        if hub == "always":
+            raise CheckpointError(f"{name}: cannot download {spec.hub_repo} from the hub: {exc}") from exc
+        return WeightsChoice(
+            None, random_id, f"the download of {spec.hub_repo} failed ({type(exc).__name__})"
+        )
+    return WeightsChoice(str(path), sha256_of(path))
+
+
+def pretrained_export(root: Path, name: str) -> str | None:
+    """The provenance of an existing pretrained export of `name`, or None."""
+    stamp = _read_stamp(root / name / "1")
+    weights = (stamp or {}).get("weights")
+    return weights if isinstance(weights, str) and weights.startswith("pretrained:") else None
+
+
+def _parse_allow_random(value: str, names: Sequence[str]) -> set[str]:
+    """`all`, `none` (or empty), or comma-separated network names."""
+    value = value.strip().lower()
+    if value == "all":
+        return set(names)
+    if value in ("", "none"):
+        return set()
+    allowed = {n.strip() for n in value.split(",") if n.strip()}
+    for name in allowed:
+        get_spec(name)  # an unknown name is a KeyError that lists the known ones
+    return allowed
 
 
 def export_network(
-    name: str, root: Path, weights: str | None, weights_id: str, precision: str, log
+    name: str, root: Path, choice: WeightsChoice, precision: str, log, keep_pretrained: bool = False
 ) -> NetworkEntry:
+    """Exports one network; with `keep_pretrained`, random weights never replace an
+    existing pretrained export (a failed download keeps what was served before)."""
     spec = get_spec(name)
     version_dir = root / name / "1"
+    weights = choice.weights
     fingerprint = _fingerprint(
         model=name,
-        weights=weights_id,
+        weights=choice.identity,
         precision=precision,
         source=source_digest(),
         torch=torch.__version__,
         batch=MAX_BATCH_SIZE,
     )
     stamp = _read_stamp(version_dir)
-    if stamp is None or stamp.get("fingerprint") != fingerprint:
+    kept = pretrained_export(root, name) if weights is None and keep_pretrained else None
+    if kept is not None and stamp is not None:
+        log(
+            f"{name}: kept the existing export ({kept}): {choice.why_random}, "
+            "and random weights never replace pretrained ones"
+        )
+    elif stamp is None or stamp.get("fingerprint") != fingerprint:
         start = time.monotonic()
         log(f"{name}: building ({'random init' if weights is None else weights})")
         model = create_model(name, weights)
@@ -248,8 +316,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--hub",
-        action="store_true",
-        help="download timm's published checkpoints (needs network) where no --checkpoint is given",
+        nargs="?",
+        const="always",
+        default="never",
+        help="timm's published checkpoints, where no --checkpoint is given: never (default), "
+        "auto (when the hub answers a short check; random otherwise, with a message), "
+        "always (a failed download is an error); a bare --hub means always",
+    )
+    parser.add_argument(
+        "--hub-timeout", type=float, default=3.0, help="seconds the auto check waits for the hub"
+    )
+    parser.add_argument(
+        "--allow-random",
+        default="all",
+        metavar="all|none|NAME,...",
+        help="networks that may serve random weights when no real ones can be had (default all; "
+        "the deployment images pass none unless MODELS_ALLOW_RANDOM says otherwise); any other "
+        "network without real weights fails the export",
     )
     parser.add_argument(
         "--ensemble-members", default=None, help="comma-separated; default: every exported network"
@@ -268,11 +351,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             get_spec(name)
         checkpoints = _parse_checkpoints(args.checkpoint)
+        hub = hub_mode(args.hub)
+        allowed = _parse_allow_random(args.allow_random, names)
+        from_hub = [n for n in names if n not in checkpoints and get_spec(n).has_public_checkpoint]
+        hub_up = hub == "always" or (
+            hub == "auto" and bool(from_hub) and hub_reachable(timeout=args.hub_timeout)
+        )
+        if hub == "auto" and from_hub:
+            state = "answered" if hub_up else f"did not answer within {args.hub_timeout:g} s"
+            log(f"the hub ({hub_endpoint()}) {state}: {', '.join(from_hub)} have published weights")
+        choices = {name: resolve_weights(name, checkpoints, hub, hub_up) for name in names}
+        # Random weights replace pretrained ones only when the run asked for no real weights.
+        keep_pretrained = hub != "never"
+        refused = [
+            name
+            for name, choice in choices.items()
+            if choice.weights is None
+            and name not in allowed
+            and not (keep_pretrained and pretrained_export(args.repository, name))
+        ]
+        if refused:  # before any work, so that the failure is quick and says everything
+            reasons = "; ".join(f"{n}: {choices[n].why_random}" for n in refused)
+            raise WeightsRequired(
+                f"no real weights for {', '.join(refused)} ({reasons}). Give a checkpoint "
+                "(--checkpoint NAME=PATH; in the deployment images <checkpoint dir>/NAME.safetensors), "
+                "let the hub be reached (--hub always), or allow random weights explicitly "
+                f"(--allow-random {','.join(refused)}; MODELS_ALLOW_RANDOM in the deployment images)"
+            )
         networks = []
         for i, name in enumerate(names, 1):
             log(f"({i}/{len(names)}) {name}")
-            weights, weights_id = resolve_weights(name, checkpoints, args.hub)
-            networks.append(export_network(name, args.repository, weights, weights_id, args.precision, log))
+            networks.append(
+                export_network(name, args.repository, choices[name], args.precision, log, keep_pretrained)
+            )
         ensemble = None
         if not args.no_ensemble:
             member_names = args.ensemble_members.split(",") if args.ensemble_members else names
@@ -297,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"wrote the repository at {args.repository}")
         for entry in networks:
             if entry.export is not None and entry.export.provenance == RANDOM_INIT:
-                log(f"WARNING: {entry.name} serves random weights (no checkpoint given)")
+                why = choices[entry.name].why_random
+                log(f"WARNING: {entry.name} serves random weights ({why}): its answers carry no meaning")
     except (CheckpointError, KeyError, ValueError) as exc:
         print(f"[export] error: {exc}", file=sys.stderr)
         return 2

@@ -103,6 +103,45 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     model.load_state_dict(state, strict=False)
 
 
+#: How an export uses the hub: `never`, `auto` (when a short check finds it reachable) or
+#: `always` (a failure to download is an error). Accepted spellings of each, for env vars.
+HUB_MODES = {
+    "never": "never", "0": "never", "false": "never", "no": "never",
+    "auto": "auto",
+    "always": "always", "1": "always", "true": "always", "yes": "always",
+}  # fmt: skip
+DEFAULT_HUB_ENDPOINT = "https://huggingface.co"
+
+
+def hub_mode(value: str) -> str:
+    """`never`, `auto` or `always` from any accepted spelling; ValueError otherwise."""
+    try:
+        return HUB_MODES[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"the hub setting must be auto, always (1) or never (0), not {value!r}") from None
+
+
+def hub_endpoint() -> str:
+    """The hub the downloads go to: `HF_ENDPOINT`, which `huggingface_hub` honours too."""
+    return os.environ.get("HF_ENDPOINT", "").strip() or DEFAULT_HUB_ENDPOINT
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether the hub answers at all within `timeout` seconds (any HTTP status counts:
+    the question is the network path, not a page). Short, so that a machine without the
+    hub, such as CI, pays seconds at most, not a download's retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(endpoint or hub_endpoint(), timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def hub_checkpoint(spec: ModelSpec) -> Path:
     """Fetches timm's checkpoint from the hub (needs network; `huggingface_hub` only, no timm)."""
     if spec.hub_repo is None:

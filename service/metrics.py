@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,6 +36,18 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+
+class ModelProvenance(Protocol):
+    """What the weights gauge needs of a model's config (service.model_config.ModelInfo)."""
+
+    @property
+    def provenance(self) -> str: ...
+    @property
+    def checkpoint_sha256(self) -> str: ...
+    @property
+    def random_init(self) -> bool: ...
+
 
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -73,6 +86,33 @@ REQUEST_SIZE = Histogram(
     ["model"],
     buckets=SIZE_BUCKETS,
 )
+
+#: One series per served model and the provenance of its weights, as its config on Triton
+#: says: 1 for what this gateway read last, 0 for what it read before (a multiprocess gauge
+#: keeps every series it ever had, so a stale one is zeroed, not removed). Alerts select
+#: `== 1`: random weights in production, and replicas that serve different weights.
+WEIGHTS_INFO = Gauge(
+    "inception_model_weights_info",
+    "Provenance of each served model's weights, as read from its Triton config (value 1)",
+    ["model", "weights", "weights_sha256", "random_init"],
+    multiprocess_mode="livemax",
+)
+_weights_labels: dict[str, tuple[str, str, str]] = {}
+
+
+def set_model_weights(models: Mapping[str, ModelProvenance]) -> None:
+    """Publishes the provenance of the models whose configs this process holds now."""
+    current = {
+        name: (info.provenance, info.checkpoint_sha256, "true" if info.random_init else "false")
+        for name, info in models.items()
+    }
+    for name, labels in list(_weights_labels.items()):
+        if current.get(name) != labels:
+            WEIGHTS_INFO.labels(name, *labels).set(0)
+            del _weights_labels[name]
+    for name, labels in current.items():
+        WEIGHTS_INFO.labels(name, *labels).set(1)
+        _weights_labels[name] = labels
 
 
 def multiprocess_enabled() -> bool:

@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from inception.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
+from . import metrics
 from .errors import (
     ApiError,
     BackendError,
@@ -146,6 +147,7 @@ class TritonBackend:
                     log.warning("model config not read", extra={"model": name, "reason": str(result)})
             if reached:
                 self._stale = False
+            metrics.set_model_weights(self.models)
 
     async def _fetch(self, name: str) -> ModelInfo:
         config = await self.client.get_model_config(

@@ -60,3 +60,11 @@ def docker_compose() -> str:
 @pytest.fixture(scope="session")
 def check_jsonschema() -> str:
     return require_tool("check-jsonschema", "PyPI package check-jsonschema")
+
+
+@pytest.fixture
+def closed_hub() -> str:
+    """A hub endpoint where nothing listens: what the exporter meets without network."""
+    from embedded.processes import free_port
+
+    return f"http://127.0.0.1:{free_port()}"

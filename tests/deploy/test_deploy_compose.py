@@ -238,56 +238,82 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile, repo_r
 # ------------------------------------------------------------------- models entry point
 
 
-def fake_python(tmp_path: Path, hub_reachable: bool) -> Path:
-    """A stand-in for python: the hub probe succeeds or fails; the export prints its args."""
+def fake_python(tmp_path: Path) -> Path:
+    """A stand-in for python that prints the export's arguments."""
     script = tmp_path / "python"
-    script.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = "-c" ]; then exit ' + ("0" if hub_reachable else "1") + "; fi\n"
-        'echo "ARGS: $*"\n'
-    )
+    script.write_text('#!/bin/sh\necho "ARGS: $*"\n')
     script.chmod(0o755)
     return script
 
 
-@pytest.mark.parametrize("hub", ["auto-online", "auto-offline", "0", "1"])
-def test_models_entrypoint_chooses_weights(tmp_path, hub):
+def entrypoint(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", str(DEPLOY / "models-entrypoint.sh")],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], **env},
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(("hub", "allow"), [("auto", None), ("0", None), ("1", "inception_resnet_v1")])
+def test_models_entrypoint_passes_checkpoints_and_the_weights_policy(tmp_path, hub, allow):
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     (checkpoints / "inception_resnet_v2.safetensors").write_bytes(b"")
-    python = fake_python(tmp_path, hub_reachable=hub == "auto-online")
     env = {
-        "PATH": os.environ["PATH"],
-        "PYTHON": str(python),
+        "PYTHON": str(fake_python(tmp_path)),
         "MODELS_REPOSITORY": str(tmp_path / "repo"),
         "MODELS_CHECKPOINT_DIR": str(checkpoints),
-        "MODELS_HUB": hub.split("-")[0],
+        "MODELS_HUB": hub,
+        **({"MODELS_ALLOW_RANDOM": allow} if allow else {}),
     }
-    result = subprocess.run(
-        ["sh", str(DEPLOY / "models-entrypoint.sh")], capture_output=True, text=True, env=env, timeout=30
-    )
+    result = entrypoint(env)
     assert result.returncode == 0, result.stderr
     args = next(line for line in result.stdout.splitlines() if line.startswith("ARGS: "))
-    assert args.startswith(f"ARGS: -m inception.export --repository {tmp_path}/repo")
+    assert args.startswith(f"ARGS: -m inception.export --repository {tmp_path}/repo --hub {hub} ")
+    # Nothing allowed unless the operator says so: the export then refuses random weights.
+    assert f"--allow-random {allow or 'none'}" in args
     assert f"--checkpoint inception_resnet_v2={checkpoints}/inception_resnet_v2.safetensors" in args
     assert "--checkpoint inception_v4" not in args
-    uses_hub = hub in ("auto-online", "1")
-    assert args.endswith(" --hub") == uses_hub
-    assert ("random initialisation" in result.stdout) != uses_hub
     assert "inception_v4: no checkpoint" in result.stdout
 
 
 def test_models_entrypoint_refuses_a_bad_hub_setting(tmp_path):
     env = {
-        "PATH": os.environ["PATH"],
-        "PYTHON": str(fake_python(tmp_path, True)),
+        "PYTHON": str(fake_python(tmp_path)),
         "MODELS_HUB": "maybe",
         "MODELS_CHECKPOINT_DIR": str(tmp_path),
     }
-    result = subprocess.run(
-        ["sh", str(DEPLOY / "models-entrypoint.sh")], capture_output=True, text=True, env=env
-    )
+    result = entrypoint(env)
     assert result.returncode == 2
+    assert "ARGS" not in result.stdout
+
+
+def test_models_job_fails_loudly_without_real_weights(tmp_path, closed_hub):
+    """The real entry point and exporter: no checkpoint, a hub that does not answer, nothing
+    allowed: the job fails at once, naming every network and the ways out, and writes nothing."""
+    import sys
+    import time
+
+    env = {
+        "PYTHON": sys.executable,
+        "MODELS_REPOSITORY": str(tmp_path / "repo"),
+        "MODELS_CHECKPOINT_DIR": str(tmp_path / "none"),
+        "HF_ENDPOINT": closed_hub,
+        "PYTHONPATH": str(ROOT),
+    }
+    start = time.monotonic()
+    result = entrypoint(env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert time.monotonic() - start < 60
+    error = result.stderr
+    assert "no real weights for inception_v4, inception_resnet_v1, inception_resnet_v2" in error
+    assert f"the hub ({closed_hub}) did not answer" in error
+    assert "inception_resnet_v1: no checkpoint was given and none is published" in error
+    assert "MODELS_ALLOW_RANDOM" in error
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").rglob("model.pt"))
 
 
 @pytest.mark.parametrize("dockerfile", sorted(DEPLOY.glob("*.Dockerfile")), ids=lambda p: p.name)

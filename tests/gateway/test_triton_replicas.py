@@ -24,7 +24,7 @@ import pytest
 
 from embedded.tritonserver import TritonServer
 
-from .helpers import MODEL, GatewayProcess, classify, photo
+from .helpers import MODEL, ROOT, GatewayProcess, classify, photo
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,6 @@ REQUESTS = 8
 @pytest.fixture(scope="module")
 def two_tritons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[TritonServer]]:
     """Two tritonservers that load only the cheapest model (explicit model control)."""
-    from .helpers import ROOT
-
     source = ROOT / "model_repository"
     if not (source / MODEL / "configs" / "cpu.pbtxt").is_file():
         pytest.skip(f"no model repository at {source}: run `make repository`")
@@ -63,9 +61,9 @@ def served(server: TritonServer) -> int:
     return int(float(match.group(1))) if match else 0
 
 
-def spread(servers: list[TritonServer], policy: str, log: Path) -> list[int]:
+def spread(servers: list[TritonServer], policy: str, log: Path) -> tuple[list[int], str]:
     """Sends REQUESTS classify requests through one gateway worker; returns what each
-    server served meanwhile."""
+    server served meanwhile, and the gateway's metrics."""
     target = "ipv4:" + ",".join(s.grpc_url for s in servers)
     env = {
         "GATEWAY_MODELS": MODEL,
@@ -81,6 +79,7 @@ def spread(servers: list[TritonServer], policy: str, log: Path) -> list[int]:
             for _ in range(REQUESTS):
                 answer = classify(client, data, "image/png")
                 assert answer.status_code == 200, answer.text
+            exposition = client.get("/metrics").text
     finally:
         gateway.stop()
     # The counters are the servers' own; give them a moment to be exported.
@@ -88,21 +87,28 @@ def spread(servers: list[TritonServer], policy: str, log: Path) -> list[int]:
     while True:
         counts = [served(s) - b for s, b in zip(servers, before, strict=True)]
         if sum(counts) >= REQUESTS or time.monotonic() > deadline:
-            return counts
+            return counts, exposition
         time.sleep(0.5)
 
 
 def test_round_robin_reaches_every_replica(two_tritons: list[TritonServer], tmp_path: Path) -> None:
-    counts = spread(two_tritons, "round_robin", tmp_path / "gateway.log")
+    counts, exposition = spread(two_tritons, "round_robin", tmp_path / "gateway.log")
     print(f"round_robin: {REQUESTS} requests -> per replica {counts}")
     assert sum(counts) == REQUESTS
     # Round robin over two ready subchannels alternates: an even split.
     assert counts == [REQUESTS // 2, REQUESTS // 2], counts
+    # The provenance the gateway read is published for the alerts (both replicas serve
+    # the same export here, so one series).
+    published = re.findall(
+        rf'^inception_model_weights_info\{{([^}}]*model="{MODEL}"[^}}]*)\}} 1\.0$', exposition, re.M
+    )
+    assert len(published) == 1, exposition
+    assert 'random_init="' in published[0] and 'weights="' in published[0]
 
 
 def test_pick_first_leaves_a_replica_idle(two_tritons: list[TritonServer], tmp_path: Path) -> None:
     """The old behaviour, kept as a control: one channel, one server, the other idle."""
-    counts = spread(two_tritons, "pick_first", tmp_path / "gateway.log")
+    counts, _ = spread(two_tritons, "pick_first", tmp_path / "gateway.log")
     print(f"pick_first: {REQUESTS} requests -> per replica {counts}")
     assert sum(counts) == REQUESTS
     assert sorted(counts) == [0, REQUESTS], counts
