@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from . import crops as geometry
 from .errors import ApiError, EmptyBody, ImageTooLarge, InvalidImage, UnsupportedImageFormat
 from .pixels import check_tiles, orientation, to_rgb
 
@@ -72,17 +73,37 @@ class Preprocessing:
     @property
     def scale_size(self) -> int:
         """The shorter side that timm resizes to before its centre crop."""
-        return math.floor(self.input_size / self.crop_pct)
+        return geometry.scale_size(self.input_size, self.crop_pct)
 
 
 @dataclass
 class Prepared:
-    """The decoded image's model inputs, one per distinct preprocessing, and what it cost."""
+    """The decoded image's model inputs, one batch of crops ``[n, size, size, 3]`` per
+    distinct preprocessing, and what it cost."""
 
-    inputs: dict[Preprocessing, np.ndarray]
-    size: tuple[int, int]  # of the stored image, before any draft reduction
+    batches: dict[Preprocessing, np.ndarray]
+    size: tuple[int, int]  # of the image as seen (EXIF orientation applied), before any draft reduction
     draft_scale: int = 1
+    crops: int = 1
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> dict[Preprocessing, np.ndarray]:
+        """The single-crop inputs ``[size, size, 3]``; only for ``crops=1``."""
+        if self.crops != 1:
+            raise ValueError(f"{self.crops} crops per preprocessing: use batches")
+        return {pre: batch[0] for pre, batch in self.batches.items()}
+
+
+#: The EXIF transpositions that swap width and height.
+_SWAPPING = frozenset(
+    {
+        Image.Transpose.ROTATE_90,
+        Image.Transpose.ROTATE_270,
+        Image.Transpose.TRANSPOSE,
+        Image.Transpose.TRANSVERSE,
+    }
+)
 
 
 def _unsupported_format(prefix: bytes) -> str | None:
@@ -112,8 +133,9 @@ def decode(
     """Decode ``data`` into an RGB image, EXIF orientation applied.
 
     ``draft_short_side``: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as
-    the shorter side stays at least this long. Returns the image, the format, the size in
-    the file, and the draft scale used (1 when none).
+    the shorter side stays at least this long. Returns the image, the format, the full
+    size as seen (the file's, swapped when the EXIF orientation turns the image), and the
+    reduction used (1 when none): a source pixel ``x`` is at ``x / scale`` in the image.
 
     Raises EmptyBody, InvalidImage (400), UnsupportedImageFormat (415) or ImageTooLarge (413).
     """
@@ -155,6 +177,8 @@ def decode(
         scale *= factor
         if transposition is not None:
             rgb = rgb.transpose(transposition)
+            if transposition in _SWAPPING:
+                width, height = height, width
         return rgb, fmt, (width, height), scale
     except ApiError:
         raise
@@ -166,27 +190,52 @@ def decode(
         raise InvalidImage("the image data is truncated or corrupt") from exc
 
 
-def crop_box(width: int, height: int, pre: Preprocessing) -> tuple[float, float, float, float]:
-    """The centre square that timm's resize-shorter-side-then-centre-crop keeps, in source
-    pixel coordinates: cropping and resizing in one resampling step is faster and blurs
-    less than two."""
-    side = min(width, height) * pre.input_size / pre.scale_size
-    left = (width - side) / 2.0
-    top = (height - side) / 2.0
-    return (left, top, left + side, top + side)
+def render(
+    image: Image.Image,
+    regions: list[geometry.Region],
+    source: tuple[int, int],
+    pre: Preprocessing,
+    scale: int = 1,
+) -> np.ndarray:
+    """The crops ``regions`` of an RGB image as a uint8 batch ``[n, size, size, 3]``.
+
+    ``source`` is the full-resolution size the regions are laid out on and ``scale`` the
+    reduction the decoded ``image`` carries (draft decoding): each crop is one Pillow
+    resampling step with the region's box, in the image's own coordinates (see
+    :mod:`service.crops` for why that equals resize-then-crop). A mirrored crop is its
+    unmirrored twin's pixels reversed, as torchvision's ``TenCrop`` flips a crop.
+    """
+    resample = INTERPOLATIONS[pre.interpolation]
+    out = np.empty((len(regions), pre.input_size, pre.input_size, 3), dtype=np.uint8)
+    made: dict[tuple[tuple[int, int], tuple[int, int, int, int]], int] = {}
+    for k, region in enumerate(regions):
+        key = (region.resized, region.rect)
+        twin = made.get(key)
+        if twin is None:
+            left, top, right, bottom = (v / scale for v in region.box(*source))
+            box = (left, top, min(right, image.width), min(bottom, image.height))
+            size = (region.size, region.size)
+            out[k] = np.asarray(image.resize(size, resample, box=box), dtype=np.uint8)
+            made[key] = k
+            twin = k
+        else:
+            out[k] = out[twin]
+        if region.mirror:
+            out[k] = out[k][:, ::-1]
+    return out
 
 
 def preprocess(image: Image.Image, pre: Preprocessing) -> np.ndarray:
-    """Centre crop and resize an RGB image to ``input_size``² uint8 HWC, as the model takes it."""
-    box = crop_box(image.width, image.height, pre)
-    size = (pre.input_size, pre.input_size)
-    resized = image.resize(size, INTERPOLATIONS[pre.interpolation], box=box)
-    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+    """timm's eval crop of an RGB image: ``input_size``² uint8 HWC, as the model takes it."""
+    region = geometry.centre_crop(image.width, image.height, pre.input_size, pre.crop_pct)
+    return render(image, [region], image.size, pre)[0]
 
 
-def draft_short_side(pres: list[Preprocessing], oversample: float) -> int:
+def draft_short_side(pres: list[Preprocessing], oversample: float, crops: int = 1) -> int:
     """The shortest shorter side that draft decoding may leave for these models."""
-    return math.ceil(max(p.scale_size for p in pres) * oversample)
+    return math.ceil(
+        max(geometry.largest_short_side(p.input_size, p.crop_pct, crops) for p in pres) * oversample
+    )
 
 
 def prepare(
@@ -196,18 +245,28 @@ def prepare(
     max_pixels: int,
     draft: bool = True,
     oversample: float = 2.0,
+    crops: int = 1,
 ) -> Prepared:
-    """Decode once, then preprocess once per distinct preprocessing; timed per stage."""
+    """Decode once, then crop once per distinct crop geometry (144 crops ignore
+    ``crop_pct``, so models differing only there share one batch); timed per stage."""
     started = time.perf_counter()
     unique = list(dict.fromkeys(pres))
-    short = draft_short_side(unique, oversample) if draft else None
+    short = draft_short_side(unique, oversample, crops) if draft else None
     image, _format, size, scale = decode(data, max_pixels=max_pixels, draft_short_side=short)
     decoded = time.perf_counter()
-    inputs = {pre: preprocess(image, pre) for pre in unique}
+    batches: dict[Preprocessing, np.ndarray] = {}
+    shared: dict[tuple[object, ...], np.ndarray] = {}
+    for pre in unique:
+        key = (pre.interpolation, pre.input_size, pre.crop_pct if geometry.uses_crop_pct(crops) else None)
+        if key not in shared:
+            regions = geometry.regions(*size, pre.input_size, pre.crop_pct, crops)
+            shared[key] = render(image, regions, size, pre, scale)
+        batches[pre] = shared[key]
     done = time.perf_counter()
     return Prepared(
-        inputs=inputs,
+        batches=batches,
         size=size,
         draft_scale=scale,
+        crops=crops,
         timings={"decode": decoded - started, "preprocess": done - decoded},
     )

@@ -15,7 +15,6 @@ from service.errors import EmptyBody, ImageTooLarge, InvalidImage, UnsupportedIm
 from service.imaging import (
     Preprocessing,
     configure_pillow,
-    crop_box,
     decode,
     prepare,
     preprocess,
@@ -153,29 +152,20 @@ def test_pixel_limit_refuses_before_decoding() -> None:
     decode(small, max_pixels=LIMIT)
 
 
-def test_crop_box_matches_timm_geometry() -> None:
-    # timm: resize the shorter side to floor(299 / crop_pct), then centre-crop 299.
-    left, top, right, bottom = crop_box(600, 400, V4)
-    assert right - left == pytest.approx(400 * 299 / 341) and bottom - top == right - left
-    assert (left + right) / 2 == 300 and (top + bottom) / 2 == 200
-    assert IRV2.scale_size == 333 and V4.scale_size == 341
-
-
 def test_preprocess_shape_and_type() -> None:
     out = preprocess(chelsea(), V4)
     assert out.shape == (299, 299, 3) and out.dtype == np.uint8 and out.flags["C_CONTIGUOUS"]
 
 
-def test_preprocess_close_to_resize_then_crop() -> None:
-    """One-step crop+resize versus timm's two steps (PIL resize, then centre crop)."""
-    image = Image.open(photo("coffee.png")).convert("RGB")
-    w, h = image.size
-    scale = V4.scale_size / min(w, h)
-    resized = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
-    left, top = (resized.width - 299) // 2, (resized.height - 299) // 2
-    reference = np.asarray(resized.crop((left, top, left + 299, top + 299)), dtype=np.int16)
-    ours = preprocess(image, V4).astype(np.int16)
-    assert np.abs(ours - reference).mean() < 3.0
+def test_exif_rotation_turns_the_crop_geometry_too() -> None:
+    """The size the crops are laid out on is the image as seen, after its EXIF turn."""
+    upright = chelsea()  # 451 x 300
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(upright.transpose(Image.Transpose.ROTATE_90), "PNG", exif=exif.tobytes())
+    prepared = prepare(data, [V4], max_pixels=LIMIT, draft=False)
+    assert prepared.size == upright.size
+    assert np.array_equal(prepared.inputs[V4], preprocess(upright, V4))
 
 
 def _big_real_jpegs() -> dict[str, bytes]:
