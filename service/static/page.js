@@ -52,7 +52,7 @@ async function loadModels() {
   const list = $("member-list");
   list.replaceChildren();
   for (const m of listing.models) {
-    const notes = [m.kind === "ensemble" ? "Triton ensemble" : "", m.default ? "default" : "",
+    const notes = [m.default ? "default" : "",
       m.weights === "random-init" ? "random init" : "", m.state !== "ready" ? "unavailable" : ""];
     const option = new Option([m.name, ...notes.filter(Boolean)].join(" · "), m.name, m.default, m.default);
     select.add(option);
