@@ -60,8 +60,10 @@ async function loadModels() {
   }
   select.add(new Option("members and weights of my choice…", "custom"));
   showMembers();
-  const crops = listing.crops || listing.crop_protocols; // if the listing advertises them
-  if (Array.isArray(crops)) offerCrops(crops);
+  // The multi-crop protocols, when the listing advertises them: {"10": "its source", ...}.
+  if (listing.crops && typeof listing.crops === "object") {
+    offerCrops(Object.entries(listing.crops).map(([n, about]) => [Number(n), `${n}: ${about}`]));
+  }
 }
 
 function memberRow(name) {
@@ -82,20 +84,21 @@ function showMembers() {
   $("members").hidden = $("model").value !== "custom";
 }
 
-/** The crops control appears only when the API says it takes `crops`. */
+/** The crops control appears only when the API says it takes `crops`: in its listing
+ * (above) or, failing that, as an enumerated option of POST /v1/classify in its OpenAPI. */
 async function loadCrops() {
   const spec = await fetch("/openapi.json").then((r) => (r.ok ? r.json() : null)).catch(() => null);
   const post = spec && spec.paths && spec.paths["/v1/classify"] && spec.paths["/v1/classify"].post;
-  const param = post && (post.parameters || []).find((p) => p.name === "crops");
-  if (!param) return;
-  const schema = param.schema || {};
-  const values = schema.enum || (schema.anyOf || []).flatMap((s) => s.enum || []);
-  offerCrops(values.length ? values : [1, 10, 144], schema.default);
+  if (!post || $("crops").options.length) return;
+  const query = (post.parameters || []).find((p) => p.name === "crops");
+  const form = post.requestBody && post.requestBody.content["multipart/form-data"];
+  const schemas = [query && query.schema, form && form.schema.properties && form.schema.properties.crops];
+  const values = schemas.filter(Boolean).flatMap((s) => s.enum || (s.anyOf || []).flatMap((a) => a.enum || []));
+  if (query && values.length) offerCrops([...new Set(values)].map((n) => [n, String(n)]));
 }
 
-function offerCrops(values, chosen) {
-  const select = $("crops");
-  select.replaceChildren(...values.map((v) => new Option(String(v), String(v), v === chosen, v === chosen)));
+function offerCrops(choices) {
+  $("crops").replaceChildren(...choices.map(([n, text], i) => new Option(text, String(n), i === 0, i === 0)));
   $("crops-field").hidden = false;
 }
 

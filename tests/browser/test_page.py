@@ -28,6 +28,14 @@ def open_page(page: Page, gateway: GatewayProcess) -> list[str]:
     return requested
 
 
+def submit(page: Page) -> None:
+    """Clicks Classify and waits for the answer: the button is disabled while a request is
+    in flight (the page gateway has one slot, so a second request meanwhile would be 429)."""
+    button = page.get_by_role("button", name="Classify")
+    button.click()
+    expect(button).to_be_enabled()
+
+
 def api_error(answer: httpx.Response) -> str:
     """What the page must show for an error answer: status, code and message as sent."""
     error = answer.json()["error"]
@@ -44,7 +52,7 @@ def test_a_photo_gets_bars_provenance_and_timings(page: Page, page_gateway: Gate
     expect(page.get_by_alt_text("Preview of chelsea.png")).to_be_visible()
     assert page.eval_on_selector("#preview", "img => img.naturalWidth") == 451
     page.get_by_label("Top-k").fill("3")
-    page.get_by_role("button", name="Classify").click()
+    submit(page)
     result = page.get_by_role("region", name="Result")
     expect(result).to_be_visible()
 
@@ -89,17 +97,30 @@ def test_a_photo_gets_bars_provenance_and_timings(page: Page, page_gateway: Gate
     assert 10_000 < small.stat().st_size <= 200_000
 
 
-def test_crops_are_offered_exactly_when_the_api_takes_them(page: Page, page_gateway: GatewayProcess) -> None:
+def test_crops_are_offered_exactly_when_the_api_advertises_them(
+    page: Page, page_gateway: GatewayProcess
+) -> None:
     open_page(page, page_gateway)
     with page_gateway.client() as client:
-        spec = client.get("/openapi.json").json()
-    parameters = spec["paths"]["/v1/classify"]["post"].get("parameters", [])
+        protocols = client.get("/v1/models").json().get("crops") or {}
+        post = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]
+    takes_crops = any(p["name"] == "crops" for p in post.get("parameters", []))
     crops = page.get_by_label("Crops")
-    if any(p["name"] == "crops" for p in parameters):
-        expect(crops).to_be_visible()
-        expect(crops.locator("option")).not_to_have_count(0)
-    else:
+    if not (protocols and takes_crops):
         expect(crops).to_be_hidden()
+        return
+    values = sorted(protocols, key=int)
+    expect(crops.locator("option")).to_have_count(len(values))
+    assert crops.locator("option").evaluate_all("options => options.map(o => o.value)") == values
+    page.get_by_label("Model").select_option(MODEL)
+    page.get_by_label("Image").set_input_files(PHOTO)
+    crops.select_option(values[1] if len(values) > 1 else values[0])
+    submit(page)
+    with page_gateway.client() as client:
+        same = classify(client, PHOTO.read_bytes(), "image/png", model=MODEL, crops=crops.input_value())
+    assert same.status_code == 200, same.text
+    expect(page.locator("#provenance")).to_contain_text(f"crops{same.json()['crops']}")
+    expect(page.locator("#predictions .label").first).to_have_text(same.json()["predictions"][0]["label"])
 
 
 def test_a_non_image_shows_the_415_message(page: Page, page_gateway: GatewayProcess) -> None:
@@ -107,7 +128,7 @@ def test_a_non_image_shows_the_415_message(page: Page, page_gateway: GatewayProc
     text = b"not an image, just notes\n"
     notes = {"name": "notes.txt", "mimeType": "text/plain", "buffer": text}
     page.get_by_label("Image").set_input_files(notes)
-    page.get_by_role("button", name="Classify").click()
+    submit(page)
     with page_gateway.client() as client:
         answer = classify(client, text, "text/plain", model=MODEL)
     assert answer.status_code == 415
@@ -119,7 +140,7 @@ def test_a_photo_over_the_limit_shows_the_413_message(page: Page, page_gateway: 
     assert TOO_LARGE.stat().st_size > MAX_BODY_BYTES
     open_page(page, page_gateway)
     page.get_by_label("Image").set_input_files(TOO_LARGE)
-    page.get_by_role("button", name="Classify").click()
+    submit(page)
     with page_gateway.client() as client:
         answer = classify(client, TOO_LARGE.read_bytes(), "image/png", model=MODEL)
     assert answer.status_code == 413
@@ -131,7 +152,7 @@ def test_an_overloaded_gateway_shows_the_429_message(
 ) -> None:
     open_page(page, page_gateway)
     page.get_by_label("Image").set_input_files(PHOTO)
-    page.get_by_role("button", name="Classify").click()
+    submit(page)
     with page_gateway.client() as client:
         answer = classify(client, PHOTO.read_bytes(), "image/png", model=MODEL)
     assert answer.status_code == 429 and answer.headers["Retry-After"]
@@ -182,7 +203,7 @@ def test_the_key_field_unlocks_a_keyed_gateway(page: Page, keyed_gateway: Gatewa
     expect(page.locator("#error")).to_be_hidden()
     page.get_by_label("Model").select_option(MODEL)
     page.get_by_label("Image").set_input_files(PHOTO)
-    page.get_by_role("button", name="Classify").click()
+    submit(page)
     expect(page.locator("#predictions li")).to_have_count(5)
     page.reload()
     expect(page.get_by_label("API key")).to_have_value(API_KEY)
