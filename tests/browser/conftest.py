@@ -4,7 +4,8 @@ processes against the shared real Triton, and tiny second origins for the web-ap
 Playwright's own browser download cannot work on these machines, so it drives the
 chromium that `make` installs from Debian (`executable_path`). Running as root in a
 container, chromium needs `--no-sandbox`; the other flags keep it from reaching for
-Google's services, whose connections this machine's closed network refuses.
+Google's services, whose connections this machine's closed network refuses. The browser,
+the gateways and the second origins live as long as this folder's tests, not the session.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Origin:
         return self.url + "/app.html"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium")
     if executable is None:
@@ -95,24 +96,24 @@ def _serve_origin(folder: Path) -> Iterator[Origin]:
         server.server_close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def app_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("webapp")
     (folder / "app.html").write_text("<!doctype html><title>a web app</title><p>a web app</p>")
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def listed_origin(app_folder: Path) -> Iterator[Origin]:
     yield from _serve_origin(app_folder)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def other_origin(app_folder: Path) -> Iterator[Origin]:
     yield from _serve_origin(app_folder)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def page_gateway(
     gateway_triton: TritonEndpoint,  # noqa: F811
     listed_origin: Origin,
@@ -132,7 +133,7 @@ def page_gateway(
         yield process
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def keyed_gateway(
     gateway_triton: TritonEndpoint,  # noqa: F811
     listed_origin: Origin,

@@ -97,6 +97,30 @@ def test_a_photo_gets_bars_provenance_and_timings(page: Page, page_gateway: Gate
     assert 10_000 < small.stat().st_size <= 200_000
 
 
+def test_members_and_weights_of_ones_choice(page: Page, page_gateway: GatewayProcess) -> None:
+    open_page(page, page_gateway)
+    members = page.get_by_role("group", name="Members and their weights")
+    expect(members).to_be_hidden()
+    page.get_by_label("Model").select_option("custom")
+    expect(members).to_be_visible()
+    members.get_by_label("inception_v4", exact=True).uncheck()
+    members.get_by_label("weight of inception_resnet_v2").fill("3")
+    page.get_by_label("Image").set_input_files(PHOTO)
+    submit(page)
+    with page_gateway.client() as client:
+        params = {"models": f"{MODEL},inception_resnet_v2", "weights": "1,3"}
+        same = classify(client, PHOTO.read_bytes(), "image/png", **params)
+    assert same.status_code == 200, same.text
+    expected = same.json()
+    provenance = page.locator("#provenance")
+    expect(provenance.locator("dd").first).to_have_text(expected["model"])
+    for member in expected["members"]:
+        expect(provenance).to_contain_text(
+            f"member {member['model']}× {member['weight']} · {member['weights']}"
+        )
+    expect(page.locator("#predictions .label")).to_have_text([p["label"] for p in expected["predictions"]])
+
+
 def test_crops_are_offered_exactly_when_the_api_advertises_them(
     page: Page, page_gateway: GatewayProcess
 ) -> None:
