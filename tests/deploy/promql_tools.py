@@ -27,6 +27,7 @@ GATEWAY_METRICS = {
     "inception_gateway_requests_total",
     "inception_gateway_errors_total",
     "inception_gateway_in_flight_requests",
+    "inception_model_weights_info",
     *(
         f"{name}{suffix}"
         for name in (

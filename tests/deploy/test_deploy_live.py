@@ -260,7 +260,15 @@ def test_alert_rules_are_loaded_and_healthy(scraped):
 
 
 def test_no_availability_alert_fires_on_a_healthy_stack(scraped):
-    for name in ("GatewayDown", "TritonDown", "TritonModelNotReady"):
+    for name in (
+        "GatewayDown",
+        "GatewayAbsent",
+        "TritonDown",
+        "TritonUnavailable",
+        "TritonAbsent",
+        "TritonModelNotReady",
+        "ModelWeightsDiffer",
+    ):
         alert = next(e for e in alert_expressions() if e.source == f"alert {name}")
         assert query(scraped, alert.expr)["result"] == [], name
 

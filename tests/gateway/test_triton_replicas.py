@@ -112,3 +112,31 @@ def test_pick_first_leaves_a_replica_idle(two_tritons: list[TritonServer], tmp_p
     print(f"pick_first: {REQUESTS} requests -> per replica {counts}")
     assert sum(counts) == REQUESTS
     assert sorted(counts) == [0, REQUESTS], counts
+
+
+def test_ended_connections_cost_no_request(one_model_repository: Path, tmp_path: Path) -> None:
+    """Triton ends each connection at its maximum age (--grpc-max-connection-age, as
+    deployed), which is when the gateway resolves its target again and finds new pods.
+    Requests that cross those ends all succeed: in-flight calls finish within the grace,
+    and the next call reconnects."""
+    age_ms = 500
+    args = [f"--grpc-max-connection-age={age_ms}", "--grpc-max-connection-age-grace=5000"]
+    server = TritonServer(one_model_repository, log_path=tmp_path / "triton.log", extra_args=args)
+    env = {"GATEWAY_MODELS": MODEL, "GATEWAY_DEFAULT_MODEL": MODEL}
+    gateway = GatewayProcess(server.grpc_url, tmp_path / "gateway.log", env=env)
+    data = photo("chelsea.png").read_bytes()
+    try:
+        server.start().wait_ready(timeout=300)
+        gateway.start().wait("/readyz", timeout=120)
+        before = served(server)  # the warm-up counts too
+        with gateway.client() as client:
+            started = time.monotonic()
+            statuses = []
+            while time.monotonic() - started < 8 * age_ms / 1000:
+                statuses.append(classify(client, data, "image/png").status_code)
+                time.sleep(0.1)
+        assert len(statuses) >= 4 and set(statuses) == {200}, statuses
+        assert served(server) - before == len(statuses)
+    finally:
+        gateway.stop()
+        server.stop()
