@@ -26,10 +26,12 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
-	# Debian tools the deployment tests run for real (Prometheus, promtool, docker-compose, kubectl).
-	command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null || \
+	# Debian tools the deployment tests run for real (Prometheus, promtool, Alertmanager,
+	# amtool, docker-compose, kubectl).
+	command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null && \
+	  command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus docker-compose; }
+	    prometheus prometheus-alertmanager docker-compose; }
 	command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; }
 	# Debian's browser, which Playwright drives in tests/browser (its own download cannot work here).
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

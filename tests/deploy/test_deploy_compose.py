@@ -48,7 +48,14 @@ def raw() -> dict:
 
 
 def test_docker_compose_config_validates(resolved):
-    assert set(resolved["services"]) == {"models", "triton", "gateway", "prometheus", "grafana"}
+    assert set(resolved["services"]) == {
+        "models",
+        "triton",
+        "gateway",
+        "prometheus",
+        "alertmanager",
+        "grafana",
+    }
 
 
 def test_compose_spec_schema(check_jsonschema):
@@ -94,6 +101,7 @@ def test_health_checks(resolved):
         "triton": "/v2/health/ready",
         "gateway": "/readyz",
         "prometheus": "/-/ready",
+        "alertmanager": "/-/ready",
         "grafana": "/api/health",
     }
     for name, path in expected.items():
@@ -146,8 +154,8 @@ def test_debug_override_opens_triton_on_loopback_only(docker_compose):
     result = compose_config(docker_compose, COMPOSE, DEBUG_OVERRIDE, env=SECRET_ENV)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
-    ports = services["triton"]["ports"] + services["prometheus"]["ports"]
-    assert len(ports) == 4
+    ports = services["triton"]["ports"] + services["prometheus"]["ports"] + services["alertmanager"]["ports"]
+    assert len(ports) == 5
     for port in ports:
         host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).split(":")[0]
         assert host_ip == "127.0.0.1", port
@@ -156,7 +164,11 @@ def test_debug_override_opens_triton_on_loopback_only(docker_compose):
 def test_gateway_runs_several_workers_and_reaches_triton(resolved):
     gateway = resolved["services"]["gateway"]
     assert int(gateway["environment"]["WEB_CONCURRENCY"]) > 1
-    assert gateway["environment"]["GATEWAY_TRITON_GRPC_URL"] == "triton:8001"
+    # Every replica of `triton` (docker compose up --scale triton=N), round-robin.
+    assert gateway["environment"]["GATEWAY_TRITON_GRPC_URL"] == "dns:///triton:8001"
+    assert "GATEWAY_TRITON_LB_POLICY" not in gateway["environment"]  # the default: round_robin
+    command = resolved["services"]["triton"]["command"]
+    assert "--grpc-max-connection-age=60000" in command, "connections never end: no re-resolution"
     assert gateway["build"]["dockerfile"] == "deploy/gateway.Dockerfile"
     assert gateway["read_only"] is True and "/tmp" in gateway["tmpfs"]
 
@@ -166,6 +178,30 @@ def test_prometheus_and_grafana_mount_the_deploy_files(raw):
     assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
     assert (DEPLOY / "prometheus" / "prometheus.yml").is_file()
+
+
+def test_alertmanager_receives_what_prometheus_fires(resolved, raw):
+    """Prometheus sends to the compose Alertmanager, which mounts the shipped config (or
+    the operator's, ALERTMANAGER_CONFIG) and starts before it."""
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [
+        t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]
+    ]
+    assert targets == ["alertmanager:9093"]
+    alertmanager = raw["services"]["alertmanager"]
+    assert (
+        "${ALERTMANAGER_CONFIG:-./deploy/alertmanager/alertmanager.yml}:/etc/alertmanager/alertmanager.yml:ro"
+        in alertmanager["volumes"]
+    )
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert "alertmanager" in resolved["services"]["prometheus"]["depends_on"]
+    assert "alertmanager" not in {n for n, s in resolved["services"].items() if s.get("ports")}
+
+
+def test_models_job_requires_real_weights_by_default(resolved):
+    environment = resolved["services"]["models"]["environment"]
+    assert environment["MODELS_ALLOW_RANDOM"] == "none"
+    assert environment["MODELS_HUB"] == "auto"
 
 
 # ------------------------------------------------------------------------- Dockerfiles

@@ -1,0 +1,205 @@
+"""Alerts reach someone: the real Prometheus (Debian's binary) evaluates the shipped rules
+and sends what fires to the real Alertmanager (Debian's prometheus-alertmanager), which
+routes it with the shipped config to its webhook receiver: here a small HTTP server in
+this test, standing where the operator's endpoint stands.
+
+Only what cannot run here is changed: the addresses (compose service names become
+loopback ports), the gateway target (a port where nothing listens, so the gateway is
+down), the rules' `for:` (zero, so the test takes seconds, not minutes) and the
+Alertmanager's group_wait (one second)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import yaml
+from conftest import require_tool
+from promql_tools import ALERTS, DEPLOY
+
+from embedded.processes import free_port, log_tail, start_group, stop_group, wait_http
+
+pytestmark = pytest.mark.integration
+
+ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+
+
+@pytest.fixture(scope="module")
+def alertmanager_bin() -> str:
+    for name in ("prometheus-alertmanager", "alertmanager"):
+        try:
+            return require_tool(name, "Debian package prometheus-alertmanager")
+        except pytest.skip.Exception:
+            continue
+    pytest.skip("Alertmanager is not installed (Debian package prometheus-alertmanager)")
+
+
+@pytest.fixture(scope="module")
+def amtool() -> str:
+    return require_tool("amtool", "Debian package prometheus-alertmanager")
+
+
+def test_amtool_checks_the_shipped_config(amtool):
+    import subprocess
+
+    result = subprocess.run(
+        [amtool, "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 receivers" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def webhook() -> Iterator[tuple[str, queue.Queue[dict]]]:
+    """The receiver: records every notification Alertmanager POSTs."""
+    received: queue.Queue[dict] = queue.Queue()
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            received.put({"path": self.path, "body": json.loads(self.rfile.read(length))})
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/alerts", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def alertmanager(alertmanager_bin, webhook, tmp_path_factory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("alertmanager")
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    (receiver,) = config["receivers"]
+    assert receiver["webhook_configs"][0]["url"].endswith("/alerts")
+    receiver["webhook_configs"][0]["url"] = webhook[0]
+    config["route"]["group_wait"] = "1s"
+    (work / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    port, cluster = free_port(), free_port()
+    log = work / "alertmanager.log"
+    process = start_group(
+        [
+            alertmanager_bin,
+            f"--config.file={work / 'alertmanager.yml'}",
+            f"--storage.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--cluster.listen-address=127.0.0.1:{cluster}",
+        ],
+        log_path=log,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_group(process)
+
+
+@pytest.fixture(scope="module")
+def prometheus(prometheus_bin, alertmanager, tmp_path_factory) -> Iterator[str]:
+    """The shipped prometheus.yml, its addresses made local, and the shipped rules."""
+    work = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (alerting,) = config["alerting"]["alertmanagers"]
+    assert alerting["static_configs"] == [{"targets": ["alertmanager:9093"]}]
+    alerting["static_configs"] = [{"targets": [alertmanager]}]
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    # Nothing listens at these ports: the gateway and the only Triton are down.
+    config["scrape_configs"] = [
+        {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{free_port()}"]}]}
+        for job in ("gateway", "triton")
+    ]
+    rules = yaml.safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "0s"
+    (work / "alerts.yml").write_text(yaml.safe_dump(rules))
+    config["rule_files"] = [str(work / "alerts.yml")]
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = work / "prometheus.log"
+    process = start_group(
+        [
+            prometheus_bin,
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        log_path=log,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(process)
+
+
+def test_a_firing_rule_reaches_the_webhook(prometheus, webhook):
+    """GatewayDown fires in Prometheus and arrives at the receiver, with its runbook."""
+    _, received = webhook
+    deadline = time.monotonic() + 90
+    notifications: list[dict] = []
+    while time.monotonic() < deadline:
+        try:
+            notifications.append(received.get(timeout=1))
+        except queue.Empty:
+            continue
+        alerts = [a for n in notifications for a in n["body"]["alerts"]]
+        if any(a["labels"]["alertname"] == "GatewayDown" for a in alerts):
+            break
+    else:
+        active = httpx.get(f"{prometheus}/api/v1/alertmanagers", timeout=10).json()
+        pytest.fail(f"no GatewayDown notification in {notifications}; Prometheus' alertmanagers: {active}")
+    gateway_down = next(
+        (n, a)
+        for n in notifications
+        for a in n["body"]["alerts"]
+        if a["labels"]["alertname"] == "GatewayDown"
+    )
+    notification, alert = gateway_down
+    assert notification["path"] == "/alerts"
+    assert notification["body"]["receiver"] == "operator-webhook"
+    assert alert["status"] == "firing"
+    assert alert["labels"]["severity"] == "critical" and alert["labels"]["job"] == "gateway"
+    assert alert["annotations"]["runbook_url"] == "README.md#gatewaydown"
+    assert alert["annotations"]["summary"].startswith("Gateway 127.0.0.1:")
+
+
+def test_an_outage_pages_once(prometheus, alertmanager, webhook):
+    """The only Triton is down: TritonUnavailable pages, and the shipped inhibition keeps
+    TritonDown (which fires too) from paging beside it."""
+    deadline = time.monotonic() + 60
+    states: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        alerts = httpx.get(f"http://{alertmanager}/api/v2/alerts", timeout=10).json()
+        states = {a["labels"]["alertname"]: a["status"]["state"] for a in alerts}
+        if states.get("TritonUnavailable") == "active" and states.get("TritonDown") == "suppressed":
+            break
+        time.sleep(1)
+    assert states.get("TritonUnavailable") == "active", states
+    assert states.get("TritonDown") == "suppressed", states
+    time.sleep(3)  # group_wait is 1 s: whatever was to be sent has been
+    _, received = webhook
+    sent = []
+    while not received.empty():
+        sent += [a["labels"]["alertname"] for a in received.get()["body"]["alerts"]]
+    assert "TritonDown" not in sent, sent
+
+
+def test_prometheus_knows_its_alertmanager(prometheus, alertmanager):
+    data = httpx.get(f"{prometheus}/api/v1/alertmanagers", timeout=10).json()["data"]
+    urls = [a["url"] for a in data["activeAlertmanagers"]]
+    assert urls == [f"http://{alertmanager}/api/v2/alerts"], data
