@@ -48,7 +48,10 @@ def test_kustomize_builds_everything(objects):
         ("Deployment", "triton"),
         ("Deployment", "gateway"),
         ("Service", "triton"),
+        ("Service", "triton-headless"),
         ("Service", "gateway"),
+        ("PodDisruptionBudget", "triton"),
+        ("PodDisruptionBudget", "gateway"),
         ("HorizontalPodAutoscaler", "gateway"),
         ("HorizontalPodAutoscaler", "triton"),
         ("PodMonitor", "gateway"),
@@ -106,13 +109,17 @@ def test_triton_gets_a_gpu_and_is_ready_only_with_every_model(objects):
     assert "/v2/models/$m/ready" in probe
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert "--metrics-config=summary_latencies=true" in container["args"]
-    # The repository comes from a volume that an init container fills.
+    # The repository comes from a volume that an init container fills from the repository
+    # image, built once with its weights: no pod downloads, traces or chooses weights.
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    init = spec["initContainers"][0]
+    (init,) = spec["initContainers"]
     init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
     assert mounts["repository"] == init_mounts["repository"] == "/models"
-    assert init["image"].startswith("inception-serving/models:")
-    assert {e["name"]: e["value"] for e in init["env"]}["MODELS_REPOSITORY"] == "/models"
+    assert init["image"].startswith("inception-serving/repository:")
+    assert "env" not in init and "checkpoints" not in init_mounts
+    dockerfile = (DEPLOY / "repository.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["cp", "-a", "/repository/.", "/models/"]' in dockerfile
+    assert "RUN --mount=type=bind,from=checkpoints,target=/checkpoints models-entrypoint" in dockerfile
     assert "--model-repository=/models" in container["args"]
     assert "--model-config-name=gpu" in container["args"]  # configs/gpu.pbtxt: GPU instances, provenance
     assert mounts["dshm"] == "/dev/shm"
@@ -124,17 +131,21 @@ def test_gateway_deployment(objects):
     container = spec["containers"][0]
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # Ready while Triton is away (it answers 503 with Retry-After then): /readyz asks Triton.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e for e in container["env"]}
-    assert env["GATEWAY_TRITON_GRPC_URL"]["value"] == "triton:8001"
+    assert env["GATEWAY_TRITON_GRPC_URL"]["value"] == "dns:///triton-headless:8001"
+    assert env.get("GATEWAY_TRITON_LB_POLICY", {}).get("value", "round_robin") == "round_robin"
     secret = env["GATEWAY_API_KEYS"]["valueFrom"]["secretKeyRef"]
     # Keys are meant to be used: no Secret, no pod (rather than a pod without authentication).
     assert secret["optional"] is False
     assert "cpu" in container["resources"]["requests"], "the CPU autoscaler needs a CPU request"
-    # The Service in front of Triton's gRPC port is the one the gateway names.
-    triton_service = by_kind(objects, "Service")["triton"]
-    assert any(p["port"] == 8001 and p["targetPort"] == "grpc" for p in triton_service["spec"]["ports"])
+    # The Service the gateway names is headless: one DNS record per ready Triton pod.
+    headless = by_kind(objects, "Service")["triton-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert not headless["spec"].get("publishNotReadyAddresses", False)
+    assert any(p["port"] == 8001 and p["targetPort"] == "grpc" for p in headless["spec"]["ports"])
 
 
 def test_no_secret_values_are_shipped(objects):
@@ -153,9 +164,13 @@ def test_images_are_pinned(objects):
 def test_services_select_their_pods(objects):
     deployments = by_kind(objects, "Deployment")
     for name, service in by_kind(objects, "Service").items():
-        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
-        assert service["spec"]["selector"].items() <= labels.items()
-        ports = {p["name"] for c in pod_spec(deployments[name])["containers"] for p in c.get("ports", [])}
+        selected = [
+            d
+            for d in deployments.values()
+            if service["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(selected) == 1, f"Service {name} selects {len(selected)} Deployments"
+        ports = {p["name"] for c in pod_spec(selected[0])["containers"] for p in c.get("ports", [])}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in ports
 
@@ -174,6 +189,49 @@ def test_autoscalers(objects):
     assert queue["type"] == "Pods"
     served = {rule["name"]["as"] for rule in adapter_rules()}
     assert queue["pods"]["metric"]["name"] in served, "prometheus-adapter serves no such metric"
+
+
+def test_autoscaled_deployments_set_no_replica_count(objects):
+    """The HPA owns the count: a `replicas` in the manifest resets it on every apply."""
+    hpas = by_kind(objects, "HorizontalPodAutoscaler")
+    for hpa in hpas.values():
+        deployment = by_kind(objects, "Deployment")[hpa["spec"]["scaleTargetRef"]["name"]]
+        assert "replicas" not in deployment["spec"], deployment["metadata"]["name"]
+    assert {"gateway", "triton"} <= set(hpas)
+
+
+def test_disruptions_and_rollouts_cannot_deadlock(objects):
+    """A drain or a rollout on a small cluster always proceeds: each budget lets one pod go
+    whatever the replica count (never `minAvailable`), and Triton's rollout needs no spare
+    GPU (maxUnavailable >= 1)."""
+    budgets = by_kind(objects, "PodDisruptionBudget")
+    deployments = by_kind(objects, "Deployment")
+    assert set(budgets) == set(deployments)
+    for name, budget in budgets.items():
+        spec = budget["spec"]
+        assert "minAvailable" not in spec, name
+        assert int(spec["maxUnavailable"]) >= 1, name
+        assert spec.get("unhealthyPodEvictionPolicy") == "AlwaysAllow", name
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"].items() <= labels.items()
+    for name, deployment in deployments.items():
+        rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+        assert int(rolling["maxUnavailable"]) >= 1, f"{name}: a rollout waits for a surge pod"
+
+
+def test_gateway_probes_outlast_its_own_triton_deadline(objects):
+    from service.settings import Settings
+
+    deadline = Settings(_env_file=None).triton_probe_timeout_s
+    container = pod_spec(by_kind(objects, "Deployment")["gateway"])["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe].get("timeoutSeconds", 1) > deadline, probe
+
+
+def test_triton_ends_connections_so_new_pods_are_found(objects):
+    container = pod_spec(by_kind(objects, "Deployment")["triton"])["containers"][0]
+    ages = [a for a in container["args"] if a.startswith("--grpc-max-connection-age=")]
+    assert ages and 0 < int(ages[0].split("=")[1]) <= 300_000, container["args"]
 
 
 def test_adapter_rule_shape():
