@@ -101,8 +101,22 @@ class TemporarilyUnavailable(ApiError):
     status, code = 503, "temporarily_unavailable"
 
 
+class OverCapacity(ApiError):
+    """Admission control refused the request: it would not be answered within the latency
+    objective or its own deadline. Refused at once, with the time the backlog takes to
+    drain as Retry-After, instead of queued until it times out."""
+
+    status, code = 503, "over_capacity"
+
+
 class BackendTimeout(ApiError):
     status, code = 504, "backend_timeout"
+
+
+class DeadlineExceeded(ApiError):
+    """The request's own deadline (X-Request-Timeout) passed before its answer was ready."""
+
+    status, code = 504, "deadline_exceeded"
 
 
 class InternalError(ApiError):

@@ -80,6 +80,25 @@ IN_FLIGHT = Gauge(
     "Classify requests being handled",
     multiprocess_mode="livesum",
 )
+#: Admission control (service/admission.py): what it refused and why, and per model the
+#: limit it derived and the service rate it measured, summed over the workers.
+SHED = Counter(
+    "inception_gateway_shed",
+    "Classify requests refused by admission control (reason: capacity or deadline)",
+    ["model", "reason"],
+)
+ADMISSION_LIMIT = Gauge(
+    "inception_gateway_admission_limit_images",
+    "Images in flight admitted per model (service rate x latency objective)",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+SERVICE_RATE = Gauge(
+    "inception_gateway_service_rate_images_per_second",
+    "Measured service rate per model: images answered per second of busy time",
+    ["model"],
+    multiprocess_mode="livesum",
+)
 REQUEST_SIZE = Histogram(
     "inception_gateway_request_size_bytes",
     "Bytes of image data per classify request",

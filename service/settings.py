@@ -147,6 +147,21 @@ class Settings(BaseSettings):
         2.0, ge=0, description="how long a request waits for a free slot before 429"
     )
     retry_after_overloaded_s: int = Field(1, ge=0, description="Retry-After of 429 answers")
+    admission: bool = Field(
+        True, description="admission control on (off: every request queues, as before it existed)"
+    )
+    latency_target_s: float = Field(
+        0.5,
+        gt=0,
+        description="latency objective: a request that would wait longer for its model (at the "
+        "measured service rate) is refused at once with 503 and Retry-After (service/admission.py)",
+    )
+    admission_initial_limit: int = Field(
+        8, ge=1, description="images in flight per model before the first service-rate measurement"
+    )
+    admission_min_limit: int = Field(
+        2, ge=1, description="images in flight per model always admitted, whatever the measured rate"
+    )
     retry_after_unavailable_s: int = Field(5, ge=0, description="Retry-After of 503 answers")
 
     api_keys: Annotated[list[str], NoDecode] = Field(

@@ -22,11 +22,13 @@ from tritonclient.utils import InferenceServerException
 from inception.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
 from . import metrics
+from .deadlines import deadline_var, remaining_s
 from .errors import (
     ApiError,
     BackendError,
     BackendTimeout,
     BackendUnavailable,
+    DeadlineExceeded,
     ModelUnavailable,
     Overloaded,
 )
@@ -44,7 +46,9 @@ def map_triton_error(exc: InferenceServerException, model: str, settings: Settin
     """Triton's failure as the gateway's error; Triton's own words are logged, not returned."""
     status, message = _status(exc), str(exc.message() or "").lower()
     unavailable = {"Retry-After": str(settings.retry_after_unavailable_s)}
-    if "DEADLINE_EXCEEDED" in status:
+    if "DEADLINE_EXCEEDED" in status or "timeout expired" in message:
+        # The gRPC deadline passed, or Triton's queue policy dropped the request unrun
+        # once the timeout the gateway sent with it had passed.
         return BackendTimeout(f"the inference server did not answer within {settings.triton_timeout_s:g} s")
     if "RESOURCE_EXHAUSTED" in status or "queue" in message:
         return Overloaded(
@@ -69,6 +73,12 @@ def checked_output(probabilities: np.ndarray | None, batch_size: int, model: str
         log.error("non-finite triton output", extra={"model": model})
         raise BackendError("the inference server answered with scores that are not finite numbers")
     return probabilities.astype(np.float32, copy=False)
+
+
+def _deadline_passed() -> DeadlineExceeded:
+    deadline = deadline_var.get()
+    budget = f" of {deadline.budget_s:g} s" if deadline is not None else ""
+    return DeadlineExceeded(f"the request's deadline{budget} passed before its answer was ready")
 
 
 class TritonBackend:
@@ -173,7 +183,15 @@ class TritonBackend:
         raise BackendUnavailable("the inference server is unavailable; retry later", headers=headers)
 
     async def infer(self, name: str, batch: np.ndarray, request_id: str = "") -> np.ndarray:
-        """Probabilities ``[n, 1000]`` for a uint8 ``[n, H, W, 3]`` batch, sent as is."""
+        """Probabilities ``[n, 1000]`` for a uint8 ``[n, H, W, 3]`` batch, sent as is.
+
+        What remains of the request's deadline (service/deadlines.py) goes with the call
+        twice: as its gRPC deadline, and as Triton's request timeout, so that Triton drops
+        the request from its queue instead of computing an answer nobody waits for."""
+        remaining = remaining_s()
+        budget = self.settings.triton_timeout_s if remaining is None else remaining
+        if budget <= 0:
+            raise _deadline_passed()
         tensor = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
         tensor.set_data_from_numpy(batch)
         try:
@@ -182,10 +200,14 @@ class TritonBackend:
                 [tensor],
                 outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
                 request_id=request_id[:128],
-                client_timeout=self.settings.triton_timeout_s,
+                timeout=max(1, int(budget * 1e6)),
+                client_timeout=budget,
             )
         except InferenceServerException as exc:
             error = map_triton_error(exc, name, self.settings)
+            deadline = deadline_var.get()
+            if isinstance(error, BackendTimeout) and deadline is not None and deadline.client:
+                error = _deadline_passed()
             if isinstance(error, BackendTimeout) and not await self.server_live():
                 error = BackendUnavailable(
                     "the inference server is unavailable; retry later",

@@ -7,6 +7,8 @@
 - `weights` belongs to `models` (the counts must match, and not all may be zero): JSON
   schema cannot tie one query parameter to another, so generated requests that break the
   rule are dropped here; `tests/gateway/test_routing.py` tests the rule and its 422.
+- A deadline (`X-Request-Timeout`) shorter than an inference cannot be met: such
+  generated deadlines are dropped; `test_overload.py` tests deadlines.
 """
 
 from __future__ import annotations
@@ -71,3 +73,14 @@ def filter_query(ctx: Any, query: dict[str, Any] | None) -> bool:
 @schemathesis.hook
 def filter_body(ctx: Any, body: Any) -> bool:
     return not isinstance(body, dict) or keeps_the_weights_rule(body)
+
+
+@schemathesis.hook
+def filter_headers(ctx: Any, headers: dict[str, Any] | None) -> bool:
+    """A client deadline shorter than an inference is answered 503 or 504 by design (it
+    cannot be met); generated deadlines are kept to those an answer fits in."""
+    timeout = (headers or {}).get("X-Request-Timeout")
+    try:
+        return timeout is None or float(timeout) >= 30
+    except (TypeError, ValueError):
+        return True  # not a number: the schema's business (a 422)

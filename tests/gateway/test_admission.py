@@ -1,0 +1,189 @@
+"""Admission control's arithmetic (service/admission.py), on a clock the test moves, and
+the deadline's parsing (service/deadlines.py). The stack under overload is tested in
+test_overload.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import math
+
+import pytest
+
+from service import deadlines
+from service.admission import SAMPLE_BUSY_S, Admission, ModelLoad
+from service.errors import InvalidRequest
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def serve(load: ModelLoad, clock: Clock, requests: int, service_s: float, concurrency: int = 1) -> None:
+    """``requests`` requests, ``concurrency`` at a time, each batch taking ``service_s``."""
+    for _ in range(0, requests, concurrency):
+        for _ in range(concurrency):
+            load.enter(1)
+        clock.now += service_s
+        for _ in range(concurrency):
+            load.leave(1, completed=True)
+
+
+def test_rate_is_completions_per_busy_second_and_idle_time_does_not_count() -> None:
+    clock = Clock()
+    load = ModelLoad(initial_limit=8, clock=clock)
+    assert load.rate is None and load.limit(0.5) == 8
+    serve(load, clock, 10, 0.1)  # 10/s while busy
+    clock.now += 60  # a quiet minute
+    serve(load, clock, 10, 0.1)
+    assert load.rate == pytest.approx(10.0)
+    assert load.limit(0.5) == 5  # Little's law: 10/s x 0.5 s
+
+
+def test_rate_follows_a_faster_server() -> None:
+    """Batches of 4 in the same time: the measured rate, and the limit, rise with them."""
+    clock = Clock()
+    load = ModelLoad(initial_limit=8, clock=clock)
+    serve(load, clock, 20, 0.1)
+    slow = load.rate
+    assert slow is not None
+    for _ in range(10):
+        serve(load, clock, 40, 0.1, concurrency=4)
+    assert load.rate is not None and load.rate > 3 * slow
+
+
+def test_failures_do_not_feed_the_rate() -> None:
+    clock = Clock()
+    load = ModelLoad(initial_limit=8, clock=clock)
+    for _ in range(20):
+        load.enter(1)
+        clock.now += 0.001
+        load.leave(1, completed=False)  # instant failures look like a fast server
+    assert load.rate is None
+
+
+def test_refuses_past_the_limit_with_retry_after_from_the_rate() -> None:
+    clock = Clock()
+    admission = Admission(objective_s=0.5, initial_limit=8, min_limit=1)
+    load = admission.load("m")
+    load.clock = clock
+    serve(load, clock, 20, 0.25)  # 4/s -> limit 2
+    assert load.limit(0.5) == 2
+    with admission.admitted(["m"], 1), admission.admitted(["m"], 1):
+        refusal = admission.refusal(["m"], 1, None)
+        assert refusal is not None and refusal.reason == "capacity" and refusal.model == "m"
+        assert refusal.retry_after_s == math.ceil(2 / 4)
+    assert admission.refusal(["m"], 1, None) is None
+
+
+def test_an_idle_model_always_admits_even_a_large_request() -> None:
+    admission = Admission(objective_s=0.5, initial_limit=2)
+    assert admission.refusal(["m"], 144, budget_s=0.001) is None
+
+
+def test_a_request_whose_deadline_cannot_be_met_is_refused_at_once() -> None:
+    clock = Clock()
+    admission = Admission(objective_s=10.0, initial_limit=8)
+    load = admission.load("m")
+    load.clock = clock
+    serve(load, clock, 20, 0.5)  # 2/s
+    with admission.admitted(["m"], 1):
+        assert admission.refusal(["m"], 1, budget_s=5.0) is None  # 1 s expected
+        refusal = admission.refusal(["m"], 1, budget_s=0.8)
+        assert refusal is not None and refusal.reason == "deadline"
+
+
+def test_a_per_request_ensemble_takes_places_in_all_its_models_or_none() -> None:
+    clock = Clock()
+    admission = Admission(objective_s=0.5, initial_limit=1, min_limit=1)
+    with admission.admitted(["a"], 1):
+        refusal = admission.refusal(["b", "a"], 1, None)
+        assert refusal is not None and refusal.model == "a"
+        assert admission.load("b").in_flight == 0  # nothing taken in b
+    with admission.admitted(["a", "b"], 1):
+        assert (admission.load("a").in_flight, admission.load("b").in_flight) == (1, 1)
+    assert (admission.load("a").in_flight, admission.load("b").in_flight) == (0, 0)
+    del clock
+
+
+def test_crops_weigh_as_many_images() -> None:
+    clock = Clock()
+    admission = Admission(objective_s=1.0, initial_limit=8)
+    load = admission.load("m")
+    load.clock = clock
+    serve(load, clock, 40, 0.1, concurrency=4)  # 40 images/s -> limit 40
+    with admission.admitted(["m"], 10):
+        assert admission.refusal(["m"], 10, None) is None
+        refusal = admission.refusal(["m"], 144, None)
+        assert refusal is not None and refusal.reason == "capacity"
+
+
+def test_a_sample_needs_busy_time_as_well_as_completions() -> None:
+    clock = Clock()
+    load = ModelLoad(initial_limit=8, clock=clock)
+    serve(load, clock, 10, SAMPLE_BUSY_S / 100)
+    assert load.rate is None  # 10 completions in 5 ms of busy time: not yet a measurement
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [(None, (30.0, False)), (2.5, (2.5, True)), (45.0, (30.0, False))]
+)
+def test_deadline_is_the_clients_capped_by_the_gateways(
+    given: float | None, expected: tuple[float, bool]
+) -> None:
+    def check() -> None:
+        deadline = deadlines.start(given, 30.0)
+        assert (deadline.budget_s, deadline.client) == expected
+        remaining = deadlines.remaining_s()
+        assert remaining is not None and 0 < remaining <= expected[0]
+
+    contextvars.Context().run(check)  # the deadline must not outlive this test
+    assert deadlines.remaining_s() is None
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.nan, math.inf])
+def test_deadline_must_be_a_positive_finite_number(bad: float) -> None:
+    with pytest.raises(InvalidRequest):
+        contextvars.Context().run(deadlines.start, bad, 30.0)
+
+
+def test_work_is_cancelled_when_the_client_goes_away() -> None:
+    """The disconnect cancels the work (in production: the gRPC call, which Triton drops)."""
+    from starlette.requests import ClientDisconnect
+
+    cancelled = asyncio.Event()
+
+    async def work() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "answer"
+
+    async def scenario() -> None:
+        gone = asyncio.Event()
+
+        async def receive() -> dict[str, object]:
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        asyncio.get_running_loop().call_later(0.05, gone.set)
+        with pytest.raises(ClientDisconnect):
+            await deadlines.unless_disconnected(receive, work())
+        assert cancelled.is_set()
+
+        async def never() -> dict[str, object]:
+            await asyncio.sleep(60)
+            return {}
+
+        async def quick() -> str:
+            return "answer"
+
+        assert await deadlines.unless_disconnected(never, quick()) == "answer"
+
+    asyncio.run(scenario())
