@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import select
 import shutil
 import socket
 import threading
@@ -149,17 +150,34 @@ def keyed_gateway(
 @pytest.fixture
 def held_slot(page_gateway: GatewayProcess) -> Iterator[None]:
     """The page gateway's only slot, held by a request whose body never comes."""
+    with page_gateway.client() as client:
+        stalled = _stall(page_gateway.port, client)
+        try:
+            yield
+        finally:
+            stalled.close()
+        _wait_for(lambda: _probe(client) != 429, "the held slot never came back")
+
+
+def _stall(port: int, client: httpx.Client, timeout: float = 30.0) -> socket.socket:
+    """A connection whose request holds the slot: proven by a probe's 429. A probe that
+    slips in first gets the slot and the stalled request a 429 of its own; then again."""
     head = (
         f"POST /v1/classify?model={MODEL} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         "Content-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
     ).encode()
-    address = ("127.0.0.1", page_gateway.port)
-    with page_gateway.client() as client, socket.create_connection(address) as stalled:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stalled = socket.create_connection(("127.0.0.1", port))
         stalled.sendall(head + b"\x89PNG")
-        _wait_for(lambda: _probe(client) == 429, "the stalled request never took the slot")
-        yield
+        while time.monotonic() < deadline:
+            if _probe(client) == 429:
+                return stalled
+            if select.select([stalled], [], [], 0)[0]:  # answered: it lost the race
+                break
+            time.sleep(0.05)
         stalled.close()
-        _wait_for(lambda: _probe(client) != 429, "the held slot never came back")
+    raise AssertionError("no stalled request took the slot")
 
 
 def _probe(client: httpx.Client) -> int:
