@@ -4,6 +4,8 @@ gateway asks for one."""
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import pytest
 from gateway.helpers import MODEL, GatewayProcess, classify, photo
@@ -181,6 +183,33 @@ def test_an_overloaded_gateway_shows_the_429_message(
         answer = classify(client, PHOTO.read_bytes(), "image/png", model=MODEL)
     assert answer.status_code == 429 and answer.headers["Retry-After"]
     expect(page.locator("#error")).to_have_text(api_error(answer))
+
+
+@pytest.mark.parametrize(
+    ("event", "target"),
+    [("drop", "#drop"), ("paste", "body")],
+)
+def test_an_image_can_be_dropped_or_pasted(
+    page: Page, page_gateway: GatewayProcess, event: str, target: str
+) -> None:
+    open_page(page, page_gateway)
+    data = base64.b64encode(PHOTO.read_bytes()).decode()
+    page.locator(target).evaluate(
+        """(element, [event, data]) => {
+             const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+             const transfer = new DataTransfer();
+             transfer.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+             const init = {bubbles: true, cancelable: true};
+             element.dispatchEvent(event === "drop"
+               ? new DragEvent("drop", {...init, dataTransfer: transfer})
+               : new ClipboardEvent("paste", {...init, clipboardData: transfer}));
+           }""",
+        [event, data],
+    )
+    expect(page.get_by_alt_text("Preview of dropped.png")).to_be_visible()
+    expect(page.get_by_role("status")).to_have_text(
+        f"dropped.png: {PHOTO.stat().st_size} bytes, ready to classify."
+    )
 
 
 def test_the_page_works_by_keyboard_alone(page: Page, page_gateway: GatewayProcess) -> None:
