@@ -152,7 +152,9 @@ function render(answer) {
   }
 
   const provenance = [["model", answer.model], ["weights", answer.weights]];
-  for (const m of answer.members || []) provenance.push([`member ${m.model}`, `× ${m.weight} · ${m.weights}`]);
+  for (const m of answer.members || []) {
+    provenance.push([`member ${m.model}`, `× ${Number(m.weight.toPrecision(4))} · ${m.weights}`]);
+  }
   if (answer.crops !== undefined) provenance.push(["crops", String(answer.crops)]);
   provenance.push(["request id", answer.request_id]);
   pairs($("provenance"), provenance);

@@ -74,7 +74,7 @@ def test_a_photo_gets_bars_provenance_and_timings(page: Page, page_gateway: Gate
                           result.locator("#provenance dd").all_inner_texts(), strict=True))  # fmt: skip
     assert provenance["model"] == expected["model"] and provenance["weights"] == expected["weights"]
     for member in expected["members"]:
-        assert provenance[f"member {member['model']}"] == f"× {member['weight']} · {member['weights']}"
+        assert provenance[f"member {member['model']}"] == f"× {member['weight']:.4g} · {member['weights']}"
     assert result.locator("#timings dt").all_inner_texts() == STAGES
     for value in result.locator("#timings dd").all_inner_texts():
         assert float(value) >= 0
@@ -118,7 +118,7 @@ def test_members_and_weights_of_ones_choice(page: Page, page_gateway: GatewayPro
     expect(provenance.locator("dd").first).to_have_text(expected["model"])
     for member in expected["members"]:
         expect(provenance).to_contain_text(
-            f"member {member['model']}× {member['weight']} · {member['weights']}"
+            f"member {member['model']}× {member['weight']:.4g} · {member['weights']}"
         )
     expect(page.locator("#predictions .label")).to_have_text([p["label"] for p in expected["predictions"]])
 
