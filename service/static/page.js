@@ -88,6 +88,7 @@ function showMembers() {
  * (above) or, failing that, as an enumerated option of POST /v1/classify in its OpenAPI. */
 async function loadCrops() {
   const spec = await fetch("/openapi.json").then((r) => (r.ok ? r.json() : null)).catch(() => null);
+  $("docs").hidden = !spec; // GATEWAY_DOCS=false: no reference to link to
   const post = spec && spec.paths && spec.paths["/v1/classify"] && spec.paths["/v1/classify"].post;
   if (!post || $("crops").options.length) return;
   const query = (post.parameters || []).find((p) => p.name === "crops");
