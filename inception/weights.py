@@ -129,17 +129,28 @@ def hub_endpoint() -> str:
 def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
     """Whether the hub answers at all within `timeout` seconds (any HTTP status counts:
     the question is the network path, not a page). Short, so that a machine without the
-    hub, such as CI, pays seconds at most, not a download's retries."""
+    hub, such as CI, pays seconds at most, not a download's retries. The request runs in a
+    thread that is abandoned at the deadline, because name resolution, which urllib's
+    timeout does not cover, can hang for longer where DNS is black-holed."""
+    import threading
     import urllib.error
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(endpoint or hub_endpoint(), timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            with urllib.request.urlopen(endpoint or hub_endpoint(), timeout=timeout):
+                answered.set()
+        except urllib.error.HTTPError:
+            answered.set()
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=probe, name="hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answered.is_set()
 
 
 def hub_checkpoint(spec: ModelSpec) -> Path:

@@ -66,6 +66,16 @@ def test_the_hub_check_is_short_and_any_answer_counts(closed_hub: str, answering
     assert hub_reachable(answering_server, timeout=2) is True  # a 404 is still the hub answering
 
 
+def test_the_hub_check_keeps_its_deadline_when_the_hub_hangs() -> None:
+    """A peer that accepts the connection and never answers: False at the deadline."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        start = time.monotonic()
+        assert hub_reachable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=1) is False
+        assert time.monotonic() - start < 1.5
+
+
 def test_random_weights_that_nobody_allowed_fail_before_any_work(
     tmp_path: Path, closed_hub: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -87,22 +97,23 @@ def test_random_weights_that_nobody_allowed_fail_before_any_work(
 def test_make_serve_falls_back_to_random_with_a_message(
     repository: Path, tmp_path: Path, closed_hub: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`--hub auto` without a hub: a few seconds, random weights, and the log says why.
-    (A copy of the exported inception_v4, so the run finds its work done.)"""
+    """`--hub auto` without a hub: random weights, and the log says why. (A copy of the
+    exported inception_v4, so that the run normally finds its work done.)"""
     local = tmp_path / "repository"
     shutil.copytree(repository / "inception_v4", local / "inception_v4")
-    start = time.monotonic()
     code = main(["--repository", str(local), "--models", "inception_v4", "--no-ensemble", "--hub", "auto"])
     out = capsys.readouterr().out
     assert code == 0
     assert f"the hub ({closed_hub}) did not answer within 3 s: inception_v4 have published weights" in out
     if "kept the existing export (pretrained:" not in out:  # a hub-fed `make serve` was here before
-        assert "inception_v4: up to date (random-init), skipped" in out, out
+        assert (
+            "inception_v4: up to date (random-init), skipped" in out
+            or "inception_v4: building (random init)" in out  # the export's code changed since
+        ), out
         assert (
             "WARNING: inception_v4 serves random weights (no checkpoint was given and the hub "
             f"({closed_hub}) did not answer): its answers carry no meaning" in out
         )
-    assert time.monotonic() - start < 30
 
 
 @pytest.mark.slow
