@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# The exporter image behind the compose `models` job and the Kubernetes init container:
-# builds the networks (torch, CPU build: tracing needs no GPU and the traced graph holds no
-# device-bound constants), traces them and writes the production Triton repository.
+# The exporter image behind the compose `models` job and the build of the Kubernetes
+# repository image (deploy/repository.Dockerfile): builds the networks (torch, CPU build:
+# tracing needs no GPU and the traced graph holds no device-bound constants) with real
+# weights (deploy/models-entrypoint.sh says which, and when it refuses), traces them and
+# writes the production Triton repository.
 #   docker build -f deploy/models.Dockerfile -t inception-serving/models:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
 FROM ${PYTHON_IMAGE}

@@ -25,7 +25,8 @@ ENV MODELS_REPOSITORY=/home/app/repository \
 RUN --mount=type=bind,from=checkpoints,target=/checkpoints models-entrypoint
 
 FROM ${BUSYBOX_IMAGE}
-COPY --from=export /home/app/repository /repository
+COPY --from=export --chown=10001:10001 /home/app/repository /repository
 USER 10001:10001
-# Copies the repository into the pod's volume; `-a` keeps the stamps beside the model files.
-ENTRYPOINT ["cp", "-a", "/repository/.", "/models/"]
+# Copies the repository, the export's stamps with it, into the pod's volume. Plain -R: the
+# pod's user owns the copies, and nothing needs the image's owners or times.
+ENTRYPOINT ["cp", "-R", "/repository/.", "/models/"]

@@ -118,7 +118,7 @@ def test_triton_gets_a_gpu_and_is_ready_only_with_every_model(objects):
     assert init["image"].startswith("inception-serving/repository:")
     assert "env" not in init and "checkpoints" not in init_mounts
     dockerfile = (DEPLOY / "repository.Dockerfile").read_text()
-    assert 'ENTRYPOINT ["cp", "-a", "/repository/.", "/models/"]' in dockerfile
+    assert 'ENTRYPOINT ["cp", "-R", "/repository/.", "/models/"]' in dockerfile
     assert "RUN --mount=type=bind,from=checkpoints,target=/checkpoints models-entrypoint" in dockerfile
     assert "--model-repository=/models" in container["args"]
     assert "--model-config-name=gpu" in container["args"]  # configs/gpu.pbtxt: GPU instances, provenance
