@@ -48,6 +48,18 @@ UNKNOWN_WEIGHTS = "unknown"
 PRECISIONS = ("fp32", "fp16")
 
 
+def image_input_name(index: int) -> str:
+    """The ensemble's image inputs, one per distinct preprocessing of its members, in the
+    order the members first use them: `image__0` (= INPUT_NAME), `image__1`, ..."""
+    return f"image__{index}"
+
+
+def input_parameter(input_name: str, key: str) -> str:
+    """The key of one input's preprocessing parameter in a multi-input ensemble's config,
+    e.g. `image__1.crop_pct`; a single-input model states the plain keys only."""
+    return f"{input_name}.{key}"
+
+
 def member_input_name(index: int) -> str:
     """The ensemble's mean model takes member i's probabilities as `member__i`."""
     return f"member__{index}"

@@ -50,6 +50,8 @@ from .contract import (
     PRETRAINED_PREFIX,
     RANDOM_INIT,
     VARIANTS,
+    image_input_name,
+    input_parameter,
     member_input_name,
 )
 from .labels import LABELS_PATH
@@ -60,6 +62,10 @@ MAX_QUEUE_DELAY_US = 2000
 # Past this many queued requests Triton rejects new ones, which the gateway answers with
 # 429 and Retry-After (overloaded) instead of letting latency grow without bound.
 MAX_QUEUE_SIZE = 256
+# Requests still queued past their deadline are dropped by Triton, not computed for nobody:
+# the gateway sends each request's remaining budget as its timeout (allowed to override);
+# one that names none gets the gateway's default round-trip deadline (GATEWAY_TRITON_TIMEOUT_S).
+DEFAULT_QUEUE_TIMEOUT_US = 30_000_000
 GPU_WARMUP_BATCH_SIZES = tuple(range(1, MAX_BATCH_SIZE + 1))
 CPU_WARMUP_BATCH_SIZES = (1,)
 WARMUP_RUNS = 3
@@ -149,7 +155,11 @@ def _dynamic_batching(config: mc.ModelConfig) -> None:
     batching = config.dynamic_batching
     batching.preferred_batch_size.extend(PREFERRED_BATCH_SIZES)
     batching.max_queue_delay_microseconds = MAX_QUEUE_DELAY_US
-    batching.default_queue_policy.max_queue_size = MAX_QUEUE_SIZE
+    policy = batching.default_queue_policy
+    policy.max_queue_size = MAX_QUEUE_SIZE
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = DEFAULT_QUEUE_TIMEOUT_US
+    policy.allow_timeout_override = True
 
 
 def _warmup(config: mc.ModelConfig, variant: str | None) -> None:
@@ -162,6 +172,14 @@ def _warmup(config: mc.ModelConfig, variant: str | None) -> None:
         data.random_data = True
 
 
+def _preprocessing(entry: NetworkEntry) -> dict[str, str]:
+    return {
+        PARAM_CROP_PCT: f"{entry.crop_pct:g}",
+        PARAM_INTERPOLATION: entry.interpolation,
+        PARAM_INPUT_SIZE: str(entry.input_size),
+    }
+
+
 def network_config(entry: NetworkEntry, variant: str | None) -> mc.ModelConfig:
     """`variant` None is the committed config: GPU production, without export facts."""
     config = _base(entry.name, variant)
@@ -172,9 +190,7 @@ def network_config(entry: NetworkEntry, variant: str | None) -> mc.ModelConfig:
     _set_parameters(
         config,
         {
-            PARAM_CROP_PCT: f"{entry.crop_pct:g}",
-            PARAM_INTERPOLATION: entry.interpolation,
-            PARAM_INPUT_SIZE: str(entry.input_size),
+            **_preprocessing(entry),
             **BACKEND_PARAMETERS,
             **(_export_parameters(entry.export) if variant else {}),
         },
@@ -197,29 +213,47 @@ def mean_config(ensemble: EnsembleEntry, variant: str | None) -> mc.ModelConfig:
     return config
 
 
+def ensemble_inputs(ensemble: EnsembleEntry) -> list[tuple[str, dict[str, str]]]:
+    """One image input per distinct preprocessing of the members, in the order the members
+    first use it: Inception-ResNet-v2 crops at 0.8975 and the others at 0.875, so one image
+    for all would crop at least one member unlike its training."""
+    distinct: list[dict[str, str]] = []
+    for member in ensemble.members:
+        if _preprocessing(member) not in distinct:
+            distinct.append(_preprocessing(member))
+    return [(image_input_name(i), pre) for i, pre in enumerate(distinct)]
+
+
 def ensemble_config(ensemble: EnsembleEntry, variant: str | None) -> mc.ModelConfig:
-    """The fan-out: one image to every member, their probabilities to the weighted mean.
-    An ensemble has no instances of its own: the variants differ only in provenance."""
+    """The fan-out: each member gets the image input of its own preprocessing, and their
+    probabilities go to the weighted mean. The config's parameters say which input has
+    which preprocessing (`image__1.crop_pct`, ...), so the gateway learns it from Triton; the
+    plain keys are `image__0`'s. An ensemble has no instances of its own: the variants
+    differ only in provenance."""
     config = mc.ModelConfig(name=ensemble.name, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
-    _image_input(config)
+    inputs = ensemble_inputs(ensemble)
+    for name, _ in inputs:
+        config.input.add(name=name, data_type=mc.TYPE_UINT8, dims=IMAGE_DIMS)
     _probabilities_output(config)
     steps = config.ensemble_scheduling.step
     for i, member in enumerate(ensemble.members):
         step = steps.add(model_name=member.name, model_version=-1)
-        step.input_map[INPUT_NAME] = INPUT_NAME
+        step.input_map[INPUT_NAME] = next(n for n, pre in inputs if pre == _preprocessing(member))
         step.output_map[OUTPUT_NAME] = member_input_name(i)
     mean = steps.add(model_name=ensemble.mean_name, model_version=-1)
     for i in range(len(ensemble.members)):
         mean.input_map[member_input_name(i)] = member_input_name(i)
     mean.output_map[OUTPUT_NAME] = OUTPUT_NAME
-    first = ensemble.members[0]
+    per_input = (
+        {input_parameter(name, key): value for name, pre in inputs for key, value in pre.items()}
+        if len(inputs) > 1
+        else {}
+    )
     _set_parameters(
         config,
         {
-            # One image feeds every member, so one preprocessing: the first member's.
-            PARAM_CROP_PCT: f"{first.crop_pct:g}",
-            PARAM_INTERPOLATION: first.interpolation,
-            PARAM_INPUT_SIZE: str(first.input_size),
+            **inputs[0][1],
+            **per_input,
             PARAM_MEMBERS: ",".join(m.name for m in ensemble.members),
             PARAM_MEMBER_WEIGHTS: ",".join(f"{w:g}" for w in ensemble.member_weights),
             **(_export_parameters(ensemble.export) if variant else {}),

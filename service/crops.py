@@ -56,6 +56,9 @@ class Region:
     rect: tuple[int, int, int, int]  # (left, top, width, height) in the resized image
     size: int  # the output side
     mirror: bool = False
+    #: A rectangle of the resized image that holds this unscaled crop and its siblings (the
+    #: square of a 10- or 144-crop): rendered once and sliced, 5 crops for one resampling.
+    within: tuple[int, int, int, int] | None = None
 
     def box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The rectangle in the coordinates of a ``width`` × ``height`` source."""
@@ -64,7 +67,7 @@ class Region:
         return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
 
     def mirrored(self) -> Region:
-        return Region(self.resized, self.rect, self.size, not self.mirror)
+        return Region(self.resized, self.rect, self.size, not self.mirror, self.within)
 
 
 def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
@@ -98,7 +101,10 @@ def _five(resized: tuple[int, int], square: tuple[int, int, int], size: int) -> 
     left, top, side = square
     far, mid = side - size, centre_offset(side, size)
     offsets = [(0, 0), (far, 0), (0, far), (far, far), (mid, mid)]
-    return [Region(resized, (left + x, top + y, size, size), size) for x, y in offsets]
+    return [
+        Region(resized, (left + x, top + y, size, size), size, within=(left, top, side, side))
+        for x, y in offsets
+    ]
 
 
 def ten_crops(width: int, height: int, input_size: int, crop_pct: float) -> list[Region]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics
-from .errors import Overloaded
+from .admission import Admission
+from .deadlines import remaining_s
+from .errors import OverCapacity, Overloaded
 from .imaging import Prepared, Preprocessing, prepare
 from .schemas import Prediction
 from .settings import Settings
@@ -42,6 +44,9 @@ class Gateway:
         self.pool: ThreadPoolExecutor | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrency)
         self.buffered = 0  # bytes reserved by the bodies being read and decoded
+        self.admission = Admission(
+            settings.latency_target_s, settings.admission_initial_limit, settings.admission_min_limit
+        )
 
     async def start(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.settings.decode_threads, thread_name_prefix="decode")
@@ -100,7 +105,32 @@ class Gateway:
         finally:
             self.buffered -= cost
 
-    async def prepare(self, data: bytes, pres: list[Preprocessing]) -> Prepared:
+    @contextmanager
+    def admitted(self, models: list[str], images: int) -> Iterator[list[bool]]:
+        """A place for the request in every model it needs, or 503 at once (see
+        service/admission.py); set ``outcome[0] = True`` when the answer is complete."""
+        refusal = self.admission.refusal(models, images, remaining_s()) if self.settings.admission else None
+        if refusal is not None:
+            metrics.SHED.labels(refusal.model, refusal.reason).inc()
+            why = (
+                f"within its deadline ({refusal.model} is busy)"
+                if refusal.reason == "deadline"
+                else f"within the latency objective of {self.settings.latency_target_s:g} s"
+            )
+            raise OverCapacity(
+                f"the server is at capacity and could not answer {why}; retry later",
+                headers={"Retry-After": str(refusal.retry_after_s)},
+            )
+        try:
+            with self.admission.admitted(models, images) as outcome:
+                yield outcome
+        finally:
+            for model in models:
+                load = self.admission.load(model)
+                metrics.ADMISSION_LIMIT.labels(model).set(load.limit(self.admission.objective_s))
+                metrics.SERVICE_RATE.labels(model).set(load.rate or 0.0)
+
+    async def prepare(self, data: bytes, pres: list[Preprocessing], crops: int = 1) -> Prepared:
         """Decoding and resizing hold the GIL little but take milliseconds: a thread pool
         keeps them off the event loop."""
         loop = asyncio.get_running_loop()
@@ -108,7 +138,7 @@ class Gateway:
         return await loop.run_in_executor(
             self.pool,
             lambda: prepare(
-                data, pres, max_pixels=s.max_pixels, draft=s.draft, oversample=s.draft_oversample
+                data, pres, max_pixels=s.max_pixels, draft=s.draft, oversample=s.draft_oversample, crops=crops
             ),
         )
 

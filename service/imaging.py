@@ -202,26 +202,40 @@ def render(
     ``source`` is the full-resolution size the regions are laid out on and ``scale`` the
     reduction the decoded ``image`` carries (draft decoding): each crop is one Pillow
     resampling step with the region's box, in the image's own coordinates (see
-    :mod:`service.crops` for why that equals resize-then-crop). A mirrored crop is its
-    unmirrored twin's pixels reversed, as torchvision's ``TenCrop`` flips a crop.
+    :mod:`service.crops` for why that equals resize-then-crop). Unscaled crops of one
+    square are sliced from that square, resampled once; a mirrored crop is its twin's
+    pixels reversed, as torchvision's ``TenCrop`` flips a crop.
     """
     resample = INTERPOLATIONS[pre.interpolation]
+
+    def resampled(
+        resized: tuple[int, int], rect: tuple[int, int, int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        region = geometry.Region(resized, rect, 0)
+        left, top, right, bottom = (v / scale for v in region.box(*source))
+        box = (left, top, min(right, image.width), min(bottom, image.height))
+        return np.asarray(image.resize(size, resample, box=box), dtype=np.uint8)
+
     out = np.empty((len(regions), pre.input_size, pre.input_size, 3), dtype=np.uint8)
-    made: dict[tuple[tuple[int, int], tuple[int, int, int, int]], int] = {}
+    made: dict[tuple[tuple[int, int], tuple[int, int, int, int]], np.ndarray] = {}
+    squares: dict[tuple[tuple[int, int], tuple[int, int, int, int]], np.ndarray] = {}
     for k, region in enumerate(regions):
         key = (region.resized, region.rect)
-        twin = made.get(key)
-        if twin is None:
-            left, top, right, bottom = (v / scale for v in region.box(*source))
-            box = (left, top, min(right, image.width), min(bottom, image.height))
-            size = (region.size, region.size)
-            out[k] = np.asarray(image.resize(size, resample, box=box), dtype=np.uint8)
-            made[key] = k
-            twin = k
-        else:
-            out[k] = out[twin]
-        if region.mirror:
-            out[k] = out[k][:, ::-1]
+        pixels = made.get(key)
+        left, top, width, height = region.rect
+        if pixels is None:
+            if region.within is not None and width == height == region.size:
+                square = squares.get((region.resized, region.within))
+                if square is None:
+                    size = (region.within[2], region.within[3])
+                    square = resampled(region.resized, region.within, size)
+                    squares[region.resized, region.within] = square
+                x, y = left - region.within[0], top - region.within[1]
+                pixels = square[y : y + height, x : x + width]
+            else:
+                pixels = resampled(region.resized, region.rect, (region.size, region.size))
+            made[key] = pixels
+        out[k] = pixels[:, ::-1] if region.mirror else pixels
     return out
 
 

@@ -27,7 +27,7 @@ log = logging.getLogger("service.inputs")
 
 #: Room for the multipart boundaries and option fields beside the image.
 MULTIPART_OVERHEAD = 64 * 1024
-OPTION_FIELDS = ("model", "models", "weights", "top_k")
+OPTION_FIELDS = ("model", "models", "weights", "top_k", "crops")
 
 Message = MutableMapping[str, Any]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .crops import SUPPORTED_CROPS
 from .schemas import MAX_TOP_K, ClassifyJson, ErrorResponse
 
 CLASSIFY_BODY: dict[str, Any] = {
@@ -19,6 +20,7 @@ CLASSIFY_BODY: dict[str, Any] = {
                         "image": {"type": "string", "format": "binary"},
                         "model": {"type": "string"},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
+                        "crops": {"type": "integer", "enum": list(SUPPORTED_CROPS), "default": 1},
                     },
                 }
             },
@@ -40,8 +42,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         422: "bad options",
         429: "overloaded (Retry-After)",
         502: "Triton failed the request",
-        503: "Triton or the model unavailable (Retry-After)",
-        504: "Triton did not answer in time",
+        503: "over capacity (refused at once by admission control), or Triton or the model "
+        "unavailable (Retry-After)",
+        504: "Triton did not answer in time, or the X-Request-Timeout deadline passed",
     }.items()
 }
 

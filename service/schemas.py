@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .crops import PROTOCOLS, SUPPORTED_CROPS
 
 MAX_TOP_K = 1000
+
+
+def _supported(crops: int) -> int:
+    if crops not in SUPPORTED_CROPS:
+        raise ValueError(f"crops must be one of {', '.join(map(str, SUPPORTED_CROPS))}")
+    return crops
+
+
+#: The multi-crop protocols (service/crops.py): 1, 10 (Krizhevsky et al. 2012), 144 (Szegedy
+#: et al. 2015). An int checked against them, so that "10" from a query or form is accepted.
+Crops = Annotated[int, AfterValidator(_supported), Field(json_schema_extra={"enum": list(SUPPORTED_CROPS)})]
+CROPS_DESCRIPTION = (
+    "crops averaged: 1 (timm's centre crop), 10 (4 corners + centre and their mirrors, Krizhevsky et al. "
+    "2012) or 144 (GoogLeNet's 4 scales x 3 squares x 6 crops x 2 mirrors, Szegedy et al. 2015)"
+)
 
 
 class ClassifyOptions(BaseModel):
@@ -18,6 +37,7 @@ class ClassifyOptions(BaseModel):
     )
     weights: list[float] | None = Field(None, description="weights of `models` (default: equal)")
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many classes to answer")
+    crops: Crops = Field(1, description=CROPS_DESCRIPTION)
 
 
 class ClassifyQuery(BaseModel):
@@ -32,6 +52,7 @@ class ClassifyQuery(BaseModel):
     )
     weights: str | None = Field(None, description="weights of `models`, e.g. `0.5,0.5`")
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="how many classes (default 5)")
+    crops: Crops | None = Field(None, description=CROPS_DESCRIPTION + " (default 1)")
 
 
 class ClassifyJson(ClassifyOptions):
@@ -69,6 +90,7 @@ class ClassifyResponse(BaseModel):
     members: list[Member] | None = Field(None, description="the members of an ensemble and their weights")
     random_init: bool = Field(description="true when any model involved has random weights")
     warning: str | None = None
+    crops: int = Field(1, description="how many crops were averaged (the `crops` option)")
     timing_ms: dict[str, float]
     request_id: str
 
@@ -88,6 +110,9 @@ class ModelEntry(BaseModel):
     default: bool
     aliases: list[str] = []
     preprocessing: Preprocess | None = None
+    inputs: dict[str, Preprocess] | None = Field(
+        None, description="an ensemble whose members crop differently: each image input's preprocessing"
+    )
     weights: str | None = None
     weights_sha256: str | None = None
     max_batch_size: int | None = None
@@ -99,6 +124,10 @@ class ModelsResponse(BaseModel):
     default: str
     per_request_ensembles: str = Field(
         "POST /v1/classify?models=a,b[&weights=wa,wb] runs the members concurrently and averages"
+    )
+    crops: dict[int, str] = Field(
+        default_factory=lambda: dict(PROTOCOLS),
+        description="the multi-crop protocols POST /v1/classify?crops=N supports, with their source",
     )
 
 

@@ -18,11 +18,12 @@ from starlette.datastructures import Headers
 
 from inception.contract import PRETRAINED_PREFIX, RANDOM_INIT
 
-from .. import metrics
+from .. import deadlines, metrics
+from ..batches import crops_reservation, infer_crops
 from ..deps import GatewayDep, require_api_key
 from ..errors import ApiError, RequestTimeout
 from ..gateway import Gateway
-from ..imaging import Preprocessing
+from ..imaging import Prepared
 from ..inputs import read_request
 from ..model_config import ModelInfo
 from ..openapi import CLASSIFY_BODY, ERROR_RESPONSES
@@ -40,13 +41,17 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
     summary="Classify an image (multipart field `image`, raw image/* body, or JSON base64)",
 )
 async def classify(
-    request: Request, gateway: GatewayDep, query: Annotated[ClassifyQuery, Query()]
+    request: Request,
+    gateway: GatewayDep,
+    query: Annotated[ClassifyQuery, Query()],
+    request_timeout: deadlines.TimeoutHeader = None,
 ) -> ClassifyResponse:
     settings = gateway.settings
     state = request.state
     stages: dict[str, float] = state.stages
     state.model_label = metric_label(settings, query.model) if not query.models else metrics.CUSTOM_ENSEMBLE
     started = time.perf_counter()
+    deadlines.start(request_timeout, settings.triton_timeout_s)
     cost = buffer_cost(request.headers, settings.max_body_bytes)
     # The wait for a slot counts in the total, not in a stage; the buffer budget is taken
     # only with a slot, and never waited for.
@@ -69,36 +74,42 @@ async def classify(
         plan = resolve(settings, options.model, options.models, options.weights)
         state.model_label = plan.label
         infos = list(await asyncio.gather(*(gateway.backend.model(t) for t in plan.targets)))
-        decode_started = time.perf_counter()
-        try:
-            prepared = await gateway.prepare(data, [i.preprocessing for i in infos])
-        except ApiError:
-            stages["decode"] = time.perf_counter() - decode_started  # refused images cost too
-            raise
-        stages["decode"] = prepared.timings["decode"]
-        stages["preprocess"] = prepared.timings["preprocess"]
-        triton_started = time.perf_counter()
-        outputs = await infer_all(gateway, infos, prepared.inputs, state.request_id)
-        post_started = time.perf_counter()
-        stages["triton"] = post_started - triton_started
+        # Admission before decoding: a refused request costs no CPU that admitted ones need.
+        with gateway.admitted([i.name for i in infos], options.crops) as outcome:
+            async with crops_reservation(gateway, infos, options.crops):  # the crops' memory
+                decode_started = time.perf_counter()
+                try:
+                    prepared = await gateway.prepare(
+                        data, [p for i in infos for p in i.preprocessings], options.crops
+                    )
+                except ApiError:
+                    stages["decode"] = time.perf_counter() - decode_started  # refused images cost too
+                    raise
+                stages["decode"] = prepared.timings["decode"]
+                stages["preprocess"] = prepared.timings["preprocess"]
+                triton_started = time.perf_counter()
+                outputs = await deadlines.unless_disconnected(
+                    request.receive, infer_all(gateway, infos, prepared, state.request_id)
+                )
+                outcome[0] = True
+                post_started = time.perf_counter()
+                stages["triton"] = post_started - triton_started
     answer = await _answer(gateway, plan, infos, outputs, options.top_k, state.request_id)
     stages["postprocess"] = time.perf_counter() - post_started
+    answer.crops = prepared.crops
     answer.timing_ms = {k: round(v * 1000, 3) for k, v in stages.items()}
     answer.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
     return answer
 
 
 async def infer_all(
-    gateway: Gateway, infos: list[ModelInfo], inputs: dict[Preprocessing, np.ndarray], request_id: str
+    gateway: Gateway, infos: list[ModelInfo], prepared: Prepared, request_id: str
 ) -> list[np.ndarray]:
     """Every member of a request at once; the first failure cancels the others (a half
     answer is no answer, and Triton should not compute what nobody will read)."""
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(gateway.backend.infer(i.name, inputs[i.preprocessing][None], request_id))
-                for i in infos
-            ]
+            tasks = [group.create_task(infer_crops(gateway.backend, i, prepared, request_id)) for i in infos]
     except* ApiError as failed:
         raise failed.exceptions[0] from None
     return [task.result() for task in tasks]

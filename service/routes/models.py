@@ -50,6 +50,11 @@ def model_entry(gateway: Gateway, name: str, ready: bool, info: ModelInfo | None
     entry.preprocessing = Preprocess(
         crop_pct=pre.crop_pct, interpolation=pre.interpolation, input_size=pre.input_size
     )
+    if len(info.inputs) > 1:
+        entry.inputs = {
+            n: Preprocess(crop_pct=p.crop_pct, interpolation=p.interpolation, input_size=p.input_size)
+            for n, p in info.inputs
+        }
     entry.weights, entry.weights_sha256 = info.provenance, info.checkpoint_sha256
     entry.max_batch_size = info.max_batch_size
     if info.is_ensemble:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from inception.registry import get_spec
 from service.imaging import Preprocessing, configure_pillow, prepare
 
 from .conftest import TritonEndpoint
@@ -28,24 +29,46 @@ def test_triton_ensemble_is_the_weighted_mean_of_its_members(
     data = photo("grace_hopper.jpg").read_bytes()
     answer = classify(client, data, model="ensemble", top_k=1000)
     body = answer.json()
-    assert body["model"] == "inception_ensemble"
+    assert body["model"] == "inception_ensemble" and body["crops"] == 1
     ensemble = np.array(vector(answer))
     listing = {m["name"]: m for m in client.get("/v1/models").json()["models"]}["inception_ensemble"]
     members = [(m["model"], m["weight"]) for m in listing["members"]]
     assert [(m["model"], m["weight"]) for m in body["members"]] == members
+    assert {name: pre["crop_pct"] for name, pre in listing["inputs"].items()} == {
+        "image__0": 0.875,
+        "image__1": 0.8975,
+    }
     assert {m["model"] for m in body["members"]} == {
         "inception_v4",
         "inception_resnet_v1",
         "inception_resnet_v2",
     }
-    # The members on the very tensor the gateway sent to the ensemble (its preprocessing).
-    pre = Preprocessing(**listing["preprocessing"])
+    # Each member on its own preprocessing, as the ensemble's inputs feed them.
     configure_pillow(50_000_000)
-    tensor = prepare(data, [pre], max_pixels=50_000_000).inputs[pre]
+    crop = {name: get_spec(name).crop_pct for name, _ in members}
+    assert crop["inception_resnet_v2"] == 0.8975 and crop["inception_v4"] == 0.875
+    pres = {name: Preprocessing(c) for name, c in crop.items()}
+    prepared = prepare(data, list(pres.values()), max_pixels=50_000_000)
     triton = grpcclient.InferenceServerClient(gateway_triton.grpc_url)
-    expected = sum(w * _infer(triton, name, tensor) for name, w in members)
+    expected = sum(w * _infer(triton, name, prepared.inputs[pres[name]]) for name, w in members)
     assert np.abs(ensemble - expected).max() <= 1e-5
     assert ensemble.sum() == pytest.approx(sum(w for _, w in members), abs=1e-4)
+
+
+@pytest.mark.parametrize("crops", [1, 10])
+def test_triton_ensemble_equals_the_per_request_ensemble_of_its_members(
+    client: httpx.Client, crops: int
+) -> None:
+    """`model=ensemble` (Triton's fan-out, one input per preprocessing) and
+    `models=inception_v4,inception_resnet_v1,inception_resnet_v2` (the gateway's fan-out,
+    each member with its own preprocessing) are the same function of the image."""
+    data = photo("coffee.png").read_bytes()
+    triton_side = classify(client, data, "image/png", model="ensemble", top_k=1000, crops=crops)
+    members = ",".join(m["model"] for m in triton_side.json()["members"])
+    assert members == "inception_v4,inception_resnet_v1,inception_resnet_v2"
+    gateway_side = classify(client, data, "image/png", models=members, top_k=1000, crops=crops)
+    assert triton_side.json()["crops"] == gateway_side.json()["crops"] == crops
+    assert np.abs(np.array(vector(triton_side)) - np.array(vector(gateway_side))).max() <= 1e-5
 
 
 @pytest.mark.parametrize("weights", [None, "1,3"])

@@ -112,7 +112,11 @@ def test_network_configs(configs, name: str) -> None:
     assert (probs.name, probs.data_type, list(probs.dims)) == ("probabilities__0", mc.TYPE_FP32, [1000])
     assert probs.label_filename == "labels.txt"
     assert gpu.dynamic_batching.preferred_batch_size
-    assert gpu.dynamic_batching.default_queue_policy.max_queue_size
+    for variant in (gpu, cpu):  # Triton drops what has expired in its queue, GPU and CPU alike
+        policy = variant.dynamic_batching.default_queue_policy
+        assert policy.max_queue_size
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert policy.allow_timeout_override and policy.default_timeout_microseconds > 0
     # TorchScript optimises a shape after running it twice: warm each one more than that.
     assert [w.batch_size for w in gpu.model_warmup] == list(GPU_WARMUP_BATCH_SIZES)
     assert [w.batch_size for w in cpu.model_warmup] == [1]
@@ -171,3 +175,31 @@ def test_generated_files_stay_out_of_git() -> None:
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert len(ignored.stdout.split()) == 3, ignored
+
+
+def test_ensemble_takes_one_input_per_distinct_preprocessing(configs) -> None:
+    """Inception-ResNet-v2 crops at 0.8975, the others at 0.875: the ensemble takes two
+    images, says in its parameters which is which, and feeds each member its own."""
+    committed = configs[ENSEMBLE_NAME]["committed"]
+    assert [(i.name, list(i.dims)) for i in committed.input] == [
+        ("image__0", [299, 299, 3]),
+        ("image__1", [299, 299, 3]),
+    ]
+    params = {k: v.string_value for k, v in committed.parameters.items()}
+    fed = {s.model_name: s.input_map["image__0"] for s in committed.ensemble_scheduling.step[:3]}
+    for network in NETWORKS:
+        image = fed[network]
+        assert float(params[f"{image}.crop_pct"]) == get_spec(network).crop_pct, network
+        assert params[f"{image}.interpolation"] == get_spec(network).interpolation
+        assert int(params[f"{image}.input_size"]) == get_spec(network).input_size
+    assert fed == {
+        "inception_v4": "image__0",
+        "inception_resnet_v1": "image__0",
+        "inception_resnet_v2": "image__1",
+    }
+    assert params["crop_pct"] == params["image__0.crop_pct"] == "0.875"  # the plain keys are image__0's
+    # Members that all crop alike keep the one input `image__0` and the plain keys alone.
+    networks, _ = default_entries()
+    alike = ensemble_config(EnsembleEntry((networks[0], networks[1]), (0.5, 0.5)), None)
+    assert [i.name for i in alike.input] == ["image__0"]
+    assert not any("." in key for key in alike.parameters)
