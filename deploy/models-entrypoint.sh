@@ -10,7 +10,8 @@
 #      allowed random weights for them explicitly: MODELS_ALLOW_RANDOM=inception_resnet_v1
 #      (comma-separated names, or `all`). No checkpoint of Inception-ResNet-v1 is published.
 # An existing pretrained export is never replaced by random weights (a hub that is down
-# today keeps yesterday's weights), and a re-run with unchanged inputs skips the work.
+# today keeps yesterday's weights; to start again from nothing, remove the volume), and a
+# re-run with unchanged inputs skips the work.
 set -eu
 
 repository="${MODELS_REPOSITORY:-/models}"
@@ -29,7 +30,7 @@ case "$hub" in
         ;;
 esac
 
-set -- --repository "$repository" --hub "$hub" --allow-random "$allow_random"
+set -- --repository "$repository" --hub "$hub" --allow-random "$allow_random" --never-replace-pretrained
 
 for name in inception_v4 inception_resnet_v1 inception_resnet_v2; do
     found=""

@@ -327,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--hub-timeout", type=float, default=3.0, help="seconds the auto check waits for the hub"
     )
     parser.add_argument(
+        "--never-replace-pretrained",
+        action="store_true",
+        help="keep a pretrained export even where this run asks for no real weights "
+        "(the deployment images pass it; by default only a failed source keeps it)",
+    )
+    parser.add_argument(
         "--allow-random",
         default="all",
         metavar="all|none|NAME,...",
@@ -361,8 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "answered" if hub_up else f"did not answer within {args.hub_timeout:g} s"
             log(f"the hub ({hub_endpoint()}) {state}: {', '.join(from_hub)} have published weights")
         choices = {name: resolve_weights(name, checkpoints, hub, hub_up) for name in names}
-        # Random weights replace pretrained ones only when the run asked for no real weights.
-        keep_pretrained = hub != "never"
+        # Random weights replace pretrained ones only when the run asked for no real weights,
+        # and never in a deployment.
+        keep_pretrained = hub != "never" or args.never_replace_pretrained
         refused = [
             name
             for name, choice in choices.items()

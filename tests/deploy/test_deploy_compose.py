@@ -311,6 +311,7 @@ def test_models_entrypoint_passes_checkpoints_and_the_weights_policy(tmp_path, h
     assert args.startswith(f"ARGS: -m inception.export --repository {tmp_path}/repo --hub {hub} ")
     # Nothing allowed unless the operator says so: the export then refuses random weights.
     assert f"--allow-random {allow or 'none'}" in args
+    assert "--never-replace-pretrained" in args
     assert f"--checkpoint inception_resnet_v2={checkpoints}/inception_resnet_v2.safetensors" in args
     assert "--checkpoint inception_v4" not in args
     assert "inception_v4: no checkpoint" in result.stdout

@@ -144,3 +144,12 @@ def test_a_pretrained_export_is_never_replaced_by_random_weights(
     assert model_file.stat().st_mtime_ns == written
     assert "pretrained:irv1-trained.pth" in (repository / name / "configs" / "gpu.pbtxt").read_text()
     assert "WARNING" not in out
+
+    # A deployment never writes random weights over them, even when told to use no hub and
+    # allowed random weights; a laptop run that asks for exactly that (`make test`) does,
+    # which is checked without the cost of an export here: the refusal comes first.
+    assert main([*base, "--hub", "never", "--allow-random", "all", "--never-replace-pretrained"]) == 0
+    assert f"{name}: kept the existing export" in capsys.readouterr().out
+    assert model_file.stat().st_mtime_ns == written
+    assert main([*base, "--hub", "never", "--allow-random", "none"]) == 2
+    assert f"no real weights for {name}" in capsys.readouterr().err
