@@ -27,9 +27,10 @@ COPY deploy/models-entrypoint.sh /usr/local/bin/models-entrypoint
 RUN chmod 0755 /usr/local/bin/models-entrypoint \
     && groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app app \
-    && mkdir -p /models /checkpoints \
-    && chown app:app /models
-# A named volume mounted on /models starts with this folder's owner, so the job can write it.
+    && mkdir -p /models /checkpoints /home/app/.cache/huggingface \
+    && chown app:app /models /home/app/.cache /home/app/.cache/huggingface
+# A named volume mounted on /models (or on the hub cache) starts with this folder's owner,
+# so the job can write it.
 VOLUME ["/models"]
 USER 10001:10001
 ENV HOME=/home/app \

@@ -366,25 +366,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hub == "auto" and from_hub:
             state = "answered" if hub_up else f"did not answer within {args.hub_timeout:g} s"
             log(f"the hub ({hub_endpoint()}) {state}: {', '.join(from_hub)} have published weights")
-        choices = {name: resolve_weights(name, checkpoints, hub, hub_up) for name in names}
         # Random weights replace pretrained ones only when the run asked for no real weights,
         # and never in a deployment.
         keep_pretrained = hub != "never" or args.never_replace_pretrained
-        refused = [
-            name
-            for name, choice in choices.items()
-            if choice.weights is None
-            and name not in allowed
-            and not (keep_pretrained and pretrained_export(args.repository, name))
-        ]
-        if refused:  # before any work, so that the failure is quick and says everything
-            reasons = "; ".join(f"{n}: {choices[n].why_random}" for n in refused)
-            raise WeightsRequired(
-                f"no real weights for {', '.join(refused)} ({reasons}). Give a checkpoint "
-                "(--checkpoint NAME=PATH; in the deployment images <checkpoint dir>/NAME.safetensors), "
-                "let the hub be reached (--hub always), or allow random weights explicitly "
-                f"(--allow-random {','.join(refused)}; MODELS_ALLOW_RANDOM in the deployment images)"
-            )
+
+        def refuse(choices: dict[str, WeightsChoice]) -> None:
+            refused = [
+                name
+                for name, choice in choices.items()
+                if choice.weights is None
+                and name not in allowed
+                and not (keep_pretrained and pretrained_export(args.repository, name))
+            ]
+            if refused:
+                reasons = "; ".join(f"{n}: {choices[n].why_random}" for n in refused)
+                raise WeightsRequired(
+                    f"no real weights for {', '.join(refused)} ({reasons}). Give a checkpoint "
+                    "(--checkpoint NAME=PATH; in the deployment images <checkpoint dir>/NAME.safetensors), "
+                    "let the hub be reached (--hub always), or allow random weights explicitly "
+                    f"(--allow-random {','.join(refused)}; MODELS_ALLOW_RANDOM in the deployment images)"
+                )
+
+        # What needs no download is decided and checked first, so that a refusal comes before
+        # minutes of downloading; then the downloads, whose failures are checked again.
+        downloads = [n for n in names if n in from_hub and hub_up]
+        choices = {n: resolve_weights(n, checkpoints, hub, hub_up) for n in names if n not in downloads}
+        refuse(choices)
+        choices |= {n: resolve_weights(n, checkpoints, hub, hub_up) for n in downloads}
+        refuse({n: choices[n] for n in downloads})
         networks = []
         for i, name in enumerate(names, 1):
             log(f"({i}/{len(names)}) {name}")

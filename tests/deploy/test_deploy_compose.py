@@ -202,6 +202,17 @@ def test_models_job_requires_real_weights_by_default(resolved):
     environment = resolved["services"]["models"]["environment"]
     assert environment["MODELS_ALLOW_RANDOM"] == "none"
     assert environment["MODELS_HUB"] == "auto"
+    # Downloads are kept between runs, in a folder the job's user owns in the image.
+    cache = "/home/app/.cache/huggingface"
+    volumes = resolved["services"]["models"]["volumes"]
+    assert any(
+        (v.get("source"), v.get("target")) == ("hub-cache", cache)
+        if isinstance(v, dict)
+        else v.split(":")[:2] == ["hub-cache", cache]
+        for v in volumes
+    ), volumes
+    dockerfile = (DEPLOY / "models.Dockerfile").read_text()
+    assert re.search(rf"chown app:app [^\n]*{re.escape(cache)}", dockerfile)
 
 
 # ------------------------------------------------------------------------- Dockerfiles

@@ -30,13 +30,28 @@ def closed_hub(monkeypatch: pytest.MonkeyPatch) -> str:
     return endpoint
 
 
+class Endpoint(str):
+    """A URL that remembers the paths its server was asked for."""
+
+    def __new__(cls, url: str, paths: list[str]) -> Endpoint:
+        endpoint = super().__new__(cls, url)
+        endpoint.paths = paths
+        return endpoint
+
+    paths: list[str]
+
+
 @pytest.fixture
-def answering_server() -> Iterator[str]:
-    """A local HTTP server that answers 404 to everything."""
+def answering_server() -> Iterator[Endpoint]:
+    """A local HTTP server that answers 404 to everything; `.paths` lists what was asked."""
+    paths: list[str] = []
 
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            paths.append(self.path)
             self.send_error(404)
+
+        do_HEAD = do_GET
 
         def log_message(self, *args: object) -> None:
             pass
@@ -45,7 +60,7 @@ def answering_server() -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield Endpoint(f"http://127.0.0.1:{server.server_address[1]}", paths)
     finally:
         server.shutdown()
         server.server_close()
@@ -92,6 +107,30 @@ def test_random_weights_that_nobody_allowed_fail_before_any_work(
     assert "no real weights for inception_resnet_v1 (inception_resnet_v1: no checkpoint" in err
     assert "--allow-random inception_resnet_v1" in err
     assert not list(repository.rglob("model.pt"))
+
+
+def test_a_refusal_comes_before_any_download(
+    tmp_path: Path,
+    answering_server: Endpoint,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The hub answers, but inception_resnet_v1 can have no real weights: the export stops
+    before it downloads inception_v4's checkpoint (minutes, in a deployment)."""
+    monkeypatch.setenv("HF_ENDPOINT", answering_server)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code = main(
+        [
+            "--repository", str(tmp_path / "repository"), "--models", "inception_v4,inception_resnet_v1",
+            "--hub", "auto", "--allow-random", "none", "--no-ensemble",
+        ]
+    )  # fmt: skip
+    assert code == 2
+    assert (
+        "no real weights for inception_resnet_v1 (inception_resnet_v1: no checkpoint"
+        in capsys.readouterr().err
+    )
+    assert answering_server.paths == ["/"], answering_server.paths  # the check, no download
 
 
 def test_make_serve_falls_back_to_random_with_a_message(
