@@ -4,11 +4,15 @@ Every crop is described the same way: an image resized so that its shorter side 
 length (torchvision's rule: the longer side ``int(short * long / short_of_source)``,
 truncated), an integer rectangle of that resized image, and whether it is mirrored. The
 rectangle is mapped back to the source image as a float box, so each crop is made by one
-Pillow resampling step (``Image.resize(..., box=...)``) from the decoded pixels: the same
-output pixels as resizing the whole image and then cropping (Pillow places each output
-pixel at ``box_left + (i + 0.5) * scale`` and clips the filter at the source image's own
-edges, which is what the two-step path computes for the kept pixels), without ever
-allocating the resized image (341 × 3,410,000 pixels for a 1 × 10,000 source).
+Pillow resampling step (``Image.resize(..., box=...)``) from the decoded pixels, without
+ever allocating the resized image (341 × 3,410,000 pixels for a 1 × 10,000 source). Pillow
+places each output pixel at ``box_left + (i + 0.5) * scale`` and clips its filter at the
+source's own edges, so the filter taps and weights are those of resizing the whole image
+and then cropping. What can differ is the rounding to 8 bits between Pillow's horizontal
+and vertical passes, whose order Pillow chooses itself and may choose differently for a
+box than for the whole image (observed with Pillow 13): against timm's transform that
+leaves p99 ≤ 1 grey level, max 2
+(``tests/gateway/test_preprocessing_reference.py``).
 
 Protocols (``crops``):
 

@@ -7,8 +7,8 @@ test may import timm and torch; the gateway never does (``test_imports.py``).
 Measured (Pillow 13, timm 1.0.31) without draft decoding: on the packaged photos p99 0 and
 max 1 grey level; on 120 random sizes 200-2500 px p99 ≤ 1, mean ≤ 0.13, max 2. The only
 residual difference is the uint8 rounding between Pillow's two resampling passes: Pillow
-picks the order of its horizontal and vertical passes from their cost, and for the crop's
-box it may pick the other order than for the whole image.
+chooses the order of its horizontal and vertical passes itself, and for the crop's box it
+may choose the other order than for the whole image.
 """
 
 from __future__ import annotations
