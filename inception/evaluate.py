@@ -18,13 +18,16 @@ GoogLeNet's protocol, which `crops=144` follows. The paper's figures are for the
 checkpoints on the 50,000 ILSVRC-2012 validation images; a random initialisation scores
 about 99.9 % / 99.5 % error, and a small folder gives a wide interval.
 
-This module imports no torch: it runs wherever the gateway's client does.
+`--local` needs no server: it runs the gateway's own preprocessing (``service.imaging``)
+and the networks in eager PyTorch in this process. Without it the module imports no
+torch: it runs wherever the gateway's client does.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import re
 import sys
@@ -264,6 +267,60 @@ def gateway_classifier(
     return classify
 
 
+#: The networks the Triton ensemble averages, with equal weights as the export's default.
+ENSEMBLE_MEMBERS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2")
+
+
+def ranked_top5(probabilities: Sequence[float]) -> list[int]:
+    """The five best classes by score, ties by class id, as the gateway ranks them."""
+    return sorted(range(len(probabilities)), key=lambda i: (-probabilities[i], i))[:5]
+
+
+def local_classifier(
+    checkpoints: dict[str, str], *, draft: bool = True, max_pixels: int = 50_000_000
+) -> Callable[[Path, str, int], list[int]]:
+    """A function (image, model, crops) -> ranked class ids computed in this process: the
+    gateway's own preprocessing and crops (``service.imaging``, torch-free) and the
+    networks in eager PyTorch with ``ServingModel``'s input conversion and softmax, built
+    once each, with a checkpoint from ``checkpoints`` or their deterministic random
+    initialisation. `ensemble` is the equal-weight mean of the three networks. Needs torch;
+    no server."""
+    import torch
+
+    from service.imaging import Preprocessing, configure_pillow, prepare
+
+    from . import create_model, get_spec
+
+    # Loaded at run time: the torch-bound modules are not type-checked with this one.
+    ServingModel = importlib.import_module("inception.serving").ServingModel
+
+    configure_pillow(max_pixels)
+    built: dict[str, tuple[torch.nn.Module, Preprocessing]] = {}
+    lock = threading.Lock()
+
+    def network(name: str) -> tuple[torch.nn.Module, Preprocessing]:
+        with lock:
+            if name not in built:
+                spec = get_spec(name)
+                module = ServingModel(create_model(name, checkpoints.get(name))).eval()
+                built[name] = (module, Preprocessing(spec.crop_pct, spec.interpolation, spec.input_size))
+            return built[name]
+
+    def classify(path: Path, model: str, crops: int) -> list[int]:
+        members = [network(m) for m in (ENSEMBLE_MEMBERS if model == "ensemble" else (model,))]
+        prepared = prepare(
+            path.read_bytes(), [pre for _, pre in members], max_pixels=max_pixels, draft=draft, crops=crops
+        )
+        total = torch.zeros(1000, dtype=torch.float64)
+        with torch.inference_mode():
+            for module, pre in members:
+                batch = torch.from_numpy(prepared.batches[pre])
+                total += module(batch).double().mean(dim=0) / len(members)
+        return ranked_top5(total.tolist())
+
+    return classify
+
+
 def evaluate(
     samples: Sequence[Sample],
     models: Iterable[str],
@@ -309,6 +366,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folder", type=Path, required=True, help="one folder per class (synset or index)")
     parser.add_argument("--labels", type=Path, help="a CSV of path,label lines instead of class folders")
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway (default: make serve's)")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="no server: the gateway's preprocessing and the networks in this process (needs torch)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="with --local: a checkpoint for NAME (default: its deterministic random initialisation)",
+    )
     parser.add_argument("--api-key", default=None, help="when the gateway asks for one")
     parser.add_argument(
         "--models",
@@ -336,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     print(f"[evaluate] {len(samples)} images, models {', '.join(models)}, crops {crops}", file=sys.stderr)
-    classify = gateway_classifier(args.url, args.api_key, args.timeout, args.retries)
+    if args.local:
+        checkpoints = dict(item.split("=", 1) for item in args.checkpoint if "=" in item)
+        classify = local_classifier(checkpoints)
+    else:
+        classify = gateway_classifier(args.url, args.api_key, args.timeout, args.retries)
     report = evaluate(samples, models, crops, classify, concurrency=args.concurrency, progress=not args.quiet)
     table = report.markdown()
     print(table, end="")

@@ -122,3 +122,29 @@ def test_evaluate_through_the_gateway_equals_a_hand_computation(
     )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert "| inception_resnet_v1 | 1 | 3 | 66.67 | 33.33 |" in again.stdout
+
+
+@pytest.mark.integration
+def test_evaluate_local_runs_without_a_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--local`: the gateway's preprocessing and the eager network in this process (the
+    cheapest network, its deterministic random initialisation); the same construction of
+    labels from its own answers gives the same hand-computed figures."""
+    from inception.evaluate import local_classifier, main
+
+    classify_here = local_classifier({})
+    ranked = {name: classify_here(photo(name), MODEL, 1) for name in PHOTOS}
+    assert all(len(r) == 5 and len(set(r)) == 5 for r in ranked.values())
+    outside = next(c for c in range(1000) if c not in ranked["rocket.jpg"])
+    labels = {
+        "chelsea.png": ranked["chelsea.png"][0],
+        "coffee.png": ranked["coffee.png"][2],
+        "rocket.jpg": outside,
+    }
+    folder = tmp_path / "val"
+    for name, label in labels.items():
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo(name), folder / str(label) / name)
+    out = tmp_path / "local.json"
+    assert main(["--folder", str(folder), "--local", "--models", MODEL, "--json", str(out), "--quiet"]) == 0
+    assert "| inception_resnet_v1 | 1 | 3 | 66.67 | 33.33 |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"][0]["failures"] == 0
