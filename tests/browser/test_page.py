@@ -214,13 +214,15 @@ def test_an_image_can_be_dropped_or_pasted(
 
 
 def test_the_page_works_by_keyboard_alone(page: Page, page_gateway: GatewayProcess) -> None:
+    # Listening before the page loads: chromium intercepts file choosers only once the
+    # listener is registered, and `expect_file_chooser` around the key press lost that race.
+    page.on("filechooser", lambda chooser: chooser.set_files(PHOTO))
     open_page(page, page_gateway)
     page.keyboard.press("Tab")  # the link to the API reference
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "file"
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")
-    chooser.value.set_files(PHOTO)
+    page.keyboard.press("Space")  # opens the file chooser, which the listener answers
+    expect(page.get_by_alt_text("Preview of chelsea.png")).to_be_visible()
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "model"
     page.get_by_label("Model").select_option(MODEL)  # a focused <select> is the keyboard's
