@@ -18,7 +18,7 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all venv backend repository serve test check bench bench-gateway clean
+.PHONY: all venv backend repository serve test check bench bench-gateway bench-overload clean
 
 all: test
 
@@ -77,6 +77,11 @@ bench: backend repository
 
 bench-gateway: backend repository
 	$(BIN)/python -m bench.gateway --repository $(REPO)
+
+# Goodput and latency past capacity, with and without admission control, and a 10-minute
+# memory soak (about 16 minutes in all).
+bench-overload: backend repository
+	$(BIN)/python -m bench.overload --repository $(REPO)
 
 clean:
 	rm -rf $(VENV) build $(REPO)/*/1 $(REPO)/*/labels.txt $(REPO)/*/configs

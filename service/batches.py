@@ -18,22 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 
 import numpy as np
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
-
-from inception.contract import INPUT_NAME, OUTPUT_NAME
 
 from .crops import uses_crop_pct
-from .deadlines import deadline_var, remaining_s
-from .errors import BackendTimeout
 from .gateway import Gateway
 from .imaging import Prepared, Preprocessing
 from .model_config import ModelInfo
-from .triton import TritonBackend, _deadline_passed, checked_output, map_triton_error
+from .triton import TritonBackend
 
 log = logging.getLogger("service.triton")
 
@@ -88,58 +82,7 @@ async def infer_crops(
     tensors = model_inputs(info, prepared)
     count = next(iter(tensors.values())).shape[0]
     outputs = [
-        await _infer(backend, info.name, {k: v[part] for k, v in tensors.items()}, request_id)
+        await backend.infer(info.name, {k: v[part] for k, v in tensors.items()}, request_id)
         for part in chunks(count, info.max_batch_size)
     ]
     return mean_probabilities(np.concatenate(outputs))
-
-
-async def _infer(
-    backend: TritonBackend, name: str, tensors: Mapping[str, np.ndarray], request_id: str
-) -> np.ndarray:
-    if list(tensors) == [INPUT_NAME]:
-        return await backend.infer(name, tensors[INPUT_NAME], request_id)
-    return await infer_inputs(backend, name, tensors, request_id)
-
-
-async def infer_inputs(
-    backend: TritonBackend, name: str, tensors: Mapping[str, np.ndarray], request_id: str
-) -> np.ndarray:
-    """``TritonBackend.infer`` for a model with several image inputs (the ensemble whose
-    members crop differently): the same deadline (gRPC deadline and Triton request timeout
-    from what remains of the request's), error mapping and output checks. It lives here
-    because ``service/triton.py`` takes one input; it belongs there once that takes named
-    inputs."""
-    remaining = remaining_s()
-    budget = backend.settings.triton_timeout_s if remaining is None else remaining
-    if budget <= 0:
-        raise _deadline_passed()
-    inputs = []
-    for input_name, batch in tensors.items():
-        tensor = grpcclient.InferInput(input_name, list(batch.shape), "UINT8")
-        tensor.set_data_from_numpy(batch)
-        inputs.append(tensor)
-    try:
-        result = await backend.client.infer(
-            name,
-            inputs,
-            outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
-            request_id=request_id[:128],
-            timeout=max(1, int(budget * 1e6)),
-            client_timeout=budget,
-        )
-    except InferenceServerException as exc:
-        log.warning(
-            "triton call failed",
-            extra={"model": name, "triton_status": str(exc.status() or ""), "triton_message": exc.message()},
-        )
-        error = map_triton_error(exc, name, backend.settings)
-        deadline = deadline_var.get()
-        if isinstance(error, BackendTimeout) and deadline is not None and deadline.client:
-            error = _deadline_passed()
-        raise error from None
-    try:
-        probabilities = result.as_numpy(OUTPUT_NAME)
-    except ValueError:
-        probabilities = None
-    return checked_output(probabilities, next(iter(tensors.values())).shape[0], name)

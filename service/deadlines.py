@@ -28,15 +28,21 @@ from .errors import InvalidRequest
 T = TypeVar("T")
 
 HEADER = "X-Request-Timeout"
-TimeoutHeader = Annotated[
-    float | None,
-    Header(
-        alias=HEADER,
-        gt=0,
-        description="the client's deadline in seconds: a request that cannot be answered within it "
-        "is refused at once (503) or ends with 504; Triton drops it from its queue once it passes",
-    ),
-]
+DESCRIPTION = (
+    "the client's deadline in seconds: a request that cannot be answered within it is refused "
+    "at once (503) or ends with 504; Triton drops it from its queue once it passes"
+)
+#: Validated by FastAPI; documented by hand (service/openapi.py), because the schema
+#: FastAPI derives from an optional parameter admits null, which no header can carry.
+TimeoutHeader = Annotated[float | None, Header(alias=HEADER, gt=0, include_in_schema=False)]
+#: The header as OpenAPI describes it.
+PARAMETER = {
+    "name": HEADER,
+    "in": "header",
+    "required": False,
+    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "description": DESCRIPTION,
+}
 
 
 @dataclass(frozen=True)

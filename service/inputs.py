@@ -92,11 +92,16 @@ def _csv(value: Any) -> Any:
 
 
 def parse_options(raw: dict[str, Any]) -> ClassifyOptions:
-    """Options from strings or JSON values, validated (422 on anything wrong)."""
-    values = {k: v for k, v in raw.items() if v is not None}
+    """Options from strings or JSON values, validated (422 on anything wrong).
+
+    An empty value is an absent one: an HTML form sends its unset fields as `name=`, and
+    `?weights=` asks for no weights rather than for an empty list of them."""
+    values = {k: v for k, v in raw.items() if v is not None and not (isinstance(v, str) and not v.strip())}
     for key in ("models", "weights"):
         if key in values:
             values[key] = _csv(values[key])
+            if values[key] == []:
+                del values[key]
     try:
         return ClassifyOptions.model_validate(values)
     except ValidationError as exc:
@@ -165,6 +170,9 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
                     "the multipart field 'image' has no filename, so it arrived as text and its "
                     "bytes were lost; send it as a file part (curl -F image=@photo.jpg)"
                 )
+            unknown = sorted(set(form.keys()) - {"image", *OPTION_FIELDS})
+            if unknown:  # as the JSON form forbids unknown keys: a typo must not pass unnoticed
+                raise InvalidRequest(f"unknown multipart fields: {', '.join(unknown)[:200]}")
             data = await upload.read()
             fields = {k: form.get(k) for k in OPTION_FIELDS if isinstance(form.get(k), str)}
         finally:
@@ -184,9 +192,8 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
         if not isinstance(document, dict):
             raise InvalidRequest('the JSON body must be an object {"image": "<base64>", ...}')
         try:
-            parsed = ClassifyJson.model_validate(
-                {k: _csv(v) if k in ("models", "weights") else v for k, v in document.items()}
-            )
+            # As its schema says: `weights` numbers in an array (not "1"), or one string.
+            parsed = ClassifyJson.model_validate(document)
         except ValidationError as exc:
             raise InvalidRequest(_describe(exc)) from None
         data = _decode_base64(parsed.image, limit)
@@ -203,5 +210,7 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
         )
     if not data:
         raise EmptyBody("the request carries no image data")
+    if fields:
+        parse_options(fields)  # a bad body field is refused even where the query overrides it
     merged = {**fields, **{k: v for k, v in query.items() if v is not None}}
     return data, parse_options(merged)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import deadlines
 from .crops import SUPPORTED_CROPS
-from .schemas import MAX_TOP_K, ClassifyJson, ErrorResponse
+from .schemas import MAX_TOP_K, WEIGHTS_PATTERN, ClassifyJson, ErrorResponse
 
 CLASSIFY_BODY: dict[str, Any] = {
+    "parameters": [deadlines.PARAMETER],
     "requestBody": {
         "required": True,
         "content": {
@@ -16,9 +18,12 @@ CLASSIFY_BODY: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["image"],
+                    "additionalProperties": False,
                     "properties": {
                         "image": {"type": "string", "format": "binary"},
                         "model": {"type": "string"},
+                        "models": {"type": "string", "description": "comma-separated, as in the query"},
+                        "weights": {"type": "string", "pattern": WEIGHTS_PATTERN},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
                         "crops": {"type": "integer", "enum": list(SUPPORTED_CROPS), "default": 1},
                     },
@@ -27,7 +32,7 @@ CLASSIFY_BODY: dict[str, Any] = {
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/json": {"schema": ClassifyJson.model_json_schema()},
         },
-    }
+    },
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

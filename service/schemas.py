@@ -26,6 +26,11 @@ CROPS_DESCRIPTION = (
 )
 
 
+#: Comma-separated non-negative decimal numbers, as `weights` travels in a query or a form.
+#: Blank is allowed: an empty option is an absent one (service/inputs.py).
+WEIGHTS_PATTERN = r"^\s*((\d+(\.\d*)?|\.\d+)(\s*,\s*(\d+(\.\d*)?|\.\d+))*)?\s*$"
+
+
 class ClassifyOptions(BaseModel):
     """Options of ``POST /v1/classify``, from the query string, form fields or JSON body."""
 
@@ -35,7 +40,9 @@ class ClassifyOptions(BaseModel):
     models: list[str] | None = Field(
         None, description="a per-request ensemble: models the gateway runs concurrently and averages"
     )
-    weights: list[float] | None = Field(None, description="weights of `models` (default: equal)")
+    weights: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, description="non-negative weights of `models`, not all zero (default: equal)"
+    )
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many classes to answer")
     crops: Crops = Field(1, description=CROPS_DESCRIPTION)
 
@@ -50,16 +57,36 @@ class ClassifyQuery(BaseModel):
     models: str | None = Field(
         None, description="per-request ensemble, e.g. `inception_v4,inception_resnet_v2`"
     )
-    weights: str | None = Field(None, description="weights of `models`, e.g. `0.5,0.5`")
+    weights: str | None = Field(
+        None,
+        pattern=WEIGHTS_PATTERN,
+        description="non-negative weights of `models`, comma-separated, e.g. `0.5,0.5`",
+    )
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="how many classes (default 5)")
     crops: Crops | None = Field(None, description=CROPS_DESCRIPTION + " (default 1)")
 
 
+JsonWeights = (
+    list[Annotated[float, Field(ge=0, strict=True)]] | Annotated[str, Field(pattern=WEIGHTS_PATTERN)] | None
+)
+
+
 class ClassifyJson(ClassifyOptions):
-    """The JSON form of a classify request."""
+    """The JSON form of a classify request. `models` and `weights` may be arrays or, as in
+    the query string, comma-separated strings."""
+
+    models: list[str] | str | None = Field(  # type: ignore[assignment]
+        None, description="a per-request ensemble: an array of models, or one comma-separated string"
+    )
+    weights: JsonWeights = Field(  # type: ignore[assignment]
+        None, description="non-negative weights of `models`: an array, or one comma-separated string"
+    )
 
     image: str = Field(
-        ..., min_length=1, description="the image file's bytes, base64 (a `data:` URL prefix is accepted)"
+        ...,
+        min_length=1,
+        description="the image file's bytes, base64 (a `data:` URL prefix is accepted)",
+        json_schema_extra={"format": "byte", "contentEncoding": "base64"},
     )
 
 

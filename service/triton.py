@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -182,8 +182,11 @@ class TritonBackend:
             raise ModelUnavailable(f"model {name} is not ready on the inference server", headers=headers)
         raise BackendUnavailable("the inference server is unavailable; retry later", headers=headers)
 
-    async def infer(self, name: str, batch: np.ndarray, request_id: str = "") -> np.ndarray:
-        """Probabilities ``[n, 1000]`` for a uint8 ``[n, H, W, 3]`` batch, sent as is.
+    async def infer(
+        self, name: str, batch: np.ndarray | Mapping[str, np.ndarray], request_id: str = ""
+    ) -> np.ndarray:
+        """Probabilities ``[n, 1000]`` for a uint8 ``[n, H, W, 3]`` batch, sent as is, or
+        for one such batch per named input (the ensemble whose members crop differently).
 
         What remains of the request's deadline (service/deadlines.py) goes with the call
         twice: as its gRPC deadline, and as Triton's request timeout, so that Triton drops
@@ -192,12 +195,16 @@ class TritonBackend:
         budget = self.settings.triton_timeout_s if remaining is None else remaining
         if budget <= 0:
             raise _deadline_passed()
-        tensor = grpcclient.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
-        tensor.set_data_from_numpy(batch)
+        named = {INPUT_NAME: batch} if isinstance(batch, np.ndarray) else batch
+        tensors = []
+        for input_name, array in named.items():
+            tensor = grpcclient.InferInput(input_name, list(array.shape), "UINT8")
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
         try:
             result = await self.client.infer(
                 name,
-                [tensor],
+                tensors,
                 outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
                 request_id=request_id[:128],
                 timeout=max(1, int(budget * 1e6)),
@@ -224,7 +231,7 @@ class TritonBackend:
             probabilities = result.as_numpy(OUTPUT_NAME)
         except ValueError:  # e.g. an output of the wrong byte size
             probabilities = None
-        return checked_output(probabilities, batch.shape[0], name)
+        return checked_output(probabilities, next(iter(named.values())).shape[0], name)
 
     async def server_live(self) -> bool:
         try:

@@ -6,23 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from service.errors import ModelUnavailable
-from service.imaging import Preprocessing
+from service.imaging import Prepared
+from service.model_config import ModelInfo, parse_model_config
 from service.routes.classify import infer_all
 
-PRE = Preprocessing(crop_pct=0.875, interpolation="bicubic", input_size=299)
+from .helpers import model_config_json
+
+INFO = parse_model_config(model_config_json())
+PRE = INFO.preprocessing
+PREPARED = Prepared(batches={PRE: np.zeros((1, 299, 299, 3), np.uint8)}, size=(299, 299))
+
+
+def infos(*names: str) -> list[ModelInfo]:
+    return [replace(INFO, name=n) for n in names]
 
 
 class Backend:
     def __init__(self) -> None:
         self.cancelled: list[str] = []
 
-    async def infer(self, name: str, batch: np.ndarray, request_id: str) -> np.ndarray:
+    async def infer(self, name: str, batch: object, request_id: str) -> np.ndarray:
         if name == "broken":
             await asyncio.sleep(0.05)
             raise ModelUnavailable("the model is not available")
@@ -37,23 +47,18 @@ class Backend:
 def test_one_failing_member_cancels_the_others() -> None:
     backend = Backend()
     gateway = SimpleNamespace(backend=backend)
-    infos = [SimpleNamespace(name=n, preprocessing=PRE) for n in ("slow", "broken")]
-    inputs = {PRE: np.zeros((299, 299, 3), np.uint8)}
     started = time.monotonic()
     with pytest.raises(ModelUnavailable):
-        asyncio.run(infer_all(gateway, infos, inputs, "rid"))  # type: ignore[arg-type]
+        asyncio.run(infer_all(gateway, infos("slow", "broken"), PREPARED, "rid"))  # type: ignore[arg-type]
     assert time.monotonic() - started < 2
     assert backend.cancelled == ["slow"]
 
 
 def test_all_members_answer_in_order() -> None:
     class Echo:
-        async def infer(self, name: str, batch: np.ndarray, request_id: str) -> np.ndarray:
+        async def infer(self, name: str, batch: object, request_id: str) -> np.ndarray:
             await asyncio.sleep(0.01 if name == "a" else 0)
             return np.full((1, 1000), 1.0 if name == "a" else 2.0, np.float32)
 
-    infos = [SimpleNamespace(name=n, preprocessing=PRE) for n in ("a", "b")]
-    outputs = asyncio.run(
-        infer_all(SimpleNamespace(backend=Echo()), infos, {PRE: np.zeros((299, 299, 3), np.uint8)}, "r")  # type: ignore[arg-type]
-    )
+    outputs = asyncio.run(infer_all(SimpleNamespace(backend=Echo()), infos("a", "b"), PREPARED, "r"))  # type: ignore[arg-type]
     assert [float(o[0, 0]) for o in outputs] == [1.0, 2.0]

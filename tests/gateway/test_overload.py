@@ -204,3 +204,36 @@ def test_a_client_that_leaves_is_not_served(overload_gateway: GatewayProcess, tm
         time.sleep(0.2)
     assert count_499() > before
     del tmp_path
+
+
+def test_triton_drops_requests_whose_deadline_passed_in_its_queue(gateway_triton: TritonEndpoint) -> None:
+    """The configs' queue policy (REJECT, timeout override allowed): a request whose timeout
+    passes while it waits behind others is dropped by Triton, not computed."""
+    import numpy as np
+    import tritonclient.grpc.aio as grpcaio
+    from tritonclient.grpc import InferInput, InferRequestedOutput
+    from tritonclient.utils import InferenceServerException
+
+    batch = np.zeros((1, 299, 299, 3), dtype=np.uint8)
+
+    def inputs() -> list[InferInput]:
+        tensor = InferInput("image__0", list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        return [tensor]
+
+    async def scenario() -> list[object]:
+        client = grpcaio.InferenceServerClient(gateway_triton.grpc_url)
+        try:
+            output = [InferRequestedOutput("probabilities__0")]
+            busy = [asyncio.create_task(client.infer(MODEL, inputs(), outputs=output)) for _ in range(12)]
+            await asyncio.sleep(0.05)
+            late = client.infer(MODEL, inputs(), outputs=output, timeout=1000)  # 1 ms, in microseconds
+            results = await asyncio.gather(late, *busy, return_exceptions=True)
+        finally:
+            await client.close()
+        return results
+
+    late, *busy = asyncio.run(scenario())
+    assert isinstance(late, InferenceServerException), late
+    assert "timeout expired" in str(late.message()).lower()
+    assert not any(isinstance(b, Exception) for b in busy)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,25 @@ def read_until_serving(process: subprocess.Popen[str], timeout: float = 300) -> 
     return "".join(output)
 
 
+def read_until_line(process: subprocess.Popen[str], text: str, timeout: float) -> str:
+    """Its output up to a line containing ``text``, read in a thread so that a launcher
+    that never says it cannot hang the test."""
+    assert process.stdout is not None
+    stdout = process.stdout
+    output: list[str] = []
+
+    def read() -> None:
+        for line in stdout:
+            output.append(line)
+            if text in line:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return "".join(output)
+
+
 @pytest.mark.parametrize(
     "stop_signal", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["ctrl-c", "sigterm", "sighup"]
 )
@@ -154,6 +174,10 @@ def test_serve_restarts_a_dead_triton_and_answers_503_meanwhile(
                     break
                 time.sleep(0.2)
             assert answer.status_code == 200, outage
+        # The gateway can answer 200 a moment before the launcher's own readiness poll
+        # sees the new Triton and says so: wait for its line rather than race it.
+        said = read_until_line(process, "ready again", timeout=60)
+        assert "ready again" in said, said
         assert outage, "the outage was not seen"
         assert all(status == 503 and retry for status, _, retry in outage), outage
         assert all(took < 6 for _, took, _ in outage), outage
@@ -161,7 +185,7 @@ def test_serve_restarts_a_dead_triton_and_answers_503_meanwhile(
     finally:
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
-    assert "restarting in" in rest and "ready again" in rest, rest
+    assert "restarting in" in said + rest, said + rest
 
 
 def test_serve_killed_outright_takes_its_children_along(one_model_repository: Path, tmp_path: Path) -> None:
