@@ -1,7 +1,8 @@
 """Overload benchmark (`make bench-overload`): goodput and latency past capacity, with
 admission control and without it, in one run (a benchmark, not a test).
 
-1. Capacity: closed-loop clients, answers per second; the unloaded latency: one client.
+1. Capacity: the best of closed loops of 2, 4 and 8 clients (admission off, so none is
+   refused), answers per second; the unloaded latency: one client.
 2. Open loop (requests sent at a fixed rate whether or not earlier ones were answered) at
    1.5x and 4x capacity, `--seconds` each: answers by status, accepted p50/p99, refusal
    p99, goodput as a fraction of capacity, the gateway's RSS, Triton's mean queue and
@@ -172,8 +173,15 @@ def run(args: argparse.Namespace, grpc_url: str, metrics_url: str) -> dict:
     try:
         asyncio.run(closed_loop(admitted.url, image, model, 2, 3))  # warm
         unloaded = asyncio.run(closed_loop(admitted.url, image, model, 1, args.seconds / 4))
-        measured = asyncio.run(closed_loop(admitted.url, image, model, args.clients, args.seconds / 2))
-        capacity = measured.statuses.get(200, 0) / measured.elapsed
+        # Capacity: the best goodput of closed-loop client counts (too few clients leave the
+        # pipeline idle between a request's stages), measured without admission control so
+        # that no client is refused and retries at once.
+        capacity = 0.0
+        for clients in args.clients:
+            measured = asyncio.run(closed_loop(unlimited.url, image, model, clients, args.seconds / 3))
+            served = measured.statuses.get(200, 0) / measured.elapsed
+            print(f"[overload] closed loop, {clients} clients: {served:.2f}/s", flush=True)
+            capacity = max(capacity, served)
         print(f"[overload] capacity {capacity:.2f}/s, unloaded p99 "
               f"{percentile(unloaded.accepted, 99) * 1000:.0f} ms", flush=True)  # fmt: skip
         for name, gateway, factor in (
@@ -246,7 +254,8 @@ def markdown(result: dict, info: dict) -> str:
         f"Measured {info['date']} on {info['machine']}; {info['model']}, {info['image']}; "
         f"objective {info['objective']} s.",
         "",
-        f"Capacity (closed loop, {info['clients']} clients): {result['capacity_per_s']:.2f} answers/s; "
+        f"Capacity (the best of closed loops of {info['clients']} clients): "
+        f"{result['capacity_per_s']:.2f} answers/s; "
         f"unloaded p50 / p99: {result['unloaded_p50_ms']:.0f} / {result['unloaded_p99_ms']:.0f} ms.",
         "",
         "| offered | answers | accepted p50 / p99 (ms) | refused p99 (ms) | goodput (of capacity) "
@@ -289,7 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-metrics", help="its metrics URL (default: port 8002 of that host)")
     parser.add_argument("--model", default="inception_resnet_v1")
     parser.add_argument("--objective", type=float, default=0.5, help="GATEWAY_LATENCY_TARGET_S")
-    parser.add_argument("--clients", type=int, default=4, help="closed-loop clients measuring capacity")
+    parser.add_argument(
+        "--clients",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=[2, 4, 8],
+        help="closed-loop client counts; capacity is the best of them",
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each open-loop level")
     parser.add_argument("--soak-s", type=float, default=600.0)
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -315,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "image": "grace_hopper.jpg (512x600 JPEG)",
         "objective": args.objective,
-        "clients": args.clients,
+        "clients": ", ".join(map(str, args.clients)),
     }
     print(markdown(result, info))
     if args.json:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -105,10 +105,8 @@ class Gateway:
         finally:
             self.buffered -= cost
 
-    @contextmanager
-    def admitted(self, models: list[str], images: int) -> Iterator[list[bool]]:
-        """A place for the request in every model it needs, or 503 at once (see
-        service/admission.py); set ``outcome[0] = True`` when the answer is complete."""
+    def refuse_if_over_capacity(self, models: Sequence[str], images: int) -> None:
+        """503 at once if these models cannot take the request now (service/admission.py)."""
         refusal = self.admission.refusal(models, images, remaining_s()) if self.settings.admission else None
         if refusal is not None:
             metrics.SHED.labels(refusal.model, refusal.reason).inc()
@@ -121,6 +119,12 @@ class Gateway:
                 f"the server is at capacity and could not answer {why}; retry later",
                 headers={"Retry-After": str(refusal.retry_after_s)},
             )
+
+    @contextmanager
+    def admitted(self, models: list[str], images: int) -> Iterator[list[bool]]:
+        """A place for the request in every model it needs, or 503 at once; set
+        ``outcome[0] = True`` when the answer is complete."""
+        self.refuse_if_over_capacity(models, images)
         try:
             with self.admission.admitted(models, images) as outcome:
                 yield outcome

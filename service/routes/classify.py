@@ -24,7 +24,7 @@ from ..deps import GatewayDep, require_api_key
 from ..errors import ApiError, RequestTimeout
 from ..gateway import Gateway
 from ..imaging import Prepared
-from ..inputs import read_request
+from ..inputs import parse_options, read_request
 from ..model_config import ModelInfo
 from ..openapi import CLASSIFY_BODY, ERROR_RESPONSES
 from ..routing import Plan, metric_label, resolve
@@ -52,6 +52,7 @@ async def classify(
     state.model_label = metric_label(settings, query.model) if not query.models else metrics.CUSTOM_ENSEMBLE
     started = time.perf_counter()
     deadlines.start(request_timeout, settings.triton_timeout_s)
+    shed_before_reading(gateway, request.headers, query)
     cost = buffer_cost(request.headers, settings.max_body_bytes)
     # The wait for a slot counts in the total, not in a stage; the buffer budget is taken
     # only with a slot, and never waited for.
@@ -100,6 +101,22 @@ async def classify(
     answer.timing_ms = {k: round(v * 1000, 3) for k, v in stages.items()}
     answer.timing_ms["total"] = round((time.perf_counter() - started) * 1000, 3)
     return answer
+
+
+def shed_before_reading(gateway: Gateway, headers: Headers, query: ClassifyQuery) -> None:
+    """A raw image body carries its options in the query alone, so admission can refuse it
+    before a byte of the body is read: past capacity refusals are most of the traffic, and
+    each read body would take CPU from the requests being served. Multipart and JSON
+    bodies may name another model: they are decided once read."""
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not (media.startswith("image/") or media == "application/octet-stream"):
+        return
+    try:
+        options = parse_options(query.model_dump())
+        plan = resolve(gateway.settings, options.model, options.models, options.weights)
+    except ApiError:
+        return  # the request's own error is answered on the normal path
+    gateway.refuse_if_over_capacity(list(plan.targets), options.crops)
 
 
 async def infer_all(

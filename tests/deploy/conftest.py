@@ -8,16 +8,22 @@ only where one is genuinely absent, e.g. on a developer's machine that skipped t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from promql_tools import DEPLOY
+
+from embedded.processes import free_port, log_tail, start_group, stop_group, wait_http
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -68,3 +74,26 @@ def closed_hub() -> str:
     from embedded.processes import free_port
 
     return f"http://127.0.0.1:{free_port()}"
+
+
+@contextlib.contextmanager
+def running_prometheus(prometheus_bin: str, work: Path, config: dict[str, Any]) -> Iterator[str]:
+    """A real Prometheus on a free port with this configuration (written under `work`),
+    ready; its URL. Stopped on exit."""
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = work / "prometheus.log"
+    process = start_group(
+        [
+            prometheus_bin,
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        log_path=log,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(process)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import yaml
-from conftest import require_tool
+from conftest import require_tool, running_prometheus
 from promql_tools import ALERTS, DEPLOY
 
 from embedded.processes import free_port, log_tail, start_group, stop_group, wait_http
@@ -128,23 +128,8 @@ def prometheus(prometheus_bin, alertmanager, tmp_path_factory) -> Iterator[str]:
             rule["for"] = "0s"
     (work / "alerts.yml").write_text(yaml.safe_dump(rules))
     config["rule_files"] = [str(work / "alerts.yml")]
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = work / "prometheus.log"
-    process = start_group(
-        [
-            prometheus_bin,
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        log_path=log,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(process)
+    with running_prometheus(prometheus_bin, work, config) as url:
+        yield url
 
 
 def test_a_firing_rule_reaches_the_webhook(prometheus, webhook):

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import yaml
+from conftest import running_prometheus
 from promql_tools import (
     ALERTS,
     ROOT,
@@ -85,23 +85,8 @@ def prometheus(prometheus_bin, gateway, triton, tmp_path_factory) -> Iterator[st
             {"job_name": "triton", "static_configs": [{"targets": [triton.metrics_url]}]},
         ],
     }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = work / "prometheus.log"
-    process = start_group(
-        [
-            prometheus_bin,
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        log_path=log,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(process)
+    with running_prometheus(prometheus_bin, work, config) as url:
+        yield url
 
 
 def jpeg() -> bytes:
