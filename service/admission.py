@@ -3,19 +3,20 @@ refuse the rest at once.
 
 Past capacity a queue only grows: every admitted request waits for all those ahead of it,
 until they all time out together and the server computes answers nobody waits for
-(goodput collapses). So each worker keeps, per Triton model, a concurrency limit derived
-from Little's law: ``limit = service rate × latency objective``, where the service rate is
-measured, not configured: completions per second of *busy* time (time with at least one
-request of that model in flight). Busy time, not wall time, so that a quiet minute does
-not read as a slow server. A request that would wait longer than the objective, or than
-its own deadline, is refused with 503 and a ``Retry-After`` of the time the backlog takes
-to drain. docs/architecture.md says why this and not a gradient limiter.
+(goodput collapses). So each worker keeps, per Triton model, a limit on the images in
+flight, set by AIMD on the latency it observes (admission to answer): every answer within
+the objective raises the limit by one image per limit's worth of answers (one step per
+round trip), an answer past it cuts the limit by a fifth, at most once per round trip.
+The limit settles where latency meets the objective, which is where the server is busy
+all the time and nothing queues beyond what the objective allows. docs/architecture.md
+says why this and not a limit computed from the measured rate (the first version).
 
-The limit follows the server: a faster server (a GPU, more Triton replicas, bigger
-batches) completes more per second and the limit rises with it; a slower one lowers it.
-Until the first measurement the limit is ``initial_limit``. The event loop is one thread,
-so checking and taking a place are one step, and a request needing several models (a
-per-request ensemble) takes a place in each or in none.
+The service rate is measured too (images answered per second of busy time, time with at
+least one image of that model in flight), for what a refused client is told: the
+``Retry-After`` is the time the work in flight takes to drain, and a request whose own
+deadline is shorter than its expected wait is refused at once. The event loop is one
+thread, so checking and taking a place are one step, and a request needing several
+models (a per-request ensemble) takes a place in each or in none.
 """
 
 from __future__ import annotations
@@ -31,26 +32,33 @@ from dataclasses import dataclass, field
 SAMPLE_COMPLETIONS, SAMPLE_BUSY_S = 4, 0.5
 #: Weight of the newest measurement in the moving average of the rate.
 SMOOTHING = 0.3
+#: The multiplicative decrease of the limit when an answer misses the objective.
+BACKOFF = 0.8
 
 
 @dataclass
 class ModelLoad:
-    """One model's images in flight in this worker, and its measured service rate (images
-    per busy second: a 144-crop request weighs 144 single-crop ones)."""
+    """One model's images in flight in this worker, its limit, and its measured service
+    rate (images per busy second: a 144-crop request weighs 144 single-crop ones)."""
 
+    objective_s: float
     initial_limit: int
     min_limit: int = 1
     in_flight: int = 0
     rate: float | None = None  # completions per busy second, once measured
-    _busy_since: float | None = None
-    _busy_s: float = 0.0
-    _completed: int = 0
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
+    _limit: float = field(init=False)
+    _last_cut: float = field(default=float("-inf"), repr=False)
+    _busy_since: float | None = field(default=None, repr=False)
+    _busy_s: float = field(default=0.0, repr=False)
+    _completed: int = field(default=0, repr=False)
 
-    def limit(self, objective_s: float) -> int:
-        if self.rate is None:
-            return max(self.min_limit, self.initial_limit)
-        return max(self.min_limit, math.floor(self.rate * objective_s))
+    def __post_init__(self) -> None:
+        self._limit = float(max(self.min_limit, self.initial_limit))
+
+    @property
+    def limit(self) -> int:
+        return max(self.min_limit, math.floor(self._limit))
 
     def expected_wait_s(self, extra: int = 1) -> float:
         """Time until ``extra`` more images would be answered, at the measured rate."""
@@ -67,20 +75,28 @@ class ModelLoad:
             self._busy_since = self.clock()
         self.in_flight += images
 
-    def leave(self, images: int, completed: bool) -> None:
-        """``completed`` is False for failures and cancellations: they say nothing about
-        how fast the server answers."""
+    def leave(self, images: int, latency_s: float | None) -> None:
+        """``latency_s`` is None for failures and cancellations: they say nothing about how
+        fast the server answers (an instant failure would read as speed)."""
+        busy = self.in_flight  # images in flight while this one was: was the limit in use?
         self.in_flight -= images
-        if completed:
-            self._completed += images
         now = self.clock()
         if self._busy_since is not None:
             self._busy_s += now - self._busy_since
             self._busy_since = now if self.in_flight else None
+        if latency_s is None:
+            return
+        self._completed += images
         if self._completed >= SAMPLE_COMPLETIONS and self._busy_s >= SAMPLE_BUSY_S:
             sample = self._completed / self._busy_s
             self.rate = sample if self.rate is None else (1 - SMOOTHING) * self.rate + SMOOTHING * sample
             self._completed, self._busy_s = 0, 0.0
+        if latency_s > self.objective_s:
+            if now - self._last_cut >= latency_s:  # once per round trip
+                self._limit = max(float(self.min_limit), self._limit * BACKOFF)
+                self._last_cut = now
+        elif 2 * busy >= self._limit:  # raise only a limit in use, not one an idle hour inflated
+            self._limit += images / self._limit
 
 
 @dataclass(frozen=True)
@@ -104,7 +120,7 @@ class Admission:
     def load(self, model: str) -> ModelLoad:
         load = self.loads.get(model)
         if load is None:
-            load = self.loads[model] = ModelLoad(self.initial_limit, self.min_limit)
+            load = self.loads[model] = ModelLoad(self.objective_s, self.initial_limit, self.min_limit)
         return load
 
     def refusal(self, models: Sequence[str], images: int, budget_s: float | None) -> Refusal | None:
@@ -116,19 +132,19 @@ class Admission:
             load = self.load(model)
             if load.in_flight == 0:
                 continue
-            wait = load.expected_wait_s(images)
             retry = max(1, math.ceil(load.drain_s()))
-            if load.in_flight + images > load.limit(self.objective_s):
+            if load.in_flight + images > load.limit:
                 return Refusal(model, "capacity", retry)
-            if budget_s is not None and wait > budget_s:
+            if budget_s is not None and load.expected_wait_s(images) > budget_s:
                 return Refusal(model, "deadline", retry)
         return None
 
     @contextmanager
     def admitted(self, models: Sequence[str], images: int) -> Iterator[list[bool]]:
         """Holds places in every model; the caller sets ``outcome[0] = True`` once the
-        answer is complete, so that only completions feed the rate."""
+        answer is complete, so that only completions feed the limit and the rate."""
         loads = [self.load(m) for m in models]
+        started = time.monotonic() if not loads else loads[0].clock()
         for load in loads:
             load.enter(images)
         outcome = [False]
@@ -136,4 +152,5 @@ class Admission:
             yield outcome
         finally:
             for load in loads:
-                load.leave(images, outcome[0])
+                latency = load.clock() - started if outcome[0] else None
+                load.leave(images, latency)

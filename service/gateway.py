@@ -131,7 +131,7 @@ class Gateway:
         finally:
             for model in models:
                 load = self.admission.load(model)
-                metrics.ADMISSION_LIMIT.labels(model).set(load.limit(self.admission.objective_s))
+                metrics.ADMISSION_LIMIT.labels(model).set(load.limit)
                 metrics.SERVICE_RATE.labels(model).set(load.rate or 0.0)
 
     async def prepare(self, data: bytes, pres: list[Preprocessing], crops: int = 1) -> Prepared:

@@ -89,7 +89,7 @@ SHED = Counter(
 )
 ADMISSION_LIMIT = Gauge(
     "inception_gateway_admission_limit_images",
-    "Images in flight admitted per model (service rate x latency objective)",
+    "Images in flight admitted per model (AIMD on latency against the objective)",
     ["model"],
     multiprocess_mode="livesum",
 )

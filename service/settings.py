@@ -153,8 +153,9 @@ class Settings(BaseSettings):
     latency_target_s: float = Field(
         0.5,
         gt=0,
-        description="latency objective: a request that would wait longer for its model (at the "
-        "measured service rate) is refused at once with 503 and Retry-After (service/admission.py)",
+        description="latency objective: admission control limits the images in flight per model so "
+        "that answers come within it, and refuses the rest at once with 503 and Retry-After "
+        "(service/admission.py)",
     )
     admission_initial_limit: int = Field(
         8, ge=1, description="images in flight per model before the first service-rate measurement"

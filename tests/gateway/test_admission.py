@@ -30,49 +30,63 @@ def serve(load: ModelLoad, clock: Clock, requests: int, service_s: float, concur
             load.enter(1)
         clock.now += service_s
         for _ in range(concurrency):
-            load.leave(1, completed=True)
+            load.leave(1, latency_s=service_s)
+
+
+def model(objective_s: float = 0.5, initial_limit: int = 8, min_limit: int = 1) -> tuple[ModelLoad, Clock]:
+    clock = Clock()
+    return ModelLoad(objective_s, initial_limit, min_limit, clock=clock), clock
 
 
 def test_rate_is_completions_per_busy_second_and_idle_time_does_not_count() -> None:
-    clock = Clock()
-    load = ModelLoad(initial_limit=8, clock=clock)
-    assert load.rate is None and load.limit(0.5) == 8
+    load, clock = model()
+    assert load.rate is None and load.limit == 8
     serve(load, clock, 10, 0.1)  # 10/s while busy
     clock.now += 60  # a quiet minute
     serve(load, clock, 10, 0.1)
     assert load.rate == pytest.approx(10.0)
-    assert load.limit(0.5) == 5  # Little's law: 10/s x 0.5 s
 
 
-def test_rate_follows_a_faster_server() -> None:
-    """Batches of 4 in the same time: the measured rate, and the limit, rise with them."""
-    clock = Clock()
-    load = ModelLoad(initial_limit=8, clock=clock)
-    serve(load, clock, 20, 0.1)
-    slow = load.rate
-    assert slow is not None
-    for _ in range(10):
-        serve(load, clock, 40, 0.1, concurrency=4)
-    assert load.rate is not None and load.rate > 3 * slow
+def test_answers_within_the_objective_raise_a_limit_in_use() -> None:
+    load, clock = model(objective_s=0.5, initial_limit=4)
+    serve(load, clock, 40, 0.1, concurrency=4)  # the whole limit in use, answers in 0.1 s
+    assert load.limit > 4
+    grown = load.limit
+    serve(load, clock, 40, 0.1, concurrency=1)  # one at a time: the limit is not in use
+    assert load.limit == grown
 
 
-def test_failures_do_not_feed_the_rate() -> None:
-    clock = Clock()
-    load = ModelLoad(initial_limit=8, clock=clock)
+def test_answers_past_the_objective_cut_the_limit_once_per_round_trip() -> None:
+    load, clock = model(objective_s=0.5, initial_limit=10)
+    for _ in range(5):
+        load.enter(1)
+    clock.now += 1.0
+    for _ in range(5):  # five late answers in the same instant: one cut
+        load.leave(1, latency_s=1.0)
+    assert load.limit == 8
+    serve(load, clock, 3, 1.0)  # later round trips: a cut each
+    assert load.limit < 8
+    for _ in range(50):
+        serve(load, clock, 1, 1.0)
+    assert load.limit == 1  # never below the floor
+
+
+def test_failures_feed_neither_the_limit_nor_the_rate() -> None:
+    load, clock = model(initial_limit=4)
     for _ in range(20):
         load.enter(1)
         clock.now += 0.001
-        load.leave(1, completed=False)  # instant failures look like a fast server
-    assert load.rate is None
+        load.leave(1, latency_s=None)  # instant failures look like a fast server
+    assert load.rate is None and load.limit == 4
 
 
 def test_refuses_past_the_limit_with_retry_after_from_the_rate() -> None:
     clock = Clock()
-    admission = Admission(objective_s=0.5, initial_limit=8, min_limit=1)
+    admission = Admission(objective_s=0.5, initial_limit=2, min_limit=1)
     load = admission.load("m")
     load.clock = clock
-    serve(load, clock, 20, 0.25)  # 4/s -> limit 2
-    assert load.limit(0.5) == 2
+    serve(load, clock, 20, 0.25)  # 4/s, one at a time: the limit stays 2
+    assert load.limit == 2
     with admission.admitted(["m"], 1), admission.admitted(["m"], 1):
         refusal = admission.refusal(["m"], 1, None)
         assert refusal is not None and refusal.reason == "capacity" and refusal.model == "m"
@@ -98,24 +112,19 @@ def test_a_request_whose_deadline_cannot_be_met_is_refused_at_once() -> None:
 
 
 def test_a_per_request_ensemble_takes_places_in_all_its_models_or_none() -> None:
-    clock = Clock()
     admission = Admission(objective_s=0.5, initial_limit=1, min_limit=1)
     with admission.admitted(["a"], 1):
         refusal = admission.refusal(["b", "a"], 1, None)
         assert refusal is not None and refusal.model == "a"
         assert admission.load("b").in_flight == 0  # nothing taken in b
-    with admission.admitted(["a", "b"], 1):
+    with admission.admitted(["a", "b"], 1) as outcome:
         assert (admission.load("a").in_flight, admission.load("b").in_flight) == (1, 1)
+        outcome[0] = True
     assert (admission.load("a").in_flight, admission.load("b").in_flight) == (0, 0)
-    del clock
 
 
 def test_crops_weigh_as_many_images() -> None:
-    clock = Clock()
-    admission = Admission(objective_s=1.0, initial_limit=8)
-    load = admission.load("m")
-    load.clock = clock
-    serve(load, clock, 40, 0.1, concurrency=4)  # 40 images/s -> limit 40
+    admission = Admission(objective_s=1.0, initial_limit=40)
     with admission.admitted(["m"], 10):
         assert admission.refusal(["m"], 10, None) is None
         refusal = admission.refusal(["m"], 144, None)
@@ -123,8 +132,7 @@ def test_crops_weigh_as_many_images() -> None:
 
 
 def test_a_sample_needs_busy_time_as_well_as_completions() -> None:
-    clock = Clock()
-    load = ModelLoad(initial_limit=8, clock=clock)
+    load, clock = model()
     serve(load, clock, 10, SAMPLE_BUSY_S / 100)
     assert load.rate is None  # 10 completions in 5 ms of busy time: not yet a measurement
 
