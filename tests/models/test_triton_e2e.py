@@ -38,13 +38,25 @@ def in_process(images: np.ndarray) -> dict[str, np.ndarray]:
     return outputs
 
 
-def infer(protocol: str, url: str, model: str, images: np.ndarray, class_count: int = 0):
+def input_names(url: str, model: str) -> list[str]:
+    """The model's image inputs as Triton lists them: one for a network, one per distinct
+    preprocessing for the ensemble (image__0, image__1)."""
+    metadata = grpcclient.InferenceServerClient(url).get_model_metadata(model, as_json=True)
+    return [i["name"] for i in metadata["inputs"]]
+
+
+def infer(protocol: str, url: str, model: str, images: np.ndarray, class_count: int = 0, grpc_url: str = ""):
+    """The same images in every input, so that the ensemble's members see what each
+    network sees when served alone."""
     client_module = grpcclient if protocol == "grpc" else httpclient
     client = client_module.InferenceServerClient(url)
-    inp = client_module.InferInput("image__0", list(images.shape), "UINT8")
-    inp.set_data_from_numpy(images)
+    inputs = []
+    for name in input_names(grpc_url or url, model):
+        inp = client_module.InferInput(name, list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images)
+        inputs.append(inp)
     out = client_module.InferRequestedOutput("probabilities__0", class_count=class_count)
-    return client.infer(model, [inp], outputs=[out]).as_numpy("probabilities__0")
+    return client.infer(model, inputs, outputs=[out]).as_numpy("probabilities__0")
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +64,7 @@ def served(triton, images: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     results = {}
     for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
         for model in [*NETWORKS, "inception_ensemble"]:
-            results[protocol, model] = infer(protocol, url, model, images)
+            results[protocol, model] = infer(protocol, url, model, images, grpc_url=triton.grpc_url)
     return results
 
 
@@ -90,7 +102,7 @@ def test_classification_extension_answers_label_names(triton, served, images, pr
     labels = (ROOT / "inception" / "data" / "imagenet_labels.txt").read_text().splitlines()
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     for model in ("inception_v4", "inception_ensemble"):
-        top = infer(protocol, url, model, images, class_count=3)
+        top = infer(protocol, url, model, images, class_count=3, grpc_url=triton.grpc_url)
         assert top.shape == (BATCH, 3)
         for row, probs in zip(top, served[protocol, model], strict=True):
             entries = [entry.decode().split(":", 2) for entry in row]
