@@ -87,6 +87,9 @@ def test_gateway_extra_installs_without_torch_and_serves(
         gateway.client() as client,
     ):
         assert client.get("/healthz").json() == {"status": "ok"}
+        page = client.get("/")  # the page's files ship in the wheel, not only in the checkout
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert client.get("/static/page.js").status_code == 200
         answer = classify(client, photo("chelsea.png").read_bytes(), "image/png", model="inception_resnet_v1")
         assert answer.status_code == 200, answer.text
         assert len(answer.json()["predictions"]) == 5
