@@ -27,11 +27,22 @@ class NotReady(RuntimeError):
         self.exit_code = exit_code
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port free now on 127.0.0.1 (another process may take it before it is bound)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now on 127.0.0.1 (another process may take it before it is bound), and
+    never one this process handed out before: a tritonserver's three ports, or two
+    servers', are chosen before any is bound, and the kernel may offer a port again once
+    its probe socket is closed (two replicas once got the same port for HTTP and metrics)."""
+    for _ in range(1000):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no port on 127.0.0.1 that this process has not handed out already")
 
 
 _PR_SET_PDEATHSIG = 1

@@ -89,3 +89,11 @@ def test_a_signal_during_the_wait_ends_it_at_once(repository: Path, tmp_path: Pa
     assert process.returncode == 0
     time.sleep(0.5)
     assert servers_of(served) == []
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    """Ports chosen before any is bound (a server's three, two replicas') must differ."""
+    from embedded.processes import free_port
+
+    ports = [free_port() for _ in range(2000)]  # past the birthday bound of ~28k ephemeral ports
+    assert len(set(ports)) == len(ports)
