@@ -15,7 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 
@@ -136,3 +136,23 @@ def wait_http(
 
 def log_tail(path: Path, chars: int = 3000) -> Callable[[], str]:
     return lambda: path.read_text(errors="replace")[-chars:] if path.is_file() else ""
+
+
+@contextlib.contextmanager
+def running(
+    command: Sequence[str],
+    ready_url: str,
+    timeout: float,
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`command` started in its own group, ready once `ready_url` answers 200 (its log's
+    tail in the error otherwise), and stopped on exit, whatever happened in between."""
+    process = start_group(command, env=env, cwd=cwd, log_path=log_path)
+    try:
+        wait_http(ready_url, timeout, process, describe=log_tail(log_path))
+        yield process
+    finally:
+        stop_group(process)

@@ -41,8 +41,9 @@ from typing import TextIO
 
 import httpx
 
-SYNSETS_PATH = Path(__file__).with_name("data") / "imagenet_synsets.txt"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+from .contract import NETWORKS
+from .labels import SYNSETS_PATH
+
 MEDIA_TYPES = {
     ".jpg": "image/jpeg",
     ".jpeg": "image/jpeg",
@@ -53,6 +54,7 @@ MEDIA_TYPES = {
     ".tif": "image/tiff",
     ".tiff": "image/tiff",
 }
+IMAGE_SUFFIXES = frozenset(MEDIA_TYPES)
 _SYNSET = re.compile(r"n\d{8}")
 
 #: The paper's ILSVRC-2012 validation errors (top-1, top-5, %) by model and crop count:
@@ -267,10 +269,6 @@ def gateway_classifier(
     return classify
 
 
-#: The networks the Triton ensemble averages, with equal weights as the export's default.
-ENSEMBLE_MEMBERS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2")
-
-
 def ranked_top5(probabilities: Sequence[float]) -> list[int]:
     """The five best classes by score, ties by class id, as the gateway ranks them."""
     return sorted(range(len(probabilities)), key=lambda i: (-probabilities[i], i))[:5]
@@ -307,7 +305,7 @@ def local_classifier(
             return built[name]
 
     def classify(path: Path, model: str, crops: int) -> list[int]:
-        members = [network(m) for m in (ENSEMBLE_MEMBERS if model == "ensemble" else (model,))]
+        members = [network(m) for m in (NETWORKS if model == "ensemble" else (model,))]
         prepared = prepare(
             path.read_bytes(), [pre for _, pre in members], max_pixels=max_pixels, draft=draft, crops=crops
         )

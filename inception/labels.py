@@ -11,6 +11,8 @@ import importlib.util
 from pathlib import Path
 
 LABELS_PATH = Path(__file__).with_name("data") / "imagenet_labels.txt"
+#: The same classes as WordNet synsets (`n01440764`), the names of ImageNet's folders.
+SYNSETS_PATH = Path(__file__).with_name("data") / "imagenet_synsets.txt"
 
 
 def _timm_info_dir() -> Path:
@@ -21,9 +23,13 @@ def _timm_info_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "data" / "_info"
 
 
+def generate_synsets() -> list[str]:
+    return _timm_info_dir().joinpath("imagenet_synsets.txt").read_text().split()
+
+
 def generate_labels() -> list[str]:
     info = _timm_info_dir()
-    synsets = info.joinpath("imagenet_synsets.txt").read_text().split()
+    synsets = generate_synsets()
     lemmas = dict(
         line.split("\t", 1) for line in info.joinpath("imagenet_synset_to_lemma.txt").read_text().splitlines()
     )
@@ -33,7 +39,8 @@ def generate_labels() -> list[str]:
 def main() -> None:
     labels = generate_labels()
     LABELS_PATH.write_text("\n".join(labels) + "\n")
-    print(f"wrote {len(labels)} labels to {LABELS_PATH}")
+    SYNSETS_PATH.write_text("\n".join(generate_synsets()) + "\n")
+    print(f"wrote {len(labels)} labels to {LABELS_PATH} and their synsets to {SYNSETS_PATH}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ preprocessing (docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterable
 from contextlib import AbstractAsyncContextManager
 
@@ -28,9 +27,6 @@ from .gateway import Gateway
 from .imaging import Prepared, Preprocessing
 from .model_config import ModelInfo
 from .triton import TritonBackend
-
-log = logging.getLogger("service.triton")
-
 
 #: What one crop costs while a request holds it: the rendered uint8 crop, the bytes the
 #: Triton client copies it into, and the serialised gRPC request.

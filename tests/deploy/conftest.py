@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from promql_tools import DEPLOY
 
-from embedded.processes import free_port, log_tail, start_group, stop_group, wait_http
+from embedded.processes import free_port, running
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -82,18 +82,11 @@ def running_prometheus(prometheus_bin: str, work: Path, config: dict[str, Any]) 
     ready; its URL. Stopped on exit."""
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    log = work / "prometheus.log"
-    process = start_group(
-        [
-            prometheus_bin,
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        log_path=log,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
+    command = [
+        prometheus_bin,
+        f"--config.file={work / 'prometheus.yml'}",
+        f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "prometheus.log"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(process)

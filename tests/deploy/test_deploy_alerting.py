@@ -23,7 +23,7 @@ import yaml
 from conftest import require_tool, running_prometheus
 from promql_tools import ALERTS, DEPLOY
 
-from embedded.processes import free_port, log_tail, start_group, stop_group, wait_http
+from embedded.processes import free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -90,22 +90,15 @@ def alertmanager(alertmanager_bin, webhook, tmp_path_factory) -> Iterator[str]:
     config["route"]["group_wait"] = "1s"
     (work / "alertmanager.yml").write_text(yaml.safe_dump(config))
     port, cluster = free_port(), free_port()
-    log = work / "alertmanager.log"
-    process = start_group(
-        [
-            alertmanager_bin,
-            f"--config.file={work / 'alertmanager.yml'}",
-            f"--storage.path={work / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            f"--cluster.listen-address=127.0.0.1:{cluster}",
-        ],
-        log_path=log,
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/-/ready", 60, process, describe=log_tail(log))
+    command = [
+        alertmanager_bin,
+        f"--config.file={work / 'alertmanager.yml'}",
+        f"--storage.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--cluster.listen-address=127.0.0.1:{cluster}",
+    ]
+    with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "alertmanager.log"):
         yield f"127.0.0.1:{port}"
-    finally:
-        stop_group(process)
 
 
 @pytest.fixture(scope="module")

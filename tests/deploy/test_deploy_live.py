@@ -43,7 +43,7 @@ from promql_tools import (
     substitute,
 )
 
-from embedded.processes import free_port, log_tail, start_group, stop_group, wait_http
+from embedded.processes import free_port, running
 from embedded.serve import gateway_command
 
 pytestmark = pytest.mark.integration
@@ -65,13 +65,15 @@ def gateway(triton, tmp_path_factory) -> Iterator[str]:
         "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
         "GATEWAY_API_KEYS": "",
     }
-    log = work / "gateway.log"
-    process = start_group(gateway_command(port, workers=2), env=env, cwd=ROOT, log_path=log)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", 180, process, describe=log_tail(log))
+    with running(
+        gateway_command(port, workers=2),
+        f"http://127.0.0.1:{port}/readyz",
+        180,
+        log_path=work / "gateway.log",
+        env=env,
+        cwd=ROOT,
+    ):
         yield f"127.0.0.1:{port}"
-    finally:
-        stop_group(process)
 
 
 @pytest.fixture(scope="module")
