@@ -18,29 +18,29 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all venv backend repository serve test check bench bench-gateway bench-overload clean
+.PHONY: all debian venv backend repository serve test check bench bench-gateway bench-overload clean
 
 all: test
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Debian's tools, in one place and one apt-get: those the deployment tests run for real
+# (Prometheus, promtool, Alertmanager, amtool, docker-compose, kubectl), the browser that
+# Playwright drives in tests/browser (its own download cannot work here), and what builds
+# Triton's PyTorch backend (embedded/backend.py says why each). Installs only what is missing.
+DEBIAN_PACKAGES := prometheus prometheus-alertmanager docker-compose kubectl chromium \
+	cmake g++ make rapidjson-dev googletest patchelf
+DEBIAN_CHECK := command -v promtool && command -v prometheus && command -v docker-compose && \
+	command -v prometheus-alertmanager && command -v amtool && command -v kubectl && command -v chromium && \
+	command -v cmake && command -v g++ && command -v patchelf && test -f /usr/include/rapidjson/document.h && \
+	test -f /usr/src/googletest/CMakeLists.txt
+
+debian:
+	@( $(DEBIAN_CHECK) ) >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES); }
+
+$(STAMP): pyproject.toml Makefile | debian
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
-	# Debian tools the deployment tests run for real (Prometheus, promtool, Alertmanager,
-	# amtool, docker-compose, kubectl).
-	command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v docker-compose >/dev/null && \
-	  command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager docker-compose; }
-	command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; }
-	# Debian's browser, which Playwright drives in tests/browser (its own download cannot work here).
-	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	  --no-install-recommends chromium; }
-	# Debian tools that build Triton's PyTorch backend (embedded/backend.py says why each).
-	command -v cmake >/dev/null && command -v g++ >/dev/null && command -v patchelf >/dev/null && \
-	  test -f /usr/include/rapidjson/document.h && test -f /usr/src/googletest/CMakeLists.txt || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    cmake g++ make rapidjson-dev googletest patchelf; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned, so that nothing pulls another build.
@@ -60,8 +60,11 @@ repository: $(STAMP)
 serve: backend repository
 	PORT=$(PORT) $(BIN)/python -m embedded.serve --repository $(REPO)
 
+# What CI runs: the same checks as `make check` (lint, format, types), then the whole suite.
 test: backend repository
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest
 
 # The quick loop while editing (under a minute): lint, format, types, and the tests that

@@ -34,8 +34,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from PIL import Image
 
-from embedded.processes import free_port, start_group, stop_group, wait_http
-from embedded.serve import gateway_command, gateway_environment
+from embedded.gateway import Gateway
 from embedded.tritonserver import TritonServer
 from service.imaging import Preprocessing, configure_pillow, prepare
 
@@ -206,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     small = images["small: grace_hopper.jpg 512x600"]
 
     triton = None
-    gateway = None
-    port = free_port()
+    gateway: Gateway | None = None
     try:
         if args.triton:
             grpc_url = args.triton
@@ -217,17 +215,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             triton.start().wait_ready(timeout=600)
             grpc_url = triton.grpc_url
-        gateway = start_group(
-            gateway_command(port, args.workers),
-            env=gateway_environment(grpc_url),
-            cwd=ROOT,
-        )
-        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120, alive=gateway)
+        gateway = Gateway(grpc_url, workers=args.workers).start().wait("/readyz")
         serving_rows = asyncio.run(
-            serving(f"http://127.0.0.1:{port}", grpc_url, args.model, small, concurrencies, args.per_client)
+            serving(gateway.url, grpc_url, args.model, small, concurrencies, args.per_client)
         )
     finally:
-        stop_group(gateway)
+        if gateway is not None:
+            gateway.stop()
         if triton is not None:
             triton.stop()
     pre_rows = preprocessing(images)

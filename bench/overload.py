@@ -33,8 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench.gateway import percentile, photos
-from embedded.processes import free_port, start_group, stop_group, wait_http
-from embedded.serve import gateway_command, gateway_environment
+from embedded.gateway import Gateway
 from embedded.tritonserver import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,25 +149,12 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: after[k] - before[k] for k in after}
 
 
-class Gateway:
-    """One gateway process on a free port."""
-
-    def __init__(self, grpc_url: str, extra_env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**gateway_environment(grpc_url), **extra_env}
-        self.process = start_group(gateway_command(self.port, 1), env=env, cwd=ROOT)
-        wait_http(self.url + "/readyz", timeout=120, alive=self.process)
-
-    def stop(self) -> None:
-        stop_group(self.process)
-
-
 def run(args: argparse.Namespace, grpc_url: str, metrics_url: str) -> dict:
     image = photos()["small: grace_hopper.jpg 512x600"]
     model = args.model
-    admitted = Gateway(grpc_url, {"GATEWAY_LATENCY_TARGET_S": str(args.objective)})
-    unlimited = Gateway(grpc_url, {"GATEWAY_ADMISSION": "false"})
+    objective = {"GATEWAY_LATENCY_TARGET_S": str(args.objective)}
+    admitted = Gateway(grpc_url, env=objective).start().wait("/readyz")
+    unlimited = Gateway(grpc_url, env={"GATEWAY_ADMISSION": "false"}).start().wait("/readyz")
     rows: list[dict] = []
     try:
         asyncio.run(closed_loop(admitted.url, image, model, 2, 3))  # warm
@@ -193,7 +179,7 @@ def run(args: argparse.Namespace, grpc_url: str, metrics_url: str) -> dict:
             outcome = asyncio.run(open_loop(gateway.url, image, model, factor * capacity, args.seconds))
             row = level_row(
                 name, outcome, capacity, _delta(triton_counters(metrics_url, model), before),
-                rss_mib(gateway.process.pid),
+                rss_mib(gateway.pid),
             )  # fmt: skip
             rows.append(row)
             print(f"[overload] {json.dumps(row)}", flush=True)
@@ -218,17 +204,17 @@ async def soak_run(gateway: Gateway, image: bytes, model: str, capacity: float, 
 
     async def sample() -> None:
         while time.monotonic() - started < seconds + 5:
-            samples.append((time.monotonic() - started, rss_mib(gateway.process.pid)))
+            samples.append((time.monotonic() - started, rss_mib(gateway.pid)))
             await asyncio.sleep(5)
 
     sampler = asyncio.create_task(sample())
     third = (seconds - seconds / 10) / 2
     await open_loop(gateway.url, image, model, capacity, third)
-    before = rss_mib(gateway.process.pid)
+    before = rss_mib(gateway.pid)
     await open_loop(gateway.url, image, model, 4 * capacity, seconds / 10)
-    after_burst = rss_mib(gateway.process.pid)
+    after_burst = rss_mib(gateway.pid)
     await open_loop(gateway.url, image, model, capacity, third)
-    end = rss_mib(gateway.process.pid)
+    end = rss_mib(gateway.pid)
     await sampler
     late = [(t, r) for t, r in samples if t >= third + seconds / 10]
     slope = 0.0

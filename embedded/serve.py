@@ -19,14 +19,14 @@ import importlib.util
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
 
-from embedded.processes import free_port, start_group, stop_group, wait_http
+from embedded.gateway import Gateway
+from embedded.processes import free_port
 from embedded.tritonserver import TritonError, TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,39 +41,6 @@ class Stop(Exception):
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
-
-
-def gateway_command(
-    port: int, workers: int = 1, host: str = "127.0.0.1", graceful_s: int = 10, python: str = sys.executable
-) -> list[str]:
-    """The one uvicorn command line of the gateway: `make serve`, the tests and the bench."""
-    return [
-        python,
-        "-m",
-        "uvicorn",
-        "service.app:app",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-        "--no-access-log",  # the gateway logs each request itself, as JSON with its request id
-        "--timeout-graceful-shutdown",
-        str(graceful_s),
-    ]
-
-
-def gateway_environment(grpc_url: str, multiproc_dir: Path | None = None) -> dict[str, str]:
-    """This environment for the gateway, pointed at Triton; multiprocess metrics when the
-    gateway runs several workers (`multiproc_dir`), and never an inherited metrics folder."""
-    env = dict(os.environ)
-    env["GATEWAY_TRITON_GRPC_URL"] = grpc_url
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    if multiproc_dir is not None:
-        env["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
-    return env
 
 
 def sample_photo() -> str | None:
@@ -151,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path=args.log_dir / "tritonserver.log",
         config_name=args.config_name,
     )
-    gateway: subprocess.Popen[bytes] | None = None
+    gateway: Gateway | None = None
     multiproc_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-")) if args.workers > 1 else None
     try:
         print(f"starting tritonserver on {args.repository} (log: {triton.log_path}) ...", flush=True)
@@ -160,18 +127,26 @@ def main(argv: list[str] | None = None) -> int:
             f"tritonserver ready: grpc {triton.grpc_url}, metrics http://{triton.metrics_url}/metrics",
             flush=True,
         )
-        # Its own group: stopped with its workers, not by our Ctrl-C.
-        gateway = start_group(
-            gateway_command(args.port, args.workers, args.host),
-            env=gateway_environment(triton.grpc_url, multiproc_dir),
-            cwd=ROOT,
+        # Its own group: stopped with its workers, not by our Ctrl-C. The operator's
+        # GATEWAY_* settings are this process's environment, passed on as they are.
+        settings = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}
+        gateway = Gateway(
+            triton.grpc_url,
+            args.log_dir / "gateway.log",
+            workers=args.workers,
+            env=settings,
+            port=args.port,
+            host=args.host,
+            graceful_s=10,
+            multiproc_dir=multiproc_dir,
         )
-        wait_http(f"http://127.0.0.1:{args.port}/readyz", timeout=120, alive=gateway)
+        gateway.start().wait("/readyz")
         print(curl_example(args.port), flush=True)
         backoff = MIN_BACKOFF_S
         while True:
-            if gateway.poll() is not None:
-                print(f"the gateway exited with code {gateway.returncode}", file=sys.stderr)
+            if gateway.process is None or gateway.process.poll() is not None:
+                code = None if gateway.process is None else gateway.process.returncode
+                print(f"the gateway exited with code {code}", file=sys.stderr)
                 return 1
             if triton.process is None or triton.process.poll() is not None:
                 backoff = restart_triton(triton, backoff, args.triton_timeout)
@@ -186,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         # Ignore further signals while cleaning up, so a second Ctrl-C cannot leave orphans.
         for stop_signal in STOP_SIGNALS:
             signal.signal(stop_signal, signal.SIG_IGN)
-        stop_group(gateway)
+        if gateway is not None:
+            gateway.stop()
         triton.stop()
         if multiproc_dir is not None:
             shutil.rmtree(multiproc_dir, ignore_errors=True)

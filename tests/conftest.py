@@ -4,6 +4,7 @@ backend`) serving `model_repository/` in its CPU config variant."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +12,7 @@ import pytest
 
 from embedded.tritonserver import TritonServer
 
-ROOT = Path(__file__).resolve().parents[1]
-REPOSITORY = ROOT / "model_repository"
+from .helpers import REPOSITORY, ROOT, TritonEndpoint
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,13 @@ def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_triton(request: pytest.FixtureRequest) -> TritonEndpoint:
+    """The Triton the shared gateways talk to."""
+    external = os.environ.get("GATEWAY_TEST_TRITON")
+    if external:
+        return TritonEndpoint(grpc_url=external)
+    triton = request.getfixturevalue("triton")
+    return TritonEndpoint(grpc_url=triton.grpc_url)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gateway.conftest import TritonEndpoint, gateway_triton  # noqa: F401  (a fixture: one Triton for both)
-from gateway.helpers import MODEL, ROOT, GatewayProcess, classify, running_gateway
 from playwright.sync_api import Browser, Page, sync_playwright
+
+from ..gateway.helpers import MODEL, GatewayProcess, classify, running_gateway
+from ..helpers import ROOT, TritonEndpoint
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -116,7 +117,7 @@ def other_origin(app_folder: Path) -> Iterator[Origin]:
 
 @pytest.fixture(scope="package")
 def page_gateway(
-    gateway_triton: TritonEndpoint,  # noqa: F811
+    gateway_triton: TritonEndpoint,
     listed_origin: Origin,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayProcess]:
@@ -136,7 +137,7 @@ def page_gateway(
 
 @pytest.fixture(scope="package")
 def keyed_gateway(
-    gateway_triton: TritonEndpoint,  # noqa: F811
+    gateway_triton: TritonEndpoint,
     listed_origin: Origin,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[GatewayProcess]:

@@ -8,10 +8,10 @@ import base64
 
 import httpx
 import pytest
-from gateway.helpers import MODEL, GatewayProcess, classify, photo
 from PIL import Image
 from playwright.sync_api import Page, expect
 
+from ..gateway.helpers import MODEL, GatewayProcess, classify, photo
 from .conftest import API_KEY, MAX_BODY_BYTES, SCREENSHOTS
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from gateway.helpers import ROOT, UNREACHABLE
 from pydantic import ValidationError
 
 from service.app import create_app
 from service.routes.page import FILES, STATIC
 from service.settings import Settings
+
+from ..gateway.helpers import UNREACHABLE
+from ..helpers import ROOT
 
 APP_ORIGIN = "https://app.example"
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway.helpers import MODEL, ROOT, GatewayProcess, classify, photo
 from playwright.sync_api import Page
 
+from ..gateway.helpers import MODEL, GatewayProcess, classify, photo
+from ..helpers import ROOT
 from .conftest import API_KEY, Origin, console_errors
 
 pytestmark = pytest.mark.integration

@@ -20,10 +20,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import yaml
-from conftest import require_tool, running_prometheus
-from promql_tools import ALERTS, DEPLOY
 
 from embedded.processes import free_port, running
+
+from .helpers import require_tool, running_prometheus
+from .promql_tools import ALERTS, DEPLOY
 
 pytestmark = pytest.mark.integration
 

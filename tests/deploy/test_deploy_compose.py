@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import require_tool
-from promql_tools import DEPLOY, ROOT
+
+from .helpers import require_tool
+from .promql_tools import DEPLOY, ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 DEBUG_OVERRIDE = DEPLOY / "compose.debug.yml"

@@ -14,7 +14,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from promql_tools import DASHBOARDS, DEPLOY, ROOT, iter_panels, load_dashboards, metric_names
+
+from .promql_tools import DASHBOARDS, DEPLOY, ROOT, iter_panels, load_dashboards, metric_names
 
 SCHEMAS = Path(__file__).parent / "schemas"
 PROVISIONING = DEPLOY / "grafana" / "provisioning"

@@ -13,8 +13,9 @@ import subprocess
 
 import pytest
 import yaml
-from conftest import find_tool
-from promql_tools import DEPLOY, adapter_rules
+
+from .helpers import find_tool
+from .promql_tools import DEPLOY, adapter_rules
 
 K8S = DEPLOY / "k8s"
 SERVED_MODELS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2", "inception_ensemble")

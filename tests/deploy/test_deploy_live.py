@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -28,10 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import running_prometheus
-from promql_tools import (
+
+from embedded.gateway import Gateway
+
+from .helpers import running_prometheus
+from .promql_tools import (
     ALERTS,
-    ROOT,
     TRITON_DOCUMENTED,
     adapter_expressions,
     alert_expressions,
@@ -42,9 +43,6 @@ from promql_tools import (
     selectors,
     substitute,
 )
-
-from embedded.processes import free_port, running
-from embedded.serve import gateway_command
 
 pytestmark = pytest.mark.integration
 
@@ -57,23 +55,18 @@ BURST = {"inception_v4": 4, "inception_ensemble": 2}
 def gateway(triton, tmp_path_factory) -> Iterator[str]:
     """The gateway as the image runs it: uvicorn, two workers, multiprocess metrics."""
     work = tmp_path_factory.mktemp("gateway")
-    (work / "metrics").mkdir()
-    port = free_port()
-    env = {
-        **os.environ,
-        "GATEWAY_TRITON_GRPC_URL": triton.grpc_url,
-        "PROMETHEUS_MULTIPROC_DIR": str(work / "metrics"),
-        "GATEWAY_API_KEYS": "",
-    }
-    with running(
-        gateway_command(port, workers=2),
-        f"http://127.0.0.1:{port}/readyz",
-        180,
-        log_path=work / "gateway.log",
-        env=env,
-        cwd=ROOT,
-    ):
-        yield f"127.0.0.1:{port}"
+    gateway = Gateway(
+        triton.grpc_url,
+        work / "gateway.log",
+        workers=2,
+        env={"GATEWAY_API_KEYS": ""},
+        multiproc_dir=work / "metrics",
+    )
+    try:
+        gateway.start().wait("/readyz", timeout=180)
+        yield f"127.0.0.1:{gateway.port}"
+    finally:
+        gateway.stop()
 
 
 @pytest.fixture(scope="module")

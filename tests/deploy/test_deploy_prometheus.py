@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from promql_tools import (
+
+from .promql_tools import (
     ALERTS,
     KNOWN_METRICS,
     adapter_expressions,

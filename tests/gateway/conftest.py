@@ -10,28 +10,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .helpers import MODEL, ROOT, GatewayProcess, running_gateway
-
-
-@dataclass(frozen=True)
-class TritonEndpoint:
-    grpc_url: str
-
-
-@pytest.fixture(scope="session")
-def gateway_triton(request: pytest.FixtureRequest) -> TritonEndpoint:
-    """The Triton the shared gateways talk to."""
-    external = os.environ.get("GATEWAY_TEST_TRITON")
-    if external:
-        return TritonEndpoint(grpc_url=external)
-    triton = request.getfixturevalue("triton")
-    return TritonEndpoint(grpc_url=triton.grpc_url)
+from ..helpers import ROOT, TritonEndpoint
+from .helpers import MODEL, GatewayProcess, running_gateway
 
 
 @pytest.fixture(scope="session")

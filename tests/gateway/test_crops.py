@@ -20,7 +20,7 @@ from service.crops import (
 from service.imaging import Preprocessing, configure_pillow, prepare, render
 from service.model_config import parse_model_config
 
-from .helpers import encode, model_config_json, photo
+from .helpers import encode, model_config_json, photo, symmetric_photo
 
 LIMIT = 50_000_000
 V4 = Preprocessing(0.875)
@@ -113,15 +113,6 @@ def test_rendered_crops_are_the_crops_of_the_resized_image() -> None:
         expected = np.asarray(resized.crop((x, y, x + w, y + h)), dtype=np.int16)
         assert np.percentile(np.abs(batch[k].astype(np.int16) - expected), 99) <= 1, k
         assert np.array_equal(batch[k + 5], batch[k][:, ::-1])
-
-
-def symmetric_photo() -> Image.Image:
-    """A real photo made left-right symmetric: its left half beside its mirror."""
-    half = Image.open(photo("astronaut.png")).convert("RGB").crop((0, 56, 300, 456))
-    image = Image.new("RGB", (600, 400))
-    image.paste(half, (0, 0))
-    image.paste(half.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (300, 0))
-    return image
 
 
 def test_mirrored_crops_of_a_symmetric_image_are_the_opposite_corners() -> None:

@@ -14,9 +14,8 @@ import tritonclient.grpc as grpcclient
 from service.crops import PROTOCOLS
 from service.imaging import Preprocessing, configure_pillow, prepare
 
-from .conftest import TritonEndpoint
-from .helpers import MODEL, classify, encode, photo, running_gateway, vector
-from .test_crops import symmetric_photo
+from ..helpers import TritonEndpoint
+from .helpers import MODEL, classify, encode, photo, running_gateway, symmetric_photo, vector
 
 pytestmark = pytest.mark.integration
 LIMIT = 50_000_000

@@ -10,7 +10,7 @@ import tritonclient.grpc as grpcclient
 from inception.registry import get_spec
 from service.imaging import Preprocessing, configure_pillow, prepare
 
-from .conftest import TritonEndpoint
+from ..helpers import TritonEndpoint
 from .helpers import classify, photo, vector
 
 pytestmark = pytest.mark.integration

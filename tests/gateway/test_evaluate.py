@@ -1,4 +1,4 @@
-"""`python -m inception.evaluate` on a small labelled folder built here from the packaged
+"""`python -m evaluation` on a small labelled folder built here from the packaged
 photos, against the real gateway and Triton; the numbers against a hand computation."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inception.evaluate import PAPER, Score, discover, parse_label, synsets
+from evaluation.imagenet import PAPER, Score, discover, parse_label, synsets
 
-from .helpers import MODEL, ROOT, GatewayProcess, classify, photo
+from ..helpers import ROOT
+from .helpers import MODEL, GatewayProcess, classify, photo
 
 
 def test_synsets_are_timms_class_order() -> None:
@@ -91,7 +92,7 @@ def test_evaluate_through_the_gateway_equals_a_hand_computation(
     out = tmp_path / "results.json"
     table = tmp_path / "results.md"
     result = subprocess.run(
-        [sys.executable, "-m", "inception.evaluate", "--folder", str(folder), "--url", gateway.url,
+        [sys.executable, "-m", "evaluation", "--folder", str(folder), "--url", gateway.url,
          "--models", MODEL, "--crops", "1,10", "--json", str(out), "--markdown", str(table)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -116,7 +117,7 @@ def test_evaluate_through_the_gateway_equals_a_hand_computation(
         + "".join(f"{p.relative_to(folder)},{labels[p.name]}\n" for p in sorted(folder.rglob("*.*")))
     )
     again = subprocess.run(
-        [sys.executable, "-m", "inception.evaluate", "--folder", str(folder), "--labels", str(csv),
+        [sys.executable, "-m", "evaluation", "--folder", str(folder), "--labels", str(csv),
          "--url", gateway.url, "--models", MODEL, "--quiet"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -129,7 +130,7 @@ def test_evaluate_local_runs_without_a_server(tmp_path: Path, capsys: pytest.Cap
     """`--local`: the gateway's preprocessing and the eager network in this process (the
     cheapest network, its deterministic random initialisation); the same construction of
     labels from its own answers gives the same hand-computed figures."""
-    from inception.evaluate import local_classifier, main
+    from evaluation.imagenet import local_classifier, main
 
     classify_here = local_classifier({})
     ranked = {name: classify_here(photo(name), MODEL, 1) for name in PHOTOS}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TritonEndpoint
-from .helpers import ROOT, classify, photo, running_gateway
+from ..helpers import ROOT, TritonEndpoint
+from .helpers import classify, photo, running_gateway
 
 pytestmark = pytest.mark.integration
 

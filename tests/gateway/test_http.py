@@ -14,9 +14,17 @@ from PIL import Image, features
 
 from service.imaging import Preprocessing, configure_pillow, prepare
 
-from .conftest import TritonEndpoint
-from .helpers import ROOT, GatewayProcess, classify, encode, photo, probabilities, raw_http, vector
-from .test_imaging import png_bomb
+from ..helpers import ROOT, TritonEndpoint
+from .helpers import (
+    GatewayProcess,
+    classify,
+    encode,
+    photo,
+    png_bomb,
+    probabilities,
+    raw_http,
+    vector,
+)
 
 pytestmark = pytest.mark.integration
 

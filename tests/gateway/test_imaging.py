@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import struct
 import zlib
 
@@ -20,7 +19,7 @@ from service.imaging import (
     preprocess,
 )
 
-from .helpers import encode, photo
+from .helpers import DRAFT_MEAN_TOLERANCE, DRAFT_P99_TOLERANCE, big_real_jpegs, encode, photo, png_bomb
 
 LIMIT = 50_000_000
 V4 = Preprocessing(0.875, "bicubic", 299)
@@ -34,20 +33,6 @@ def _pillow() -> None:
 
 def chelsea() -> Image.Image:
     return Image.open(photo("chelsea.png")).convert("RGB")
-
-
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of width x height zeros: a few hundred KB that inflate to
-    width*height pixels (the decompression bomb of the tests, made here)."""
-    row = b"\x00" + b"\x00" * math.ceil(width / 8)
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_every_accepted_format_decodes_to_rgb() -> None:
@@ -168,36 +153,10 @@ def test_exif_rotation_turns_the_crop_geometry_too() -> None:
     assert np.array_equal(prepared.inputs[V4], preprocess(upright, V4))
 
 
-def _big_real_jpegs() -> dict[str, bytes]:
-    """Real photos larger than the models need: retina (1411², a real JPEG), hubble (1000x872)
-    and mosaics of real photos at native resolution, re-encoded as camera-like JPEGs."""
-    photos = {
-        "retina": photo("retina.jpg").read_bytes(),
-        "hubble": photo("hubble_deep_field.jpg").read_bytes(),
-    }
-    names = ["astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg"]
-    tiles = [
-        Image.open(photo(n)).convert("RGB").resize((1000, 1000), Image.Resampling.BICUBIC) for n in names
-    ]
-    mosaic = Image.new("RGB", (3000, 2000))
-    for k, tile in enumerate(tiles):
-        mosaic.paste(tile, ((k % 3) * 1000, (k // 3) * 1000))
-    photos["mosaic_3000x2000"] = encode(mosaic, "JPEG", quality=92)
-    photos["grace_hopper"] = photo("grace_hopper.jpg").read_bytes()
-    return photos
-
-
-#: The stated tolerance of draft decoding (oversample 2, the default): the 299x299 uint8 input
-#: differs from the full-size path by at most 1.0 grey level on average and 6 at the 99th
-#: percentile. Measured: mean 0.33-0.63, p99 2-5 on these photos.
-DRAFT_MEAN_TOLERANCE = 1.0
-DRAFT_P99_TOLERANCE = 6
-
-
 @pytest.mark.parametrize("pre", [V4, IRV2], ids=["crop0.875", "crop0.8975"])
 def test_draft_decoding_within_tolerance_on_real_photos(pre: Preprocessing) -> None:
     used = 0
-    for name, data in _big_real_jpegs().items():
+    for name, data in big_real_jpegs().items():
         fast = prepare(data, [pre], max_pixels=LIMIT, draft=True, oversample=2.0)
         full = prepare(data, [pre], max_pixels=LIMIT, draft=False)
         diff = np.abs(fast.inputs[pre].astype(np.int16) - full.inputs[pre].astype(np.int16))
@@ -210,7 +169,7 @@ def test_draft_decoding_within_tolerance_on_real_photos(pre: Preprocessing) -> N
 
 
 def test_draft_keeps_enough_pixels() -> None:
-    data = _big_real_jpegs()["mosaic_3000x2000"]
+    data = big_real_jpegs()["mosaic_3000x2000"]
     prepared = prepare(data, [V4], max_pixels=LIMIT, draft=True, oversample=2.0)
     assert prepared.draft_scale == 2  # 2000 / 2 = 1000 >= 2 * 341, 2000 / 4 = 500 is not
 
@@ -273,8 +232,6 @@ def test_reduction_in_strips_equals_one_reduction(mode: str) -> None:
 
 def tiled_tiff(width: int, height: int, tile: int, rgb: tuple[int, int, int] = (10, 20, 30)) -> bytes:
     """A deflate-compressed, tiled RGB TIFF written by hand (Pillow writes no tiles)."""
-    import struct
-    import zlib
 
     n = (-(-width // tile)) * (-(-height // tile))
     blob = zlib.compress(bytes(rgb) * (tile * tile), 9)

@@ -1,4 +1,5 @@
-"""The gateway installs without torch: nothing it imports may pull torch in."""
+"""The gateway installs without torch: nothing it imports may pull torch in. And the
+dependency runs one way: the model package never imports the gateway."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from .helpers import ROOT
+from ..helpers import ROOT
 
 # The one torch-free module of the `inception` package that the gateway shares.
 ALLOWED_FROM_INCEPTION = {"inception.contract"}
@@ -40,3 +41,20 @@ def test_importing_the_gateway_and_launchers_loads_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_model_package_imports_nothing_of_the_gateway() -> None:
+    """`evaluation` may use both; `inception` is below `service` and must stay so."""
+    for path in (ROOT / "inception").rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.split(".")[0] in ("service", "evaluation", "embedded") for n in names), (
+                path,
+                names,
+            )

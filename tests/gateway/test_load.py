@@ -14,7 +14,7 @@ import httpx
 import pytest
 import tritonclient.grpc as grpcclient
 
-from .conftest import TritonEndpoint
+from ..helpers import TritonEndpoint
 from .helpers import GatewayProcess, photo, running_gateway
 
 pytestmark = pytest.mark.integration

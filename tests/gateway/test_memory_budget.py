@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.pixels import memory_budget
 
-from .conftest import TritonEndpoint
+from ..helpers import TritonEndpoint
 from .helpers import MODEL, GatewayProcess, classify, encode, running_gateway
 
 pytestmark = pytest.mark.integration

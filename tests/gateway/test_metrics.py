@@ -10,7 +10,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import TritonEndpoint
+from ..helpers import TritonEndpoint
 from .helpers import photo, running_gateway
 
 pytestmark = pytest.mark.integration

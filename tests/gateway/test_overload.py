@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import TritonEndpoint
+from ..helpers import TritonEndpoint
 from .helpers import MODEL, GatewayProcess, photo, running_gateway
 
 pytestmark = pytest.mark.integration

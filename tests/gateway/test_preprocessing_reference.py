@@ -21,8 +21,7 @@ from PIL import Image
 
 from service.imaging import Preprocessing, configure_pillow, prepare, preprocess
 
-from .helpers import encode, photo
-from .test_imaging import DRAFT_MEAN_TOLERANCE, DRAFT_P99_TOLERANCE, _big_real_jpegs
+from .helpers import DRAFT_MEAN_TOLERANCE, DRAFT_P99_TOLERANCE, big_real_jpegs, encode, photo
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("torchvision")
@@ -132,7 +131,7 @@ def test_draft_decoding_keeps_its_tolerance_against_timm(reference: tuple[Prepro
     full-size decode it stays within the tolerance stated in test_imaging.py."""
     pre, stages = reference
     drafted = 0
-    for name, data in _big_real_jpegs().items():
+    for name, data in big_real_jpegs().items():
         prepared = prepare(data, [pre], max_pixels=LIMIT, draft=True, oversample=2.0)
         full = Image.open(io.BytesIO(data))  # the reference decodes at full size
         diff = np.abs(prepared.inputs[pre].astype(np.int16) - timm_pixels(full.convert("RGB"), stages))

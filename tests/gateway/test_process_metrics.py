@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
 
-from .helpers import ROOT
+from ..helpers import ROOT
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc (Linux only)")
 

@@ -12,7 +12,8 @@ from embedded.tritonserver import TritonServer
 from inception.contract import CPU_VARIANT, GENERATED_PARAMS
 from inception.repository import parse, render
 
-from .helpers import MODEL, ROOT, classify, photo, running_gateway
+from ..helpers import ROOT
+from .helpers import MODEL, classify, photo, running_gateway
 
 pytestmark = pytest.mark.integration
 

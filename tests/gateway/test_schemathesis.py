@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, GatewayProcess
+from ..helpers import ROOT
+from .helpers import GatewayProcess
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ import pytest
 
 from embedded.processes import free_port
 
-from .helpers import MODEL, ROOT, classify, photo
+from ..helpers import ROOT
+from .helpers import MODEL, classify, photo
 
 pytestmark = pytest.mark.integration
 

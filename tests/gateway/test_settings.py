@@ -9,7 +9,8 @@ import pytest
 from service.app import create_app
 from service.settings import Settings
 
-from .helpers import ROOT, UNREACHABLE
+from ..helpers import ROOT
+from .helpers import UNREACHABLE
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import TritonEndpoint
+from ..helpers import TritonEndpoint
 from .helpers import MODEL, classify, encode, photo, running_gateway
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,8 @@ import pytest
 
 from embedded.tritonserver import TritonServer
 
-from .helpers import MODEL, ROOT, GatewayProcess, classify, photo
+from ..helpers import ROOT
+from .helpers import MODEL, GatewayProcess, classify, photo
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,6 @@ import pytest
 from embedded import backend
 from embedded.tritonserver import TritonError, TritonServer
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "inception_resnet_v1"
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from ..helpers import ROOT
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "inception_resnet_v1"
 
 

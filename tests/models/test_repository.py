@@ -25,7 +25,8 @@ from inception.repository import (
     render,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..helpers import ROOT
+
 ALL = [*NETWORKS, ENSEMBLE_MEAN_NAME, ENSEMBLE_NAME]
 
 

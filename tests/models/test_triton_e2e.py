@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +15,10 @@ import tritonclient.http as httpclient
 
 from inception.export import example_images, quiet_torchscript
 
+from ..helpers import ROOT
+
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
 NETWORKS = ["inception_v4", "inception_resnet_v1", "inception_resnet_v2"]
 BATCH = 2
 

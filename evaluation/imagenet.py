@@ -1,7 +1,7 @@
-"""`python -m inception.evaluate`: top-1 and top-5 error on a labelled folder, through a
+"""`python -m evaluation`: top-1 and top-5 error on a labelled folder, through a
 running gateway, beside the paper's figures.
 
-    python -m inception.evaluate --folder /data/imagenet/val --url http://127.0.0.1:8080 \\
+    python -m evaluation --folder /data/imagenet/val --url http://127.0.0.1:8080 \\
         --models inception_v4,inception_resnet_v2,ensemble --crops 1,144 --json results.json
 
 Labels come from the folder's layout, ImageNet's validation layout: one folder per class,
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import re
 import sys
@@ -41,8 +40,8 @@ from typing import TextIO
 
 import httpx
 
-from .contract import NETWORKS
-from .labels import SYNSETS_PATH
+from inception.contract import NETWORKS
+from inception.labels import SYNSETS_PATH
 
 MEDIA_TYPES = {
     ".jpg": "image/jpeg",
@@ -285,12 +284,9 @@ def local_classifier(
     no server."""
     import torch
 
+    from inception import create_model, get_spec
+    from inception.serving import ServingModel
     from service.imaging import Preprocessing, configure_pillow, prepare
-
-    from . import create_model, get_spec
-
-    # Loaded at run time: the torch-bound modules are not type-checked with this one.
-    ServingModel = importlib.import_module("inception.serving").ServingModel
 
     configure_pillow(max_pixels)
     built: dict[str, tuple[torch.nn.Module, Preprocessing]] = {}
@@ -358,9 +354,7 @@ def evaluate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m inception.evaluate", description=(__doc__ or "").splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m evaluation", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True, help="one folder per class (synset or index)")
     parser.add_argument("--labels", type=Path, help="a CSV of path,label lines instead of class folders")
     parser.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway (default: make serve's)")
@@ -379,8 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api-key", default=None, help="when the gateway asks for one")
     parser.add_argument(
         "--models",
-        default="inception_v4,inception_resnet_v1,inception_resnet_v2,ensemble",
-        help="comma-separated; `ensemble` is the Triton ensemble",
+        default=",".join((*NETWORKS, "ensemble")),
+        help="comma-separated; `ensemble` is the Triton ensemble (default: every network and it)",
     )
     parser.add_argument("--crops", default="1", help="comma-separated crop counts: 1, 10, 144")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight")
@@ -416,7 +410,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(table)
     return 1 if any(s.failures for s in report.scores) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
