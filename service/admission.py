@@ -4,9 +4,10 @@ refuse the rest at once.
 Past capacity a queue only grows: every admitted request waits for all those ahead of it,
 until they all time out together and the server computes answers nobody waits for
 (goodput collapses). So each worker keeps, per Triton model, a limit on the images in
-flight, set by AIMD on the latency it observes (admission to answer): every answer within
-the objective raises the limit by one image per limit's worth of answers (one step per
-round trip), an answer past it cuts the limit by a fifth, at most once per round trip.
+flight, set by AIMD on the latency it observes (admission to answer): while the limit is
+in use (half of it in flight or more), every answer within the objective raises it by one
+image per limit's worth of answers (one step per round trip); an answer past the
+objective cuts it by a fifth, at most once per round trip.
 The limit settles where latency meets the objective, which is where the server is busy
 all the time and nothing queues beyond what the objective allows. docs/architecture.md
 says why this and not a limit computed from the measured rate (the first version).
@@ -16,7 +17,8 @@ least one image of that model in flight), for what a refused client is told: the
 ``Retry-After`` is the time the work in flight takes to drain, and a request whose own
 deadline is shorter than its expected wait is refused at once. The event loop is one
 thread, so checking and taking a place are one step, and a request needing several
-models (a per-request ensemble) takes a place in each or in none.
+models (a per-request ensemble) takes a place in each or in none. The places a request
+holds are its :class:`Ticket`.
 """
 
 from __future__ import annotations
@@ -108,6 +110,29 @@ class Refusal:
     retry_after_s: int
 
 
+class Ticket:
+    """One request's places in the models it needs, taken on creation. The holder calls
+    :meth:`complete` once the answer is whole: a request that fails or is cancelled leaves
+    without a latency, so that it feeds neither the limit nor the rate."""
+
+    def __init__(self, loads: Sequence[ModelLoad], images: int) -> None:
+        self.loads = list(loads)
+        self.images = images
+        self.completed = False
+        self._started = self.loads[0].clock() if self.loads else time.monotonic()
+        for load in self.loads:
+            load.enter(images)
+
+    def complete(self) -> None:
+        self.completed = True
+
+    def leave(self) -> None:
+        """Gives the places back, once."""
+        loads, self.loads = self.loads, []
+        for load in loads:
+            load.leave(self.images, load.clock() - self._started if self.completed else None)
+
+
 class Admission:
     """The worker's admission controller, one :class:`ModelLoad` per Triton model."""
 
@@ -140,17 +165,11 @@ class Admission:
         return None
 
     @contextmanager
-    def admitted(self, models: Sequence[str], images: int) -> Iterator[list[bool]]:
-        """Holds places in every model; the caller sets ``outcome[0] = True`` once the
-        answer is complete, so that only completions feed the limit and the rate."""
-        loads = [self.load(m) for m in models]
-        started = time.monotonic() if not loads else loads[0].clock()
-        for load in loads:
-            load.enter(images)
-        outcome = [False]
+    def admitted(self, models: Sequence[str], images: int) -> Iterator[Ticket]:
+        """Holds places in every model while the request runs, and gives them back however
+        it ends; only a ticket completed by then feeds the limit and the rate."""
+        ticket = Ticket([self.load(m) for m in models], images)
         try:
-            yield outcome
+            yield ticket
         finally:
-            for load in loads:
-                latency = load.clock() - started if outcome[0] else None
-                load.leave(images, latency)
+            ticket.leave()

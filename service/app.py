@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.gateway = gateway
-    install_error_handlers(app)
+    install_error_handlers(app, settings.retry_after_s)
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)

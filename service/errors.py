@@ -4,10 +4,15 @@ Handlers raise :class:`ApiError` subclasses; :func:`install_error_handlers` maps
 FastAPI's own validation and routing errors, to ``{"error": {"code", "message"}}`` with the
 right status and headers. Unexpected exceptions become a bare 500 whose body says nothing
 about the code (the traceback goes to the log with the request id, never to the client).
+
+``Retry-After`` is written here only: every 429 and 503 carries one, the error's own
+seconds where it knows when to come back (the backlog's drain time of an over-capacity
+refusal) and else the operator's setting for its status.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,9 +27,18 @@ class ApiError(Exception):
     status: int = 500
     code: str = "internal_error"
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None, **details: Any) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
+        **details: Any,
+    ) -> None:
         super().__init__(message)
         self.message = message
+        #: When the client should come back, if the error knows better than the setting.
+        self.retry_after_s = retry_after_s
         self.headers = headers or {}
         self.details = details
 
@@ -95,6 +109,12 @@ class ModelUnavailable(ApiError):
     status, code = 503, "model_unavailable"
 
 
+class NotReady(ApiError):
+    """Triton or a routed model is not ready: the answer of ``/readyz``, for probes."""
+
+    status, code = 503, "not_ready"
+
+
 class TemporarilyUnavailable(ApiError):
     """The gateway itself cannot take the request now (a resource of its own ran out)."""
 
@@ -130,10 +150,15 @@ def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": error}
 
 
-def error_response(exc: ApiError) -> JSONResponse:
-    """The HTTP answer to an :class:`ApiError`."""
+def error_response(exc: ApiError, retry_after_s: Mapping[int, int] | None = None) -> JSONResponse:
+    """The HTTP answer to an :class:`ApiError`: its body, status and headers, and
+    ``Retry-After``, the error's own or else ``retry_after_s`` of its status."""
+    headers = dict(exc.headers)
+    retry = exc.retry_after_s if exc.retry_after_s is not None else (retry_after_s or {}).get(exc.status)
+    if retry is not None:
+        headers["Retry-After"] = str(retry)
     return JSONResponse(
-        error_body(exc.code, exc.message, **exc.details), status_code=exc.status, headers=exc.headers
+        error_body(exc.code, exc.message, **exc.details), status_code=exc.status, headers=headers
     )
 
 
@@ -150,13 +175,14 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Route every error FastAPI or the handlers raise through :func:`error_response`."""
+def install_error_handlers(app: FastAPI, retry_after_s: Mapping[int, int]) -> None:
+    """Route every error FastAPI or the handlers raise through :func:`error_response`;
+    ``retry_after_s`` is the operator's Retry-After by status (429 and 503)."""
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         request.state.error_code = exc.code
-        return error_response(exc)
+        return error_response(exc, retry_after_s)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

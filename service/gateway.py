@@ -1,4 +1,6 @@
-"""The gateway's state for one app: Triton client, labels, decode pool, concurrency slots."""
+"""The gateway's state for one app: Triton client, labels, decode pool, and the worker's
+budgets a request takes before it spends them (concurrency slots, buffer bytes, admission
+to each Triton model)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .admission import Admission
+from .admission import Admission, Ticket
 from .deadlines import remaining_s
 from .errors import OverCapacity, Overloaded
 from .imaging import Prepared, Preprocessing, prepare
@@ -21,7 +23,7 @@ from .schemas import Prediction
 from .settings import Settings
 from .triton import TritonBackend
 
-log = logging.getLogger("service.app")
+log = logging.getLogger(__name__)
 
 
 def load_labels(path: Path | None) -> list[str]:
@@ -76,10 +78,7 @@ class Gateway:
             try:
                 await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.queue_timeout_s)
             except TimeoutError:
-                raise Overloaded(
-                    "too many requests in flight; retry later",
-                    headers={"Retry-After": str(self.settings.retry_after_overloaded_s)},
-                ) from None
+                raise Overloaded("too many requests in flight; retry later") from None
         else:
             await self.slots.acquire()
         try:
@@ -95,10 +94,7 @@ class Gateway:
         check and the reservation one step."""
         budget = self.settings.buffer_budget_bytes
         if self.buffered and self.buffered + cost > budget:
-            raise Overloaded(
-                "too many large requests in flight; retry later",
-                headers={"Retry-After": str(self.settings.retry_after_overloaded_s)},
-            )
+            raise Overloaded("too many large requests in flight; retry later")
         self.buffered += cost
         try:
             yield
@@ -117,17 +113,17 @@ class Gateway:
             )
             raise OverCapacity(
                 f"the server is at capacity and could not answer {why}; retry later",
-                headers={"Retry-After": str(refusal.retry_after_s)},
+                retry_after_s=refusal.retry_after_s,
             )
 
     @contextmanager
-    def admitted(self, models: list[str], images: int) -> Iterator[list[bool]]:
-        """A place for the request in every model it needs, or 503 at once; set
-        ``outcome[0] = True`` when the answer is complete."""
+    def admitted(self, models: list[str], images: int) -> Iterator[Ticket]:
+        """A place for the request in every model it needs, or 503 at once; the ticket is
+        to be completed once the answer is whole (service/admission.py)."""
         self.refuse_if_over_capacity(models, images)
         try:
-            with self.admission.admitted(models, images) as outcome:
-                yield outcome
+            with self.admission.admitted(models, images) as ticket:
+                yield ticket
         finally:
             for model in models:
                 load = self.admission.load(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import logging
 import sys
@@ -16,20 +17,43 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import EmptyBody, InvalidRequest, PayloadTooLarge, TemporarilyUnavailable, UnsupportedMediaType
-from .schemas import ClassifyJson, ClassifyOptions
+from .options import IMAGE_FIELD, OPTION_FIELDS, ClassifyJson, ClassifyOptions, describe, parse_options
 
-log = logging.getLogger("service.inputs")
+log = logging.getLogger(__name__)
 
 #: Room for the multipart boundaries and option fields beside the image.
 MULTIPART_OVERHEAD = 64 * 1024
-OPTION_FIELDS = ("model", "models", "weights", "top_k", "crops")
 
 Message = MutableMapping[str, Any]
+
+
+class BodyForm(enum.Enum):
+    """The three forms of a classify body, named by the media type that announces them."""
+
+    MULTIPART = "multipart/form-data"
+    JSON = "application/json"  # and any +json type
+    RAW_IMAGE = "image/*"  # and application/octet-stream
+
+    @classmethod
+    def of(cls, media: str) -> BodyForm | None:
+        """The form of a body of this media type (see :func:`media_type`), or None."""
+        if media == "multipart/form-data":
+            return cls.MULTIPART
+        if media == "application/json" or media.endswith("+json"):
+            return cls.JSON
+        if media.startswith("image/") or media == "application/octet-stream":
+            return cls.RAW_IMAGE
+        return None
+
+
+def media_type(headers: Headers) -> str:
+    """The request's media type, lower case and without parameters ("" when none)."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 class InMemoryMultiPartParser(MultiPartParser):
@@ -85,37 +109,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _csv(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
-def parse_options(raw: dict[str, Any]) -> ClassifyOptions:
-    """Options from strings or JSON values, validated (422 on anything wrong).
-
-    An empty value is an absent one: an HTML form sends its unset fields as `name=`, and
-    `?weights=` asks for no weights rather than for an empty list of them."""
-    values = {k: v for k, v in raw.items() if v is not None and not (isinstance(v, str) and not v.strip())}
-    for key in ("models", "weights"):
-        if key in values:
-            values[key] = _csv(values[key])
-            if values[key] == []:
-                del values[key]
-    try:
-        return ClassifyOptions.model_validate(values)
-    except ValidationError as exc:
-        raise InvalidRequest(_describe(exc)) from None
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "; ".join(parts)
-
-
 def _decode_base64(text: str, limit: int) -> bytes:
     """Standard base64, optionally as a `data:` URL; line breaks and spaces (MIME wraps at
     76 characters, `base64` at 76 too) are ignored, anything else outside the alphabet is
@@ -138,48 +131,49 @@ def _decode_base64(text: str, limit: int) -> bytes:
 async def read_request(request: Request, query: dict[str, Any], limit: int) -> tuple[bytes, ClassifyOptions]:
     """The image bytes and the options; query parameters win over body fields.
 
-    Raises 413, 415, 400 (empty) or 422 (bad options or JSON) as :mod:`service.errors`.
+    Raises 413, 415, 400 (empty), 422 (bad options or JSON) or 503 (a multipart body that
+    cannot be buffered) as :mod:`service.errors`.
     """
-    content_type = request.headers.get("content-type", "")
-    media = content_type.split(";", 1)[0].strip().lower()
+    media = media_type(request.headers)
+    form = BodyForm.of(media)
     fields: dict[str, Any] = {}
-    if media == "multipart/form-data":
+    if form is BodyForm.MULTIPART:
         _check_declared_length(request, limit + MULTIPART_OVERHEAD)
         bounded = Request(request.scope, bounded_receive(request.receive, limit + MULTIPART_OVERHEAD))
         parser = InMemoryMultiPartParser(
             bounded.headers, bounded.stream(), max_files=1, max_fields=len(OPTION_FIELDS)
         )
         try:
-            form = await parser.parse()
+            parts = await parser.parse()
         except (PayloadTooLarge, ClientDisconnect):
             raise
         except OSError:
             log.exception("cannot buffer a multipart body")
             raise TemporarilyUnavailable(
-                "the gateway cannot buffer the upload now; retry later", headers={"Retry-After": "1"}
+                "the gateway cannot buffer the upload now; retry later", retry_after_s=1
             ) from None
         except Exception as exc:  # starlette's MultiPartException and friends
             raise InvalidRequest(f"bad multipart body: {exc}") from None
         try:
-            upload = form.get("image")
+            upload = parts.get(IMAGE_FIELD)
             if upload is None:
-                raise InvalidRequest("multipart body has no field named 'image'")
+                raise InvalidRequest(f"multipart body has no field named {IMAGE_FIELD!r}")
             if not isinstance(upload, UploadFile):
                 # A part without a filename is parsed as text: its bytes are already lost.
                 raise InvalidRequest(
-                    "the multipart field 'image' has no filename, so it arrived as text and its "
+                    f"the multipart field {IMAGE_FIELD!r} has no filename, so it arrived as text and its "
                     "bytes were lost; send it as a file part (curl -F image=@photo.jpg)"
                 )
-            unknown = sorted(set(form.keys()) - {"image", *OPTION_FIELDS})
+            unknown = sorted(set(parts.keys()) - {IMAGE_FIELD, *OPTION_FIELDS})
             if unknown:  # as the JSON form forbids unknown keys: a typo must not pass unnoticed
                 raise InvalidRequest(f"unknown multipart fields: {', '.join(unknown)[:200]}")
             data = await upload.read()
-            fields = {k: form.get(k) for k in OPTION_FIELDS if isinstance(form.get(k), str)}
+            fields = {k: parts.get(k) for k in OPTION_FIELDS if isinstance(parts.get(k), str)}
         finally:
-            await form.close()
+            await parts.close()
         if len(data) > limit:
             raise _too_large(limit)
-    elif media == "application/json" or media.endswith("+json"):
+    elif form is BodyForm.JSON:
         body = await read_body(request, (limit + 2) // 3 * 4 + MULTIPART_OVERHEAD)
         if not body:
             raise EmptyBody("the request body is empty")
@@ -193,12 +187,11 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
             raise InvalidRequest('the JSON body must be an object {"image": "<base64>", ...}')
         try:
             # As its schema says: `weights` numbers in an array (not "1"), or one string.
-            parsed = ClassifyJson.model_validate(document)
+            fields = ClassifyJson.model_validate(document).model_dump(exclude_unset=True)
         except ValidationError as exc:
-            raise InvalidRequest(_describe(exc)) from None
-        data = _decode_base64(parsed.image, limit)
-        fields = parsed.model_dump(exclude={"image"}, exclude_unset=True)
-    elif media.startswith("image/") or media == "application/octet-stream":
+            raise InvalidRequest(describe(exc)) from None
+        data = _decode_base64(fields.pop(IMAGE_FIELD), limit)
+    elif form is BodyForm.RAW_IMAGE:
         data = await read_body(request, limit)
     elif not media:
         raise UnsupportedMediaType(

@@ -43,8 +43,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
-    """Send ours and uvicorn's logs to stderr as JSON; uvicorn's access log is replaced by
-    the middleware's, which knows the request id, the model and the error code."""
+    """Send ours (every ``service.<module>`` logger, through their parent ``service``) and
+    uvicorn's logs to stderr, as JSON unless ``json_logs`` is off; uvicorn's access log is
+    replaced by the middleware's, which knows the request id, the model and the error code."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s %(message)s")

@@ -21,7 +21,9 @@ from . import metrics
 from .errors import InternalError, internal_error_response
 from .logs import request_id_var
 
-log = logging.getLogger("service.app")
+log = logging.getLogger(__name__)
+#: One line per request, under a name of its own rather than this module's: operators
+#: filter and route the access log by it, as they do uvicorn's.
 access_log = logging.getLogger("service.access")
 
 CLASSIFY_PATH = "/v1/classify"

@@ -1,34 +1,21 @@
 """What FastAPI cannot infer for /docs: the three bodies of ``POST /v1/classify`` (the
-route reads the body itself, to bound it) and the error answers of every route."""
+route reads the body itself, to bound it; their options derive from
+:class:`service.options.ClassifyOptions`) and the error answers of every route."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from . import deadlines
-from .crops import SUPPORTED_CROPS
-from .schemas import MAX_TOP_K, WEIGHTS_PATTERN, ClassifyJson, ErrorResponse
+from .options import MULTIPART_SCHEMA, ClassifyJson
+from .schemas import ErrorResponse
 
 CLASSIFY_BODY: dict[str, Any] = {
     "parameters": [deadlines.PARAMETER],
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "model": {"type": "string"},
-                        "models": {"type": "string", "description": "comma-separated, as in the query"},
-                        "weights": {"type": "string", "pattern": WEIGHTS_PATTERN},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
-                        "crops": {"type": "integer", "enum": list(SUPPORTED_CROPS), "default": 1},
-                    },
-                }
-            },
+            "multipart/form-data": {"schema": MULTIPART_SCHEMA},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/json": {"schema": ClassifyJson.model_json_schema()},
         },
@@ -45,10 +32,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "body or pixel count over the limit",
         415: "unsupported media type or image format",
         422: "bad options",
-        429: "overloaded (Retry-After)",
+        429: "overloaded: this worker's requests or buffered bytes at their limit, or Triton's queue "
+        "full (Retry-After)",
         502: "Triton failed the request",
-        503: "over capacity (refused at once by admission control), or Triton or the model "
-        "unavailable (Retry-After)",
+        503: "over capacity (refused at once by admission control), Triton or the model unavailable, "
+        "or the upload cannot be buffered (Retry-After)",
         504: "Triton did not answer in time, or the X-Request-Timeout deadline passed",
     }.items()
 }

@@ -6,7 +6,6 @@ Kubernetes deployment lives here, so that no code has to be edited to move betwe
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from functools import lru_cache
@@ -16,9 +15,15 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-#: The models that may be routed to. ``inception_ensemble_mean`` is an internal step of the
-#: Triton ensemble and is deliberately absent: it takes member probabilities, not images.
-DEFAULT_MODELS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2", "inception_ensemble")
+from inception import contract
+
+
+def default_models() -> list[str]:
+    """The models that may be routed to: the contract's networks and their Triton ensemble,
+    read when settings are (so a network added to the contract is routed with no edit
+    here). ``inception_ensemble_mean`` is an internal step of the ensemble and is
+    deliberately absent: it takes member probabilities, not images."""
+    return [*contract.NETWORKS, contract.ENSEMBLE_NAME]
 
 
 def _split_csv(value: object) -> object:
@@ -55,21 +60,12 @@ def default_buffer_budget() -> int:
 
 
 def default_labels_path() -> Path | None:
-    """The labels file of the ``inception`` distribution, found without importing it.
-
-    ``inception/__init__.py`` imports torch; ``find_spec`` of a top-level package locates it
-    without executing it, so the gateway can use the same file as the exporter (one source
-    of truth) while staying torch-free. Returns None when the package is not installed.
+    """The labels file of the ``inception`` distribution, the one the exporter writes into
+    the repository (one source of truth). It lies beside ``inception.contract``, which the
+    gateway imports anyway; importing it costs no torch (``inception/__init__`` loads its
+    torch-bound names lazily). None when an installation left the data out.
     """
-    try:
-        spec = importlib.util.find_spec("inception")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / "data" / "imagenet_labels.txt"
-        if candidate.is_file():
-            return candidate
-    candidate = Path(__file__).resolve().parent.parent / "inception" / "data" / "imagenet_labels.txt"
+    candidate = Path(contract.__file__).with_name("data") / "imagenet_labels.txt"
     return candidate if candidate.is_file() else None
 
 
@@ -103,11 +99,15 @@ class Settings(BaseSettings):
         1.0, ge=0, description="at most one refresh of the model configs per interval while any is missing"
     )
     models: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: list(DEFAULT_MODELS), description="routable Triton models (comma-separated)"
+        default_factory=default_models, description="routable Triton models (comma-separated)"
     )
-    default_model: str = Field("inception_v4", description="the model used when a request names none")
+    default_model: str = Field(
+        default_factory=lambda: contract.NETWORKS[0],
+        description="the model used when a request names none (default: the contract's first network)",
+    )
     ensemble_model: str = Field(
-        "inception_ensemble", description="the Triton ensemble that `model=ensemble` names"
+        default_factory=lambda: contract.ENSEMBLE_NAME,
+        description="the Triton ensemble that `model=ensemble` names",
     )
     labels_path: Path | None = Field(
         default_factory=default_labels_path, description="ImageNet labels, one per line, line i = class i"
@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(
         2.0, ge=0, description="how long a request waits for a free slot before 429"
     )
-    retry_after_overloaded_s: int = Field(1, ge=0, description="Retry-After of 429 answers")
+    retry_after_overloaded_s: int = Field(1, ge=0, description="Retry-After of 429 answers (all of them)")
     admission: bool = Field(
         True, description="admission control on (off: every request queues, as before it existed)"
     )
@@ -163,7 +163,12 @@ class Settings(BaseSettings):
     admission_min_limit: int = Field(
         2, ge=1, description="images in flight per model always admitted, whatever the measured rate"
     )
-    retry_after_unavailable_s: int = Field(5, ge=0, description="Retry-After of 503 answers")
+    retry_after_unavailable_s: int = Field(
+        5,
+        ge=0,
+        description="Retry-After of 503 answers, but those of admission control (the time the "
+        "work in flight takes to drain) and of a failure to buffer an upload (1 s)",
+    )
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="when set, /v1 needs `Authorization: Bearer <key>` or `X-API-Key`"
@@ -176,6 +181,11 @@ class Settings(BaseSettings):
     page: bool = Field(True, description="serve the page at / that tries the API from a browser")
     json_logs: bool = Field(True, description="structured JSON logs on stderr")
     log_level: str = Field("INFO")
+
+    @property
+    def retry_after_s(self) -> dict[int, int]:
+        """Retry-After by status, for the errors that carry no seconds of their own."""
+        return {429: self.retry_after_overloaded_s, 503: self.retry_after_unavailable_s}
 
     @field_validator("models", "cors_origins", mode="before")
     @classmethod

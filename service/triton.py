@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -35,30 +36,34 @@ from .errors import (
 from .model_config import ConfigError, ModelInfo, parse_model_config
 from .settings import Settings
 
-log = logging.getLogger("service.triton")
+log = logging.getLogger(__name__)
 
 
 def _status(exc: InferenceServerException) -> str:
     return str(exc.status() or "")
 
 
+def server_unavailable() -> BackendUnavailable:
+    return BackendUnavailable("the inference server is unavailable; retry later")
+
+
+def model_unavailable(model: str) -> ModelUnavailable:
+    return ModelUnavailable(f"model {model} is not ready on the inference server")
+
+
 def map_triton_error(exc: InferenceServerException, model: str, settings: Settings) -> ApiError:
     """Triton's failure as the gateway's error; Triton's own words are logged, not returned."""
     status, message = _status(exc), str(exc.message() or "").lower()
-    unavailable = {"Retry-After": str(settings.retry_after_unavailable_s)}
     if "DEADLINE_EXCEEDED" in status or "timeout expired" in message:
         # The gRPC deadline passed, or Triton's queue policy dropped the request unrun
         # once the timeout the gateway sent with it had passed.
         return BackendTimeout(f"the inference server did not answer within {settings.triton_timeout_s:g} s")
     if "RESOURCE_EXHAUSTED" in status or "queue" in message:
-        return Overloaded(
-            "the inference server's queue is full; retry later",
-            headers={"Retry-After": str(settings.retry_after_overloaded_s)},
-        )
+        return Overloaded("the inference server's queue is full; retry later")
     if "NOT_FOUND" in status or ("UNAVAILABLE" in status and "model" in message):
-        return ModelUnavailable(f"model {model} is not ready on the inference server", headers=unavailable)
+        return model_unavailable(model)
     if "UNAVAILABLE" in status or "CANCELLED" in status:
-        return BackendUnavailable("the inference server is unavailable; retry later", headers=unavailable)
+        return server_unavailable()
     return BackendError("the inference server could not run the request")
 
 
@@ -79,6 +84,18 @@ def _deadline_passed() -> DeadlineExceeded:
     deadline = deadline_var.get()
     budget = f" of {deadline.budget_s:g} s" if deadline is not None else ""
     return DeadlineExceeded(f"the request's deadline{budget} passed before its answer was ready")
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """What Triton says of itself and of each routable model."""
+
+    server: bool
+    models: dict[str, bool]
+
+    @property
+    def ready(self) -> bool:
+        return self.server and all(self.models.values())
 
 
 class TritonBackend:
@@ -169,18 +186,16 @@ class TritonBackend:
         return info
 
     async def model(self, name: str) -> ModelInfo:
-        """The config of a routable model, read now if not yet known (503 while unknown)."""
+        """The config of a routable model, read now if not yet known (502 while its config
+        breaks the contract, 503 while it is unknown)."""
         if name not in self.models or self._stale:
             await self.refresh([name])
         info = self.models.get(name)
         if info is not None:
             return info
-        headers = {"Retry-After": str(self.settings.retry_after_unavailable_s)}
         if name in self.config_errors:
             raise BackendError(f"model {name} is misconfigured on the inference server")
-        if await self.server_live():
-            raise ModelUnavailable(f"model {name} is not ready on the inference server", headers=headers)
-        raise BackendUnavailable("the inference server is unavailable; retry later", headers=headers)
+        raise model_unavailable(name) if await self.live() else server_unavailable()
 
     async def infer(
         self, name: str, batch: np.ndarray | Mapping[str, np.ndarray], request_id: str = ""
@@ -215,11 +230,8 @@ class TritonBackend:
             deadline = deadline_var.get()
             if isinstance(error, BackendTimeout) and deadline is not None and deadline.client:
                 error = _deadline_passed()
-            if isinstance(error, BackendTimeout) and not await self.server_live():
-                error = BackendUnavailable(
-                    "the inference server is unavailable; retry later",
-                    headers={"Retry-After": str(self.settings.retry_after_unavailable_s)},
-                )
+            if isinstance(error, BackendTimeout) and not await self.live():
+                error = server_unavailable()
             if isinstance(error, BackendUnavailable | ModelUnavailable):
                 self._stale = True  # Triton may come back with another repository
             log.warning(
@@ -233,24 +245,28 @@ class TritonBackend:
             probabilities = None
         return checked_output(probabilities, next(iter(named.values())).shape[0], name)
 
-    async def server_live(self) -> bool:
+    async def _probe(self, check: Callable[..., Awaitable[object]], *args: str) -> bool:
+        """One of Triton's health checks, within the probe deadline; no answer is a no."""
         try:
-            return bool(await self.client.is_server_live(client_timeout=self.settings.triton_probe_timeout_s))
+            return bool(await check(*args, client_timeout=self.settings.triton_probe_timeout_s))
         except InferenceServerException:
             return False
 
-    async def server_ready(self) -> bool:
-        try:
-            return bool(
-                await self.client.is_server_ready(client_timeout=self.settings.triton_probe_timeout_s)
-            )
-        except InferenceServerException:
-            return False
+    async def live(self) -> bool:
+        """Triton answers: a model that is not ready is the model's fault, not Triton's."""
+        return await self._probe(self.client.is_server_live)
 
-    async def model_ready(self, name: str) -> bool:
-        try:
-            return bool(
-                await self.client.is_model_ready(name, client_timeout=self.settings.triton_probe_timeout_s)
-            )
-        except InferenceServerException:
-            return False
+    async def readiness(self) -> Readiness:
+        """Triton's readiness and each routable model's, as ``/readyz`` and ``/v1/models``
+        report them: a model is ready when Triton says so and its config has been read
+        (a config that breaks the contract is never served)."""
+        names = list(self.settings.models)
+        server, *models = await asyncio.gather(
+            self._probe(self.client.is_server_ready),
+            *(self._probe(self.client.is_model_ready, n) for n in names),
+        )
+        if server or any(models):
+            await self.refresh()  # a model ready in Triton whose config is not read yet
+        return Readiness(
+            server, {n: ready and n in self.models for n, ready in zip(names, models, strict=True)}
+        )

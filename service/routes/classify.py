@@ -1,16 +1,19 @@
 """``POST /v1/classify``.
 
-A request goes: concurrency slot → bounded read → routing → model configs (from Triton) →
-decode and preprocess in the thread pool → Triton (one call, or one per member of a
-per-request ensemble, concurrently) → top-k and labels. Each stage is timed into the
-answer and the metrics.
+A request goes: its deadline starts → a raw image body is refused at once if admission
+would refuse it (before a byte of it is read) → concurrency slot and buffer budget →
+bounded read of the body and its options → routing → model configs (from Triton) →
+admission to every model it needs → the crops' memory → decode and preprocess in the
+thread pool → Triton (per model, its crops in batches of at most ``max_batch_size``; the
+members of a per-request ensemble concurrently) → top-k and labels. Each stage is timed
+into the answer and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
@@ -24,11 +27,12 @@ from ..deps import GatewayDep, require_api_key
 from ..errors import ApiError, RequestTimeout
 from ..gateway import Gateway
 from ..imaging import Prepared
-from ..inputs import parse_options, read_request
+from ..inputs import BodyForm, media_type, read_request
 from ..model_config import ModelInfo
 from ..openapi import CLASSIFY_BODY, ERROR_RESPONSES
+from ..options import ClassifyQuery, parse_options
 from ..routing import Plan, metric_label, resolve
-from ..schemas import ClassifyQuery, ClassifyResponse, Member
+from ..schemas import ClassifyResponse, Member
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -49,10 +53,13 @@ async def classify(
     settings = gateway.settings
     state = request.state
     stages: dict[str, float] = state.stages
-    state.model_label = metric_label(settings, query.model) if not query.models else metrics.CUSTOM_ENSEMBLE
+    given = query.model_dump()  # the query's options, still text
+    state.model_label = (
+        metric_label(settings, given["model"]) if not given["models"] else metrics.CUSTOM_ENSEMBLE
+    )
     started = time.perf_counter()
     deadlines.start(request_timeout, settings.triton_timeout_s)
-    shed_before_reading(gateway, request.headers, query)
+    shed_before_reading(gateway, request.headers, given)
     cost = buffer_cost(request.headers, settings.max_body_bytes)
     # The wait for a slot counts in the total, not in a stage; the buffer budget is taken
     # only with a slot, and never waited for.
@@ -61,7 +68,7 @@ async def classify(
         try:
             # A client that sends headers and stalls its body must not hold a slot forever.
             async with asyncio.timeout(settings.body_timeout_s):
-                data, options = await read_request(request, query.model_dump(), settings.max_body_bytes)
+                data, options = await read_request(request, given, settings.max_body_bytes)
         except TimeoutError:
             raise RequestTimeout(
                 f"the request body did not arrive within {settings.body_timeout_s:g} s",
@@ -76,7 +83,7 @@ async def classify(
         state.model_label = plan.label
         infos = list(await asyncio.gather(*(gateway.backend.model(t) for t in plan.targets)))
         # Admission before decoding: a refused request costs no CPU that admitted ones need.
-        with gateway.admitted([i.name for i in infos], options.crops) as outcome:
+        with gateway.admitted([i.name for i in infos], options.crops) as ticket:
             async with crops_reservation(gateway, infos, options.crops):  # the crops' memory
                 decode_started = time.perf_counter()
                 try:
@@ -92,7 +99,7 @@ async def classify(
                 outputs = await deadlines.unless_disconnected(
                     request.receive, infer_all(gateway, infos, prepared, state.request_id)
                 )
-                outcome[0] = True
+                ticket.complete()
                 post_started = time.perf_counter()
                 stages["triton"] = post_started - triton_started
     answer = await _answer(gateway, plan, infos, outputs, options.top_k, state.request_id)
@@ -103,16 +110,15 @@ async def classify(
     return answer
 
 
-def shed_before_reading(gateway: Gateway, headers: Headers, query: ClassifyQuery) -> None:
+def shed_before_reading(gateway: Gateway, headers: Headers, query: dict[str, Any]) -> None:
     """A raw image body carries its options in the query alone, so admission can refuse it
     before a byte of the body is read: past capacity refusals are most of the traffic, and
     each read body would take CPU from the requests being served. Multipart and JSON
     bodies may name another model: they are decided once read."""
-    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if not (media.startswith("image/") or media == "application/octet-stream"):
+    if BodyForm.of(media_type(headers)) is not BodyForm.RAW_IMAGE:
         return
     try:
-        options = parse_options(query.model_dump())
+        options = parse_options(query)
         plan = resolve(gateway.settings, options.model, options.models, options.weights)
     except ApiError:
         return  # the request's own error is answered on the normal path
@@ -144,8 +150,7 @@ def buffer_cost(headers: Headers, max_body_bytes: int) -> int:
         declared = int(headers.get("content-length", ""))
     except ValueError:
         declared = max_body_bytes
-    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    is_json = media == "application/json" or media.endswith("+json")
+    is_json = BodyForm.of(media_type(headers)) is BodyForm.JSON
     return max(0, min(declared, 2 * max_body_bytes)) * (JSON_EXPANSION if is_json else BINARY_EXPANSION)
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from .. import metrics
 from ..deps import GatewayDep, require_metrics_key
-from ..errors import error_body
+from ..errors import NotReady
 from ..openapi import METRICS_RESPONSE
 from ..schemas import ErrorResponse
 
@@ -26,22 +24,13 @@ async def healthz() -> dict[str, str]:
     summary="Triton and every routed model are ready",
     responses={503: {"model": ErrorResponse}},
 )
-async def readyz(gateway: GatewayDep) -> JSONResponse:
-    settings, backend = gateway.settings, gateway.backend
-    server_ready, *models_ready = await asyncio.gather(
-        backend.server_ready(), *(backend.model_ready(n) for n in settings.models)
-    )
-    if server_ready:
-        await backend.refresh()
-    models = {n: bool(r) and n in backend.models for n, r in zip(settings.models, models_ready, strict=True)}
-    if server_ready and all(models.values()):
-        return JSONResponse({"status": "ready", "triton": True, "models": models})
-    body = error_body(
-        "not_ready", "Triton or a routed model is not ready", triton=server_ready, models=models
-    )
-    return JSONResponse(
-        body, status_code=503, headers={"Retry-After": str(settings.retry_after_unavailable_s)}
-    )
+async def readyz(gateway: GatewayDep) -> dict[str, object]:
+    readiness = await gateway.backend.readiness()
+    if not readiness.ready:
+        raise NotReady(
+            "Triton or a routed model is not ready", triton=readiness.server, models=readiness.models
+        )
+    return {"status": "ready", "triton": True, "models": readiness.models}
 
 
 @router.get(

@@ -3,8 +3,6 @@ weight provenance, as Triton's configs say."""
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Depends
 
 from inception.contract import UNKNOWN_WEIGHTS
@@ -24,12 +22,10 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 )
 async def list_models(gateway: GatewayDep) -> ModelsResponse:
     settings = gateway.settings
-    await gateway.backend.refresh()
-    names = list(settings.models)
-    ready = await asyncio.gather(*(gateway.backend.model_ready(n) for n in names))
+    readiness = await gateway.backend.readiness()
     entries = [
-        model_entry(gateway, name, bool(is_ready), gateway.backend.models.get(name))
-        for name, is_ready in zip(names, ready, strict=True)
+        model_entry(gateway, name, ready, gateway.backend.models.get(name))
+        for name, ready in readiness.models.items()
     ]
     return ModelsResponse(models=entries, default=settings.default_model)
 
@@ -40,7 +36,7 @@ def model_entry(gateway: Gateway, name: str, ready: bool, info: ModelInfo | None
     entry = ModelEntry(
         name=name,
         kind="ensemble" if is_ensemble else "model",
-        state="ready" if ready and info else "unavailable",
+        state="ready" if ready else "unavailable",
         default=name == settings.default_model,
         aliases=[ENSEMBLE_ALIAS] if name == settings.ensemble_model else [],
     )

@@ -117,10 +117,38 @@ def test_a_per_request_ensemble_takes_places_in_all_its_models_or_none() -> None
         refusal = admission.refusal(["b", "a"], 1, None)
         assert refusal is not None and refusal.model == "a"
         assert admission.load("b").in_flight == 0  # nothing taken in b
-    with admission.admitted(["a", "b"], 1) as outcome:
+    with admission.admitted(["a", "b"], 1) as ticket:
         assert (admission.load("a").in_flight, admission.load("b").in_flight) == (1, 1)
-        outcome[0] = True
+        ticket.complete()
     assert (admission.load("a").in_flight, admission.load("b").in_flight) == (0, 0)
+
+
+def test_only_a_completed_ticket_feeds_the_limit_and_the_rate() -> None:
+    """A request that fails or is cancelled gives its places back and says nothing of how
+    fast the server answers; a completed one reports its latency, admission to answer."""
+    clock = Clock()
+    admission = Admission(objective_s=0.5, initial_limit=4)
+    load = admission.load("m")
+    load.clock = clock
+    for _ in range(3):  # the limit in use, answered late, but failed: no cut
+        with pytest.raises(RuntimeError), admission.admitted(["m"], 2):
+            clock.now += 1.0
+            raise RuntimeError("Triton failed")
+    assert (load.in_flight, load.limit) == (0, 4)
+    with admission.admitted(["m"], 2) as ticket, admission.admitted(["m"], 2) as other:
+        clock.now += 1.0  # past the objective
+        ticket.complete()
+        other.complete()
+    assert (load.in_flight, load.limit) == (0, 3)  # cut once by a fifth: 4 * 0.8
+
+
+def test_a_ticket_gives_its_places_back_once() -> None:
+    admission = Admission(objective_s=0.5, initial_limit=4)
+    with admission.admitted(["m"], 3) as ticket:
+        assert admission.load("m").in_flight == 3
+        ticket.leave()
+        assert admission.load("m").in_flight == 0
+    assert admission.load("m").in_flight == 0
 
 
 def test_crops_weigh_as_many_images() -> None:

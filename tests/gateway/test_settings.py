@@ -77,3 +77,21 @@ def test_buffer_budget_defaults_to_a_quarter_of_a_workers_memory(monkeypatch: py
     assert Settings().buffer_budget_bytes == one // 4 > 0
     monkeypatch.setenv("WEB_CONCURRENCY", "4")
     assert worker_memory_bytes() == one // 4
+
+
+def test_the_routable_models_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network added to `inception.contract.NETWORKS` is routed with no edit in service/."""
+    from inception import contract
+
+    assert Settings().models == [*contract.NETWORKS, contract.ENSEMBLE_NAME]
+    monkeypatch.setattr(contract, "NETWORKS", ("inception_v3", *contract.NETWORKS))
+    settings = Settings()
+    assert settings.models == [*contract.NETWORKS, contract.ENSEMBLE_NAME]
+    assert settings.default_model == "inception_v3"
+    assert settings.ensemble_model == contract.ENSEMBLE_NAME
+
+
+def test_retry_after_by_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_RETRY_AFTER_OVERLOADED_S", "2")
+    monkeypatch.setenv("GATEWAY_RETRY_AFTER_UNAVAILABLE_S", "11")
+    assert Settings().retry_after_s == {429: 2, 503: 11}

@@ -3,16 +3,20 @@ the mapping of Triton's errors to the API's, with no internals in the messages."
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from service.errors import BackendError
+from service.errors import ApiError, BackendError, error_response
 from service.model_config import ConfigError, parse_model_config
-from service.settings import Settings
-from service.triton import checked_output, map_triton_error
+from service.settings import Settings, default_models
+from service.triton import TritonBackend, checked_output, map_triton_error
 
 from .helpers import UNREACHABLE, model_config_json
+
+ROUTABLE = default_models()
 
 
 def test_parse_model_config() -> None:
@@ -71,7 +75,8 @@ def test_triton_errors_are_mapped_without_internals(status: str, message: str, h
     error = map_triton_error(InferenceServerException(msg=message, status=status), "inception_v4", settings)
     assert (error.status, error.code) == (http, code)
     assert "10.0.0.7" not in error.message and "torch" not in error.message
-    assert ("Retry-After" in error.headers) == (http in (429, 503))
+    retry_after = error_response(error, settings.retry_after_s).headers.get("Retry-After")
+    assert retry_after == {429: "1", 503: "5"}.get(http)
 
 
 @pytest.mark.parametrize(
@@ -93,3 +98,82 @@ def test_unusable_triton_output_is_a_502(output: np.ndarray | None) -> None:
 def test_usable_triton_output_is_float32() -> None:
     got = checked_output(np.full((2, 1000), 1e-3, np.float64), 2, "inception_v4")
     assert got.dtype == np.float32 and got.shape == (2, 1000)
+
+
+class FakeTriton:
+    """Triton's health and config calls as the async client makes them, without a Triton:
+    it serves the routable models, but those not ready and one whose config is broken."""
+
+    def __init__(self, *, up: bool = True, not_ready: frozenset[str] = frozenset(), broken: str = "") -> None:
+        self.up, self.not_ready, self.broken = up, not_ready, broken
+        self.configs_read: list[str] = []
+
+    def _answer(self, value: bool) -> bool:
+        if not self.up:
+            raise InferenceServerException(
+                msg="failed to connect to all addresses", status="StatusCode.UNAVAILABLE"
+            )
+        return value
+
+    async def is_server_live(self, client_timeout: float) -> bool:
+        return self._answer(True)
+
+    async def is_server_ready(self, client_timeout: float) -> bool:
+        return self._answer(not self.not_ready)
+
+    async def is_model_ready(self, name: str, client_timeout: float) -> bool:
+        return self._answer(name in ROUTABLE and name not in self.not_ready)
+
+    async def get_model_config(self, name: str, as_json: bool, client_timeout: float) -> dict:
+        self._answer(True)
+        if name not in ROUTABLE:
+            raise InferenceServerException(
+                msg=f"Request for unknown model: '{name}'", status="StatusCode.NOT_FOUND"
+            )
+        self.configs_read.append(name)
+        config = model_config_json()
+        config["config"]["name"] = name
+        if name == self.broken:
+            config["config"]["input"][0]["data_type"] = "TYPE_FP32"
+        return config
+
+
+def _backend(triton: FakeTriton, models: list[str] = ROUTABLE) -> TritonBackend:
+    backend = TritonBackend(Settings(triton_grpc_url=UNREACHABLE, models=models))
+    backend._client = triton  # type: ignore[assignment]
+    return backend
+
+
+@pytest.mark.parametrize(
+    ("triton", "ready"),
+    [
+        (FakeTriton(), set(ROUTABLE)),
+        (FakeTriton(not_ready=frozenset({"inception_resnet_v2"})), set(ROUTABLE) - {"inception_resnet_v2"}),
+        (FakeTriton(broken="inception_v4"), set(ROUTABLE) - {"inception_v4"}),
+        (FakeTriton(up=False), set()),
+    ],
+    ids=["all-ready", "model-not-loaded", "config-breaks-the-contract", "unreachable"],
+)
+def test_one_probe_says_what_is_ready(triton: FakeTriton, ready: set[str]) -> None:
+    readiness = asyncio.run(_backend(triton).readiness())
+    assert readiness.server == (triton.up and not triton.not_ready)
+    assert {name for name, is_ready in readiness.models.items() if is_ready} == ready
+    assert list(readiness.models) == ROUTABLE
+    assert readiness.ready == (ready == set(ROUTABLE))
+    if not triton.up:
+        assert triton.configs_read == []  # no config fetch while Triton is unreachable
+
+
+@pytest.mark.parametrize(("up", "code"), [(True, "model_unavailable"), (False, "backend_unavailable")])
+def test_a_model_without_a_config_is_the_models_fault_only_while_triton_lives(up: bool, code: str) -> None:
+    backend = _backend(FakeTriton(up=up), [*ROUTABLE, "not_in_triton"])
+    with pytest.raises(ApiError) as error:
+        asyncio.run(backend.model("not_in_triton"))
+    assert (error.value.status, error.value.code) == (503, code)
+
+
+def test_a_model_whose_config_breaks_the_contract_is_a_502() -> None:
+    backend = _backend(FakeTriton(broken="inception_v4"))
+    with pytest.raises(BackendError) as error:
+        asyncio.run(backend.model("inception_v4"))
+    assert error.value.status == 502 and "misconfigured" in error.value.message

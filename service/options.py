@@ -1,0 +1,223 @@
+"""The options of ``POST /v1/classify``, declared once, and the forms they travel in.
+
+:class:`ClassifyOptions` is the one declaration of each option: its type, bounds, default
+and description. A request carries the options in one of three forms, each derived from
+that declaration, so that adding an option is one edit and no form can forget it:
+
+- as text: the query string (:data:`ClassifyQuery`, which FastAPI validates and documents)
+  and the multipart fields (:data:`OPTION_FIELDS`, documented by :data:`MULTIPART_SCHEMA`),
+  where a list travels as one comma-separated string;
+- as JSON (:data:`ClassifyJson`): the options as JSON values beside the base64 image,
+  a list as an array or, as in the query, one comma-separated string.
+
+:func:`parse_options` reads any of them into a :class:`ClassifyOptions` (422 on anything
+wrong).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, get_args, get_origin
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    create_model,
+)
+from pydantic.fields import FieldInfo
+
+from inception.contract import NETWORKS
+
+from .crops import SUPPORTED_CROPS
+from .errors import InvalidRequest
+
+MAX_TOP_K = 1000
+#: The image's field, in a multipart body and in a JSON one.
+IMAGE_FIELD = "image"
+
+
+def _supported(crops: int) -> int:
+    if crops not in SUPPORTED_CROPS:
+        raise ValueError(f"crops must be one of {', '.join(map(str, SUPPORTED_CROPS))}")
+    return crops
+
+
+#: The multi-crop protocols (service/crops.py): 1, 10 (Krizhevsky et al. 2012), 144 (Szegedy
+#: et al. 2015). An int checked against them, so that "10" from a query or form is accepted.
+Crops = Annotated[int, AfterValidator(_supported), Field(json_schema_extra={"enum": list(SUPPORTED_CROPS)})]
+CROPS_DESCRIPTION = (
+    "crops averaged: 1 (timm's centre crop), 10 (4 corners + centre and their mirrors, Krizhevsky et al. "
+    "2012) or 144 (GoogLeNet's 4 scales x 3 squares x 6 crops x 2 mirrors, Szegedy et al. 2015)"
+)
+
+#: Comma-separated non-negative decimal numbers, as `weights` travels in a query or a form.
+#: Blank is allowed: an empty option is an absent one (:func:`parse_options`).
+WEIGHTS_PATTERN = r"^\s*((\d+(\.\d*)?|\.\d+)(\s*,\s*(\d+(\.\d*)?|\.\d+))*)?\s*$"
+
+
+@dataclass(frozen=True)
+class CommaSeparated:
+    """How a list option travels as text, where a query parameter or a form field holds one
+    string: comma-separated, matching ``pattern`` when given. Every list option says so in
+    its annotation, or deriving the text forms fails at import."""
+
+    example: str
+    pattern: str | None = None
+
+
+class ClassifyOptions(BaseModel):
+    """Options of ``POST /v1/classify``, from the query string, form fields or JSON body."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="a model name, `ensemble`, or omitted for the default")
+    models: Annotated[list[str] | None, CommaSeparated(f"{NETWORKS[0]},{NETWORKS[-1]}")] = Field(
+        None, description="a per-request ensemble: models the gateway runs concurrently and averages"
+    )
+    weights: Annotated[
+        list[Annotated[float, Field(ge=0)]] | None, CommaSeparated("0.5,0.5", WEIGHTS_PATTERN)
+    ] = Field(None, description="non-negative weights of `models`, not all zero (default: equal)")
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many classes to answer")
+    crops: Crops = Field(1, description=CROPS_DESCRIPTION)
+
+
+def _without_none(annotation: Any) -> Any:
+    """``T`` of an optional ``T | None``, else the annotation itself."""
+    members = [a for a in get_args(annotation) if a is not type(None)]
+    return members[0] if type(None) in get_args(annotation) and len(members) == 1 else annotation
+
+
+def _is_list(field: FieldInfo) -> bool:
+    return get_origin(_without_none(field.annotation)) is list
+
+
+def as_text(name: str, field: FieldInfo) -> tuple[Any, str]:
+    """An option's type and description as text (a query parameter, a form field): a list
+    becomes one comma-separated string, anything else keeps its type and bounds."""
+    description = field.description or ""
+    if _is_list(field):
+        comma = next((m for m in field.metadata if isinstance(m, CommaSeparated)), None)
+        if comma is None:
+            raise TypeError(f"the list option {name!r} needs CommaSeparated(...) for its text form")
+        return Annotated[
+            str, Field(pattern=comma.pattern)
+        ], f"{description}; comma-separated, e.g. `{comma.example}`"
+    inner = _without_none(field.annotation)
+    extras = [Field(json_schema_extra=field.json_schema_extra)] if field.json_schema_extra else []
+    metadata = [m for m in field.metadata if not isinstance(m, CommaSeparated)] + extras
+    return (Annotated[(inner, *metadata)] if metadata else inner), description
+
+
+def query_model(options: type[BaseModel]) -> type[BaseModel]:
+    """The options as a query string: each one text, and absent unless given (so that the
+    query wins over the body only where it says something)."""
+    fields: dict[str, Any] = {}
+    for name, field in options.model_fields.items():
+        text, description = as_text(name, field)
+        if field.default is not None:
+            description += f" (default {field.default})"
+        fields[name] = (text | None, Field(None, description=description))
+    return create_model(
+        options.__name__.removesuffix("Options") + "Query",
+        __config__=ConfigDict(protected_namespaces=()),
+        __doc__=f"The query string of {options.__name__}: raw text, parsed and checked together "
+        "with the body's fields by `parse_options` (query parameters win).",
+        **fields,
+    )
+
+
+def multipart_schema(options: type[BaseModel]) -> dict[str, Any]:
+    """The multipart body as OpenAPI describes it: the image file and each option as text.
+    FastAPI cannot infer it, because the route reads the body itself to bound it."""
+    properties: dict[str, Any] = {IMAGE_FIELD: {"type": "string", "format": "binary"}}
+    for name, field in options.model_fields.items():
+        text, description = as_text(name, field)
+        schema = TypeAdapter(text).json_schema()
+        schema["description"] = description
+        if field.default is not None:
+            schema["default"] = field.default
+        properties[name] = schema
+    return {
+        "type": "object",
+        "required": [IMAGE_FIELD],
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
+def json_model(options: type[BaseModel]) -> type[BaseModel]:
+    """The JSON body: the options as JSON values, each list as an array of strict JSON
+    values (a weight is a number, not ``"1"``) or, as in the query, one comma-separated
+    string; and the image, base64."""
+    fields: dict[str, Any] = {
+        IMAGE_FIELD: (
+            str,
+            Field(
+                ...,
+                min_length=1,
+                description="the image file's bytes, base64 (a `data:` URL prefix is accepted)",
+                json_schema_extra={"format": "byte", "contentEncoding": "base64"},
+            ),
+        )
+    }
+    for name, field in options.model_fields.items():
+        if _is_list(field):
+            (item,) = get_args(_without_none(field.annotation))
+            array = list.__class_getitem__(Annotated[(item, Strict())])  # of JSON values as they are
+            text, _ = as_text(name, field)
+            description = f"{field.description}; an array, or one comma-separated string"
+            fields[name] = (array | text | None, Field(None, description=description))
+    return create_model(
+        options.__name__.removesuffix("Options") + "Json",
+        __base__=options,
+        __doc__=f"The JSON form of {options.__name__}: the options as JSON values, a list as an "
+        "array or, as in the query string, one comma-separated string; and the image, base64.",
+        **fields,
+    )
+
+
+#: The forms of :class:`ClassifyOptions` (see the module's docstring).
+if TYPE_CHECKING:
+    ClassifyQuery = BaseModel  # a class built at run time is no type to mypy: it sees the base
+else:
+    ClassifyQuery = query_model(ClassifyOptions)
+ClassifyJson = json_model(ClassifyOptions)
+OPTION_FIELDS = tuple(ClassifyOptions.model_fields)
+MULTIPART_SCHEMA = multipart_schema(ClassifyOptions)
+
+
+def _csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation error as one line a client can act on: where, and what is wrong."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts)
+
+
+def parse_options(raw: dict[str, Any]) -> ClassifyOptions:
+    """Options from strings or JSON values, validated (422 on anything wrong).
+
+    An empty value is an absent one: an HTML form sends its unset fields as `name=`, and
+    `?weights=` asks for no weights rather than for an empty list of them."""
+    values = {k: v for k, v in raw.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+    for key, field in ClassifyOptions.model_fields.items():
+        if key in values and _is_list(field):
+            values[key] = _csv(values[key])
+            if values[key] == []:
+                del values[key]
+    try:
+        return ClassifyOptions.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from None

@@ -1,0 +1,63 @@
+"""Each gateway module logs under its own name, and every line still comes out as the JSON
+of service/logs.py, with the request id of the request it belongs to."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import pkgutil
+from collections.abc import Iterator
+
+import pytest
+
+import service
+from service.logs import configure_logging, request_id_var
+
+#: Every gateway module, imported, by name.
+MODULES = {
+    info.name: importlib.import_module(info.name)
+    for info in pkgutil.walk_packages(service.__path__, prefix="service.")
+}
+#: The modules that log, by name.
+LOGGING = sorted(
+    name for name, module in MODULES.items() if isinstance(getattr(module, "log", None), logging.Logger)
+)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    saved = {
+        name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in ("service",)
+    }
+    yield
+    for name, (handlers, level) in saved.items():
+        logging.getLogger(name).handlers[:] = handlers
+        logging.getLogger(name).setLevel(level)
+
+
+def test_module_loggers_are_named_after_their_module() -> None:
+    """``getLogger(__name__)``; the access log alone has a name of its own, on purpose."""
+    assert {"service.gateway", "service.inputs", "service.middleware", "service.triton"} <= set(LOGGING)
+    for name, module in MODULES.items():
+        loggers = {v.name for v in vars(module).values() if isinstance(v, logging.Logger)}
+        assert loggers <= {name, "service.access"}, name
+
+
+@pytest.mark.parametrize("module", LOGGING)
+def test_module_lines_come_out_as_json(
+    module: str, capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging("INFO", json_logs=True)
+    log = importlib.import_module(module).log
+    assert log.name == module
+    token = request_id_var.set("req-7")
+    try:
+        log.warning("something happened", extra={"model": "inception_v4"})
+    finally:
+        request_id_var.reset(token)
+    (line,) = capsys.readouterr().err.splitlines()
+    entry = json.loads(line)
+    assert entry["logger"] == module and entry["level"] == "warning"
+    assert entry["message"] == "something happened" and entry["request_id"] == "req-7"
+    assert entry["model"] == "inception_v4"
