@@ -22,7 +22,15 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import EmptyBody, InvalidRequest, PayloadTooLarge, TemporarilyUnavailable, UnsupportedMediaType
-from .options import IMAGE_FIELD, OPTION_FIELDS, ClassifyJson, ClassifyOptions, describe, parse_options
+from .options import (
+    IMAGE_FIELD,
+    OPTION_FIELDS,
+    ClassifyJson,
+    ClassifyOptions,
+    ClassifyQuery,
+    describe,
+    parse_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +136,15 @@ def _decode_base64(text: str, limit: int) -> bytes:
     return data
 
 
+def _check_text(fields: dict[str, Any]) -> None:
+    """Form fields are text, as the query is: they are checked as the query is (a weight
+    such as `1e3` is refused by both, as their schema says), blank ones being absent."""
+    try:
+        ClassifyQuery.model_validate({k: v for k, v in fields.items() if v.strip()})
+    except ValidationError as exc:
+        raise InvalidRequest(describe(exc)) from None
+
+
 async def read_request(request: Request, query: dict[str, Any], limit: int) -> tuple[bytes, ClassifyOptions]:
     """The image bytes and the options; query parameters win over body fields.
 
@@ -173,6 +190,7 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
             await parts.close()
         if len(data) > limit:
             raise _too_large(limit)
+        _check_text(fields)
     elif form is BodyForm.JSON:
         body = await read_body(request, (limit + 2) // 3 * 4 + MULTIPART_OVERHEAD)
         if not body:

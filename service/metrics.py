@@ -2,8 +2,9 @@
 
 With several uvicorn workers every worker is its own process, so the metrics use
 prometheus_client's multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set (it must be
-set before this module is imported, in the parent of the workers: ``embedded/serve.py`` and
-the tests do it). ``/metrics`` then aggregates the files of all workers.
+set before this module is imported, in the parent of the workers: the one launcher,
+``embedded/gateway.py``, does it for ``make serve``, the tests and the benches). ``/metrics``
+then aggregates the files of all workers.
 
 In multiprocess mode the default process collector is of no use (it would describe only the
 worker that happens to answer the scrape), so ``/metrics`` exports instead the CPU seconds and

@@ -4,10 +4,13 @@ option shows up in every form without another edit."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from pydantic import Field, ValidationError
 from starlette.datastructures import Headers
 
@@ -29,7 +32,17 @@ from service.options import (
 )
 from service.settings import Settings
 
-from .helpers import UNREACHABLE
+from .helpers import UNREACHABLE, encode
+
+PAIR = {"models": "inception_v4,inception_resnet_v2"}
+AS_PNG = {"Content-Type": "image/png"}
+IMAGE = {"image": ("a.png", encode(Image.new("RGB", (8, 8)), "PNG"), "image/png")}
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(triton_grpc_url=UNREACHABLE, triton_probe_timeout_s=0.5))) as client:
+        yield client
 
 
 class ExtendedOptions(ClassifyOptions):
@@ -91,9 +104,8 @@ def test_json_lists_are_arrays_of_json_values_or_one_string() -> None:
         parse({"image": "aGk=", "colour": "red"})  # unknown keys are refused, as declared
 
 
-def test_the_served_document_is_the_derived_one() -> None:
-    with TestClient(create_app(Settings(triton_grpc_url=UNREACHABLE))) as client:
-        operation = client.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]
+def test_the_served_document_is_the_derived_one(offline: TestClient) -> None:
+    operation = offline.get("/openapi.json").json()["paths"]["/v1/classify"]["post"]
     queried = {p["name"] for p in operation["parameters"] if p["in"] == "query"}
     assert queried == set(OPTION_FIELDS)
     assert operation["requestBody"]["content"]["multipart/form-data"]["schema"] == MULTIPART_SCHEMA
@@ -142,3 +154,29 @@ def test_media_type_and_body_form(content_type: str | None, media: str, form: Bo
     headers = Headers({"content-type": content_type} if content_type else {})
     assert media_type(headers) == media
     assert BodyForm.of(media) is form
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        lambda c: c.post("/v1/classify", content=b"x", headers=AS_PNG, params={"weights": "1e3,1", **PAIR}),
+        lambda c: c.post("/v1/classify", files=IMAGE, data={"weights": "1e3,1", **PAIR}),
+        lambda c: c.post("/v1/classify", json={"image": "aGk=", "weights": "1e3,1", **PAIR}),
+    ],
+    ids=["query", "multipart", "json"],
+)
+def test_every_text_form_is_checked_as_its_schema_says(
+    offline: TestClient, send: Callable[[TestClient], httpx.Response]
+) -> None:
+    """`1e3` is a float but not a weight as the schema writes one: each form refuses it
+    (multipart fields were once parsed without their schema's pattern)."""
+    answer = send(offline)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"]["code"] == "invalid_request" and "weights" in answer.text
+
+
+def test_blank_form_fields_are_absent(offline: TestClient) -> None:
+    """An HTML form sends its unset fields as `name=`: no 422, the request goes on (to a
+    503, for want of a Triton)."""
+    answer = offline.post("/v1/classify", files=IMAGE, data={"top_k": "", "weights": " ", "crops": ""})
+    assert answer.status_code == 503, answer.text
