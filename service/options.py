@@ -104,9 +104,8 @@ def as_text(name: str, field: FieldInfo) -> tuple[Any, str]:
         comma = next((m for m in field.metadata if isinstance(m, CommaSeparated)), None)
         if comma is None:
             raise TypeError(f"the list option {name!r} needs CommaSeparated(...) for its text form")
-        return Annotated[
-            str, Field(pattern=comma.pattern)
-        ], f"{description}; comma-separated, e.g. `{comma.example}`"
+        text = Annotated[str, Field(pattern=comma.pattern)]
+        return text, f"{description}; comma-separated, e.g. `{comma.example}`"
     inner = _without_none(field.annotation)
     extras = [Field(json_schema_extra=field.json_schema_extra)] if field.json_schema_extra else []
     metadata = [m for m in field.metadata if not isinstance(m, CommaSeparated)] + extras

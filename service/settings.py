@@ -180,7 +180,7 @@ class Settings(BaseSettings):
     docs: bool = Field(True, description="serve /docs and /openapi.json (the API's shape, no data)")
     page: bool = Field(True, description="serve the page at / that tries the API from a browser")
     json_logs: bool = Field(True, description="structured JSON logs on stderr")
-    log_level: str = Field("INFO")
+    log_level: str = Field("INFO", description="least level logged: DEBUG, INFO, WARNING or ERROR")
 
     @property
     def retry_after_s(self) -> dict[int, int]:

@@ -44,10 +44,12 @@ def _status(exc: InferenceServerException) -> str:
 
 
 def server_unavailable() -> BackendUnavailable:
+    """Triton cannot be reached: the same answer whichever call found it out."""
     return BackendUnavailable("the inference server is unavailable; retry later")
 
 
 def model_unavailable(model: str) -> ModelUnavailable:
+    """Triton answers, but not for this model (not loaded, or loading)."""
     return ModelUnavailable(f"model {model} is not ready on the inference server")
 
 
