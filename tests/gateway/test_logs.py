@@ -27,13 +27,12 @@ LOGGING = sorted(
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    saved = {
-        name: (logging.getLogger(name).handlers[:], logging.getLogger(name).level) for name in ("service",)
-    }
+    """configure_logging replaces the handlers of the `service` logger: put them back."""
+    logger = logging.getLogger("service")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
     yield
-    for name, (handlers, level) in saved.items():
-        logging.getLogger(name).handlers[:] = handlers
-        logging.getLogger(name).setLevel(level)
+    logger.handlers[:], logger.propagate = handlers, propagate
+    logger.setLevel(level)
 
 
 def test_module_loggers_are_named_after_their_module() -> None:
