@@ -12,14 +12,21 @@ from __future__ import annotations
 # TorchScript signature work; both config variants and the ensemble use the same ones.
 INPUT_NAME = "image__0"
 OUTPUT_NAME = "probabilities__0"
+# The paper's input size, and what a config that states no `input_size` is taken to mean.
+# Each network's own size is its spec's `input_size` (registry.py), written into its config.
 IMAGE_SIZE = 299
-IMAGE_DIMS = (IMAGE_SIZE, IMAGE_SIZE, 3)
 NUM_CLASSES = 1000
 LABELS_FILE = "labels.txt"
 
+# The networks, in the order the ensemble lists its members: the one list every side
+# follows. `registry.MODELS` refuses to import unless it has a spec for each of them (and
+# none besides); the gateway's default models, the exporter's default and the evaluation
+# derive from it; tests hold the lists in deploy/ to it (tests/deploy/test_deploy_networks.py).
 NETWORKS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2")
 ENSEMBLE_NAME = "inception_ensemble"
 ENSEMBLE_MEAN_NAME = "inception_ensemble_mean"
+# Every model of the repository: the networks, the ensemble's mean step and the ensemble.
+REPOSITORY_MODELS = (*NETWORKS, ENSEMBLE_MEAN_NAME, ENSEMBLE_NAME)
 
 # Config variants, selected by tritonserver's --model-config-name (configs/<variant>.pbtxt).
 GPU_VARIANT = "gpu"
@@ -46,6 +53,11 @@ PRETRAINED_PREFIX = "pretrained:"
 UNKNOWN_WEIGHTS = "unknown"
 
 PRECISIONS = ("fp32", "fp16")
+
+
+def image_dims(input_size: int) -> tuple[int, int, int]:
+    """The dims of an image input (the batch dimension aside): HWC uint8 RGB, square."""
+    return (input_size, input_size, 3)
 
 
 def image_input_name(index: int) -> str:

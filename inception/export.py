@@ -5,7 +5,10 @@ softmax, trace it, freeze it, check it against eager at batch 1 and at the large
 served, and write `<repository>/<name>/1/model.pt`; then the ensemble's weighted mean, and
 the configs (see `repository.py`). A fingerprint of everything that determines a model
 file (source code, weights, precision, torch version, batch size) is kept beside it, so a
-re-run with unchanged inputs skips the work.
+re-run with unchanged inputs skips the work. The source code of a network is found, not
+listed: the file that defines its spec's builder, the exporter's own, and every module of
+this package either of them imports (`network_sources`), so a new network's file can never
+be left out, and editing one network re-exports only that one.
 
 Freezing inlines the weights as constants and folds each batch norm into its convolution:
 on two CPU cores that made a forward pass 1.04–1.06× faster at batch 1 and 1.02–1.22× at
@@ -16,13 +19,16 @@ CPU and the GPU alike: TorchScript maps its constants to the device it is loaded
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import hashlib
+import importlib.util
+import inspect
 import json
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +36,8 @@ from pathlib import Path
 import torch
 
 from . import create_model, get_spec, list_models
-from .contract import MODEL_FILE, PRECISIONS, RANDOM_INIT
+from .contract import IMAGE_SIZE, MODEL_FILE, NUM_CLASSES, PRECISIONS, RANDOM_INIT
+from .registry import MODELS, ModelSpec
 from .repository import (
     MAX_BATCH_SIZE,
     EnsembleEntry,
@@ -42,6 +49,7 @@ from .serving import ServingModel, WeightedMean
 from .weights import (
     RANDOM_SEED,
     CheckpointError,
+    WeightsInfo,
     hub_checkpoint,
     hub_endpoint,
     hub_mode,
@@ -53,21 +61,13 @@ STAMP = ".export.json"
 TRACE_TOLERANCE = 1e-5
 # fp16 is checked against fp32 eager for gross breakage (overflow, a lost cast), not parity.
 FP16_TOLERANCE = 1e-2
-_SOURCES = (
-    "layers.py",
-    "inception_v4.py",
-    "inception_resnet_v1.py",
-    "inception_resnet_v2.py",
-    "registry.py",
-    "weights.py",
-    "serving.py",
-    "contract.py",
-    "export.py",
-)
+_PACKAGE = Path(__file__).parent.name
+
+Log = Callable[[str], None]
 
 
 @contextmanager
-def quiet_torchscript():
+def quiet_torchscript() -> Iterator[None]:
     """TorchScript is deprecated in favour of torch.export, but Triton's libtorch backend
     loads TorchScript: silence that one warning here, not globally."""
     with warnings.catch_warnings():
@@ -75,11 +75,75 @@ def quiet_torchscript():
         yield
 
 
-def source_digest() -> str:
-    here = Path(__file__).parent
+def _module_file(name: str) -> Path | None:
+    """The source file of module `name`, or None where `name` is not a module of ours (an
+    attribute imported with `from . import create_model`, say)."""
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a parent that is not a package
+        return None
+    return Path(found.origin).resolve() if found is not None and found.origin else None
+
+
+def package_imports(module: str, path: Path) -> set[str]:
+    """The modules of this package that `module` (the file `path`) imports anywhere in its
+    body, lazily in a function included: read from its syntax, since an import that only a
+    call runs is as much a part of what an export builds."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = importlib.util.resolve_name("." * node.level + base, package)
+            # `from . import x` may import the submodule x.
+            names.update([base, *(f"{base}.{alias.name}" for alias in node.names)])
+    return {n for n in names if n == _PACKAGE or n.startswith(_PACKAGE + ".")}
+
+
+def _closure(roots: Iterable[tuple[str, Path]], leave_out: set[Path]) -> dict[str, Path]:
+    """The roots and every module of this package they import, transitively, except the
+    files in `leave_out` (the other networks, which the registry imports), by module name."""
+    found: dict[str, Path] = {}
+    pending = list(roots)
+    while pending:
+        module, path = pending.pop()
+        if module in found or path in leave_out:
+            continue
+        found[module] = path
+        for name in package_imports(module, path):
+            file = _module_file(name)
+            if file is not None and file.suffix == ".py":
+                pending.append((name, file))
+    return dict(sorted(found.items()))
+
+
+def _builder_file(spec: ModelSpec) -> Path:
+    path = inspect.getsourcefile(spec.builder)
+    if path is None:
+        raise ValueError(f"{spec.name}: the source of {spec.builder!r} cannot be found to fingerprint it")
+    return Path(path).resolve()
+
+
+def network_sources(spec: ModelSpec | None) -> dict[str, Path]:
+    """The source files that shape `spec`'s exported file, by module name: its builder's
+    module, this exporter, and what they import of this package (the layers, the registry,
+    weight loading, the serving wrapper, the contract, the writer), but not the other
+    networks. With `spec` None, what shapes every file: the ensemble's mean has only that."""
+    exporter = (__spec__.name if __spec__ else f"{_PACKAGE}.export", Path(__file__).resolve())
+    roots = [exporter] if spec is None else [(spec.builder.__module__, _builder_file(spec)), exporter]
+    others = {_builder_file(s) for s in MODELS.values() if s is not spec}
+    return _closure(roots, others)
+
+
+def source_digest(spec: ModelSpec | None = None) -> str:
+    """sha256 over `network_sources(spec)`, each file under its module name."""
     digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((here / name).read_bytes())
+    for module, path in network_sources(spec).items():
+        digest.update(f"{module}\0".encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
@@ -87,7 +151,7 @@ def _fingerprint(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _read_stamp(version_dir: Path) -> dict | None:
+def _read_stamp(version_dir: Path) -> dict[str, str] | None:
     stamp = version_dir / STAMP
     if not (version_dir / MODEL_FILE).is_file() or not stamp.is_file():
         return None
@@ -97,7 +161,7 @@ def _read_stamp(version_dir: Path) -> dict | None:
         return None
 
 
-def _write_model(module: torch.jit.ScriptModule, version_dir: Path, stamp: dict) -> None:
+def _write_model(module: torch.jit.ScriptModule, version_dir: Path, stamp: dict[str, object]) -> None:
     version_dir.mkdir(parents=True, exist_ok=True)
     tmp = version_dir / f"{MODEL_FILE}.tmp"
     with quiet_torchscript():
@@ -106,7 +170,7 @@ def _write_model(module: torch.jit.ScriptModule, version_dir: Path, stamp: dict)
     (version_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
-def example_images(batch: int, size: int = 299, seed: int = 0) -> torch.Tensor:
+def example_images(batch: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
 
@@ -205,8 +269,20 @@ def _parse_allow_random(value: str, names: Sequence[str]) -> set[str]:
     return allowed
 
 
+def network_entry(spec: ModelSpec, export: Export | None = None) -> NetworkEntry:
+    """The network as the repository writer describes it: its preprocessing (and so its
+    input's dims) from its spec, its provenance from an export."""
+    return NetworkEntry(
+        name=spec.name,
+        crop_pct=spec.crop_pct,
+        interpolation=spec.interpolation,
+        input_size=spec.input_size,
+        export=export,
+    )
+
+
 def export_network(
-    name: str, root: Path, choice: WeightsChoice, precision: str, log, keep_pretrained: bool = False
+    name: str, root: Path, choice: WeightsChoice, precision: str, log: Log, keep_pretrained: bool = False
 ) -> NetworkEntry:
     """Exports one network; with `keep_pretrained`, random weights never replace an
     existing pretrained export (a failed download keeps what was served before)."""
@@ -217,7 +293,7 @@ def export_network(
         model=name,
         weights=choice.identity,
         precision=precision,
-        source=source_digest(),
+        source=source_digest(spec),
         torch=torch.__version__,
         batch=MAX_BATCH_SIZE,
     )
@@ -233,12 +309,13 @@ def export_network(
         log(f"{name}: building ({'random init' if weights is None else weights})")
         model = create_model(name, weights)
         info = model.weights_info
+        assert isinstance(info, WeightsInfo)  # set by create_model, unknown to nn.Module's typing
         # fp16 runs slowly on a CPU: check it at small batches only.
         batches = (1, MAX_BATCH_SIZE) if precision == "fp32" else (1, 2)
         log(f"{name}: tracing, freezing ({precision}) and checking against eager at batch {batches}")
         traced = trace_and_check(
             ServingModel(model),
-            [(example_images(b, seed=i),) for i, b in enumerate(batches)],
+            [(example_images(b, spec.input_size, seed=i),) for i, b in enumerate(batches)],
             precision,
         )
         stamp = {
@@ -247,34 +324,33 @@ def export_network(
             "weights_sha256": info.sha256,
             "precision": precision,
         }
-        _write_model(traced, version_dir, stamp)
+        # What the fingerprint read, to tell why an export ran again.
+        _write_model(traced, version_dir, {**stamp, "sources": list(network_sources(spec))})
         size_mb = (version_dir / MODEL_FILE).stat().st_size / 1e6
         log(
             f"{name}: wrote {version_dir / MODEL_FILE} ({size_mb:.0f} MB) in {time.monotonic() - start:.0f} s"
         )
     else:
         log(f"{name}: up to date ({stamp['weights']}), skipped")
-    return NetworkEntry(
-        name=name,
-        crop_pct=spec.crop_pct,
-        interpolation=spec.interpolation,
-        input_size=spec.input_size,
-        export=Export(stamp["weights"], stamp["weights_sha256"], stamp.get("precision", "fp32")),
+    return network_entry(
+        spec, Export(stamp["weights"], stamp["weights_sha256"], stamp.get("precision", "fp32"))
     )
 
 
-def export_mean(ensemble: EnsembleEntry, root: Path, log) -> None:
+def export_mean(ensemble: EnsembleEntry, root: Path, log: Log) -> None:
     version_dir = root / ensemble.mean_name / "1"
     n = len(ensemble.members)
     fingerprint = _fingerprint(
-        weights=list(ensemble.member_weights), source=source_digest(), torch=torch.__version__
+        weights=list(ensemble.member_weights), source=source_digest(None), torch=torch.__version__
     )
     stamp = _read_stamp(version_dir)
     if stamp is not None and stamp.get("fingerprint") == fingerprint:
         log(f"{ensemble.mean_name}: up to date, skipped")
         return
     gen = torch.Generator().manual_seed(0)
-    examples = [tuple(torch.rand(b, 1000, generator=gen) for _ in range(n)) for b in (1, MAX_BATCH_SIZE)]
+    examples = [
+        tuple(torch.rand(b, NUM_CLASSES, generator=gen) for _ in range(n)) for b in (1, MAX_BATCH_SIZE)
+    ]
     traced = trace_and_check(WeightedMean(list(ensemble.member_weights)), examples)
     _write_model(
         traced,
@@ -282,6 +358,28 @@ def export_mean(ensemble: EnsembleEntry, root: Path, log) -> None:
         {"fingerprint": fingerprint, "weights": "none", "weights_sha256": "", "precision": "fp32"},
     )
     log(f"{ensemble.mean_name}: wrote the weighted mean of {', '.join(m.name for m in ensemble.members)}")
+
+
+def ensemble_entry(
+    networks: Sequence[NetworkEntry],
+    member_names: Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+) -> EnsembleEntry:
+    """The ensemble of `member_names` (default: every network exported, in order) with
+    `weights` normalised to sum to one (default: equal)."""
+    member_names = list(member_names or [n.name for n in networks])
+    by_name = {n.name: n for n in networks}
+    unknown = [m for m in member_names if m not in by_name]
+    if unknown:
+        raise ValueError(f"ensemble members {unknown} are not among the exported models {list(by_name)}")
+    weights = list(weights or [1.0] * len(member_names))
+    if len(weights) != len(member_names):
+        raise ValueError(f"{len(member_names)} ensemble members but {len(weights)} weights")
+    total = sum(weights)
+    return EnsembleEntry(
+        members=tuple(by_name[m] for m in member_names),
+        member_weights=tuple(round(w / total, 6) for w in weights),
+    )
 
 
 def _parse_checkpoints(items: Sequence[str]) -> dict[str, str]:
@@ -402,22 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         ensemble = None
         if not args.no_ensemble:
-            member_names = args.ensemble_members.split(",") if args.ensemble_members else names
-            by_name = {n.name: n for n in networks}
-            unknown = [m for m in member_names if m not in by_name]
-            if unknown:
-                raise SystemExit(f"ensemble members {unknown} are not among the exported models {names}")
-            weights = (
-                [float(w) for w in args.ensemble_weights.split(",")]
-                if args.ensemble_weights
-                else [1.0] * len(member_names)
-            )
-            if len(weights) != len(member_names):
-                raise SystemExit(f"{len(member_names)} ensemble members but {len(weights)} weights")
-            total = sum(weights)
-            ensemble = EnsembleEntry(
-                members=tuple(by_name[m] for m in member_names),
-                member_weights=tuple(round(w / total, 6) for w in weights),
+            ensemble = ensemble_entry(
+                networks,
+                args.ensemble_members.split(",") if args.ensemble_members else None,
+                [float(w) for w in args.ensemble_weights.split(",")] if args.ensemble_weights else None,
             )
             export_mean(ensemble, args.repository, log)
         write_repository(args.repository, networks, ensemble)

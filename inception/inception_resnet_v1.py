@@ -16,6 +16,7 @@ from collections import OrderedDict
 from torch import nn
 
 from .layers import (
+    Conv,
     ConvBnReLU,
     InceptionResNet,
     ResidualInception,
@@ -25,6 +26,7 @@ from .layers import (
     residual_stem_column,
 )
 
+# Figure 15: the widths of the three stages and the blocks of each.
 STAGE_CHANNELS = (256, 896, 1792)
 BLOCK_COUNTS = (5, 10, 5)
 
@@ -41,8 +43,8 @@ def block_a(scale: float) -> ResidualInception:
     c = STAGE_CHANNELS[0]
     branches = [
         ConvBnReLU(c, 32, 1),
-        conv_chain(c, [(32, 1, 1, 0), (32, 3, 1, 1)]),
-        conv_chain(c, [(32, 1, 1, 0), (32, 3, 1, 1), (32, 3, 1, 1)]),
+        conv_chain(c, Conv(32, 1), Conv(32, 3, padding=1)),
+        conv_chain(c, Conv(32, 1), Conv(32, 3, padding=1), Conv(32, 3, padding=1)),
     ]
     return ResidualInception(branches, 96, c, scale)
 
@@ -52,7 +54,7 @@ def block_b(scale: float) -> ResidualInception:
     c = STAGE_CHANNELS[1]
     branches = [
         ConvBnReLU(c, 128, 1),
-        conv_chain(c, [(128, 1, 1, 0), (128, (1, 7), 1, (0, 3)), (128, (7, 1), 1, (3, 0))]),
+        conv_chain(c, Conv(128, 1), Conv(128, (1, 7), padding=(0, 3)), Conv(128, (7, 1), padding=(3, 0))),
     ]
     return ResidualInception(branches, 256, c, scale)
 
@@ -62,12 +64,16 @@ def block_c(scale: float) -> ResidualInception:
     c = STAGE_CHANNELS[2]
     branches = [
         ConvBnReLU(c, 192, 1),
-        conv_chain(c, [(192, 1, 1, 0), (192, (1, 3), 1, (0, 1)), (192, (3, 1), 1, (1, 0))]),
+        conv_chain(c, Conv(192, 1), Conv(192, (1, 3), padding=(0, 1)), Conv(192, (3, 1), padding=(1, 0))),
     ]
     return ResidualInception(branches, 384, c, scale)
 
 
 class InceptionResNetV1(InceptionResNet):
+    """Figure 15 with Inception-ResNet-v1's parts: the Figure 14 stem, 5 × Figure 10,
+    Reduction-A, 10 × Figure 11, Reduction-B (Figure 12), 5 × Figure 13, then the shared
+    pooling, dropout and classifier on the 1792 channels of the last stage."""
+
     num_features = STAGE_CHANNELS[2]
 
     def build(self, in_channels: int, scales: tuple[float, float, float]) -> None:

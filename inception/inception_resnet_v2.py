@@ -33,6 +33,7 @@ from torch import nn
 
 from .layers import (
     Branches,
+    Conv,
     ConvBnReLU,
     InceptionResNet,
     ResidualInception,
@@ -43,18 +44,25 @@ from .layers import (
     residual_stem_column,
 )
 
+# The checkpoint's stage widths (the paper draws 384, 1154 and 2048), its blocks per stage
+# (the paper's Figure 15 has 5, 10 and 5), and the width of its last 1×1 convolution.
+STAGE_CHANNELS = (320, 1088, 2080)
+BLOCK_COUNTS = (10, 20, 10)
 NUM_FEATURES = 1536
 
 
 def stem(in_channels: int = 3) -> nn.Sequential:
+    """The checkpoint's stem, not Figure 3: the residual networks' plain column, a max pool
+    and the Inception block Mixed_5b, 299×299×3 → 35×35×320. Its layers keep the TF-slim
+    names (`conv_1a` … `mixed_5b`), which timm's checkpoint keys map to one for one."""
     return nn.Sequential(
         OrderedDict(
             **residual_stem_column(in_channels),
             pool_5a=nn.MaxPool2d(3, stride=2),
             mixed_5b=Branches(
                 ConvBnReLU(192, 96, 1),
-                conv_chain(192, [(48, 1, 1, 0), (64, 5, 1, 2)]),
-                conv_chain(192, [(64, 1, 1, 0), (96, 3, 1, 1), (96, 3, 1, 1)]),
+                conv_chain(192, Conv(48, 1), Conv(64, 5, padding=2)),
+                conv_chain(192, Conv(64, 1), Conv(96, 3, padding=1), Conv(96, 3, padding=1)),
                 pool_branch("avg", 192, 64),
             ),
         )
@@ -63,45 +71,56 @@ def stem(in_channels: int = 3) -> nn.Sequential:
 
 def block_a(scale: float) -> ResidualInception:
     """Figure 16 (35×35×320)."""
+    c = STAGE_CHANNELS[0]
     branches = [
-        ConvBnReLU(320, 32, 1),
-        conv_chain(320, [(32, 1, 1, 0), (32, 3, 1, 1)]),
-        conv_chain(320, [(32, 1, 1, 0), (48, 3, 1, 1), (64, 3, 1, 1)]),
+        ConvBnReLU(c, 32, 1),
+        conv_chain(c, Conv(32, 1), Conv(32, 3, padding=1)),
+        conv_chain(c, Conv(32, 1), Conv(48, 3, padding=1), Conv(64, 3, padding=1)),
     ]
-    return ResidualInception(branches, 128, 320, scale)
+    return ResidualInception(branches, 128, c, scale)
 
 
 def block_b(scale: float) -> ResidualInception:
     """Figure 17 (17×17×1088)."""
+    c = STAGE_CHANNELS[1]
     branches = [
-        ConvBnReLU(1088, 192, 1),
-        conv_chain(1088, [(128, 1, 1, 0), (160, (1, 7), 1, (0, 3)), (192, (7, 1), 1, (3, 0))]),
+        ConvBnReLU(c, 192, 1),
+        conv_chain(c, Conv(128, 1), Conv(160, (1, 7), padding=(0, 3)), Conv(192, (7, 1), padding=(3, 0))),
     ]
-    return ResidualInception(branches, 384, 1088, scale)
+    return ResidualInception(branches, 384, c, scale)
 
 
 def block_c(scale: float, activate: bool = True) -> ResidualInception:
     """Figure 19 (8×8×2080)."""
+    c = STAGE_CHANNELS[2]
     branches = [
-        ConvBnReLU(2080, 192, 1),
-        conv_chain(2080, [(192, 1, 1, 0), (224, (1, 3), 1, (0, 1)), (256, (3, 1), 1, (1, 0))]),
+        ConvBnReLU(c, 192, 1),
+        conv_chain(c, Conv(192, 1), Conv(224, (1, 3), padding=(0, 1)), Conv(256, (3, 1), padding=(1, 0))),
     ]
-    return ResidualInception(branches, 448, 2080, scale, activate)
+    return ResidualInception(branches, 448, c, scale, activate)
 
 
 class InceptionResNetV2(InceptionResNet):
+    """Figure 15 as the checkpoint builds it (the departures are listed above): its stem,
+    10 × Figure 16, Reduction-A, 20 × Figure 17, Reduction-B (Figure 18), 10 × Figure 19
+    (the last without its ReLU), then a 1×1 convolution to 1536 channels, which the paper
+    does not draw, before the shared pooling, dropout and classifier."""
+
     num_features = NUM_FEATURES
 
     def build(self, in_channels: int, scales: tuple[float, float, float]) -> None:
         scale_a, scale_b, scale_c = scales
+        n_a, n_b, n_c = BLOCK_COUNTS
         self.stem = stem(in_channels)
-        self.blocks_a = nn.Sequential(*[block_a(scale_a) for _ in range(10)])
-        self.reduction_a = reduction_a(320, k=256, l=256, m=384, n=384)
-        self.blocks_b = nn.Sequential(*[block_b(scale_b) for _ in range(20)])
-        self.reduction_b = residual_reduction_b(1088, out_a=384, out_b=288, mid_c=288, out_c=320)
+        self.blocks_a = nn.Sequential(*[block_a(scale_a) for _ in range(n_a)])
+        self.reduction_a = reduction_a(STAGE_CHANNELS[0], k=256, l=256, m=384, n=384)
+        self.blocks_b = nn.Sequential(*[block_b(scale_b) for _ in range(n_b)])
+        self.reduction_b = residual_reduction_b(STAGE_CHANNELS[1], out_a=384, out_b=288, mid_c=288, out_c=320)
         # The checkpoint's last block has scale 1.0 and no ReLU.
-        self.blocks_c = nn.Sequential(*[block_c(scale_c) for _ in range(9)], block_c(1.0, activate=False))
-        self.conv_7b = ConvBnReLU(2080, NUM_FEATURES, 1)
+        self.blocks_c = nn.Sequential(
+            *[block_c(scale_c) for _ in range(n_c - 1)], block_c(1.0, activate=False)
+        )
+        self.conv_7b = ConvBnReLU(STAGE_CHANNELS[2], NUM_FEATURES, 1)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_7b(super().features(x))
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_7b(super().forward_features(x))

@@ -10,6 +10,7 @@ each network file a readable transcription of its figures.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -17,8 +18,18 @@ from torch import nn
 # TF-slim's batch-norm epsilon, which the released checkpoints were trained with.
 BN_EPS = 1e-3
 
-ConvSpec = tuple[int, int | tuple[int, int], int, int | tuple[int, int]]
-"""(out_channels, kernel, stride, padding) of one conv–BN–ReLU."""
+Size = int | tuple[int, int]
+
+
+class Conv(NamedTuple):
+    """One conv–BN–ReLU of a column, as a figure labels it: `Conv(224, (1, 7), padding=(0, 3))`
+    is the paper's "1×7 conv (224)". Named fields rather than a bare 4-tuple, so that the
+    stride and the padding read as what they are; the input width is the previous layer's."""
+
+    out_channels: int
+    kernel: Size
+    stride: int = 1
+    padding: Size = 0
 
 
 class ConvBnReLU(nn.Module):
@@ -28,9 +39,9 @@ class ConvBnReLU(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
+        kernel_size: Size,
         stride: int = 1,
-        padding: int | tuple[int, int] = 0,
+        padding: Size = 0,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
@@ -40,12 +51,12 @@ class ConvBnReLU(nn.Module):
         return torch.relu(self.bn(self.conv(x)))
 
 
-def conv_chain(in_channels: int, specs: Sequence[ConvSpec]) -> nn.Sequential:
-    """A column of conv–BN–ReLU layers, as drawn top to bottom in a branch of a figure."""
+def conv_chain(in_channels: int, *convs: Conv) -> nn.Sequential:
+    """A column of conv–BN–ReLU layers, as drawn bottom to top in a branch of a figure."""
     layers = []
-    for out_channels, kernel, stride, padding in specs:
-        layers.append(ConvBnReLU(in_channels, out_channels, kernel, stride, padding))
-        in_channels = out_channels
+    for conv in convs:
+        layers.append(ConvBnReLU(in_channels, conv.out_channels, conv.kernel, conv.stride, conv.padding))
+        in_channels = conv.out_channels
     return nn.Sequential(*layers)
 
 
@@ -118,15 +129,39 @@ class ResidualInception(Branches):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pooling → dropout (keep 0.8 in the paper) → linear classifier."""
+    """Global average pooling → dropout (keep 0.8 in the paper) → linear classifier.
+
+    `pre_logits=True` stops before the classifier, as timm's `forward_head` does: the
+    pooled features are what an embedding or a new classifier starts from.
+    """
 
     def __init__(self, in_features: int, num_classes: int, drop_rate: float) -> None:
         super().__init__()
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(in_features, num_classes)
 
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return x if pre_logits else self.fc(x)
+
+
+class Network(nn.Module):
+    """A classifier split as timm splits its models, so that code written against timm's
+    interface (feature extraction, a new head) works on ours: `forward_features` runs the
+    figures up to the last feature map, `num_features` channels wide; `forward_head` pools
+    and classifies it. A network builds `head` and defines `forward_features`."""
+
+    num_features: int
+    head: ClassifierHead
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))
+        return self.forward_head(self.forward_features(x))
 
 
 def reduction_a(in_channels: int, k: int, l: int, m: int, n: int) -> Branches:  # noqa: E741 (the paper's names)
@@ -134,7 +169,7 @@ def reduction_a(in_channels: int, k: int, l: int, m: int, n: int) -> Branches:  
     counts k, l, m, n are the paper's Table 1."""
     return Branches(
         ConvBnReLU(in_channels, n, 3, stride=2),
-        conv_chain(in_channels, [(k, 1, 1, 0), (l, 3, 1, 1), (m, 3, 2, 0)]),
+        conv_chain(in_channels, Conv(k, 1), Conv(l, 3, padding=1), Conv(m, 3, stride=2)),
         pool_branch("max"),
     )
 
@@ -143,9 +178,9 @@ def residual_reduction_b(in_channels: int, out_a: int, out_b: int, mid_c: int, o
     """Figures 12 and 18, the 17×17 → 8×8 reduction of the residual networks: three
     1×1 (256) → stride-2 3×3 columns and a max pool."""
     return Branches(
-        conv_chain(in_channels, [(256, 1, 1, 0), (out_a, 3, 2, 0)]),
-        conv_chain(in_channels, [(256, 1, 1, 0), (out_b, 3, 2, 0)]),
-        conv_chain(in_channels, [(256, 1, 1, 0), (mid_c, 3, 1, 1), (out_c, 3, 2, 0)]),
+        conv_chain(in_channels, Conv(256, 1), Conv(out_a, 3, stride=2)),
+        conv_chain(in_channels, Conv(256, 1), Conv(out_b, 3, stride=2)),
+        conv_chain(in_channels, Conv(256, 1), Conv(mid_c, 3, padding=1), Conv(out_c, 3, stride=2)),
         pool_branch("max"),
     )
 
@@ -168,13 +203,12 @@ def residual_stem_column(in_channels: int = 3) -> dict[str, nn.Module]:
 DEFAULT_RESIDUAL_SCALES = (0.17, 0.10, 0.20)
 
 
-class InceptionResNet(nn.Module):
+class InceptionResNet(Network):
     """The layout both residual networks share (Figure 15): stem, blocks A, Reduction-A,
     blocks B, Reduction-B, blocks C, classifier. A subclass builds the parts in `build`,
     under these attribute names, which the checkpoint-name rules of `registry.py` map to;
     `num_features` is the width the classifier sees."""
 
-    num_features: int
     stem: nn.Module
     blocks_a: nn.Module
     reduction_a: nn.Module
@@ -196,10 +230,7 @@ class InceptionResNet(nn.Module):
     def build(self, in_channels: int, scales: tuple[float, float, float]) -> None:
         raise NotImplementedError
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks_a(self.stem(x))
         x = self.blocks_b(self.reduction_a(x))
         return self.blocks_c(self.reduction_b(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))

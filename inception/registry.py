@@ -3,16 +3,21 @@
 Like torchvision's weight enums and timm's pretrained configs, the preprocessing a model
 was trained with travels with the model, so the exporter writes it into the Triton
 repository and the gateway reads it from there instead of hard-coding it.
+
+The names themselves come from `contract.NETWORKS`, the list the torch-free side (the
+gateway, the evaluation, the deployment files' tests) reads: `MODELS` is built in that
+order and refuses to import when the two disagree, naming the side that lacks a network.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import contract
 from .inception_resnet_v1 import InceptionResNetV1
 from .inception_resnet_v2 import InceptionResNetV2
 from .inception_v4 import InceptionV4
@@ -24,10 +29,19 @@ Rule = tuple[str, str | Callable[[re.Match[str]], str]]
 class ModelSpec:
     name: str
     builder: Callable[..., nn.Module]
+    # The side of the square image the network takes, and the crop it was trained with
+    # (timm's eval transform: resize the shorter side to input_size / crop_pct, crop the
+    # centre). The exporter writes all three into the model's config, and each image
+    # input's dims are [input_size, input_size, 3].
+    input_size: int
     crop_pct: float
+    # Parameters of the network as built here (at num_classes), and multiply-accumulates of
+    # one image at input_size in billions: facts that tests hold the built network and the
+    # README's table to.
+    num_params: int
+    gmacs: float
     interpolation: str = "bicubic"
-    input_size: int = 299
-    num_classes: int = 1000
+    num_classes: int = contract.NUM_CLASSES
     # timm's hub repository, when a public checkpoint exists.
     hub_repo: str | None = None
     hub_filename: str = "model.safetensors"
@@ -89,13 +103,41 @@ _IRV2_RULES: tuple[Rule, ...] = (
     *_BRANCH_RULES,
 )
 
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
+
+class RegistryError(RuntimeError):
+    """The specs here and the names in `contract.NETWORKS` disagree."""
+
+
+def in_contract_order(specs: Iterable[ModelSpec], networks: Sequence[str]) -> dict[str, ModelSpec]:
+    """The specs by name, in the order of `networks` (contract.NETWORKS), which is the
+    ensemble's member order and the gateway's; a name on one side only is an error that
+    says where to add it."""
+    by_name = {spec.name: spec for spec in specs}
+    problems = []
+    if without_spec := [name for name in networks if name not in by_name]:
+        problems.append(
+            f"{', '.join(without_spec)} in NETWORKS (inception/contract.py) but without a ModelSpec "
+            "in MODELS (inception/registry.py)"
+        )
+    if unlisted := [name for name in by_name if name not in networks]:
+        problems.append(
+            f"{', '.join(unlisted)} in MODELS (inception/registry.py) but not in NETWORKS "
+            "(inception/contract.py), the list the gateway and the deployment read"
+        )
+    if problems:
+        raise RegistryError("the networks disagree: " + "; ".join(problems))
+    return {name: by_name[name] for name in networks}
+
+
+MODELS: dict[str, ModelSpec] = in_contract_order(
+    (
         ModelSpec(
             name="inception_v4",
             builder=InceptionV4,
+            input_size=299,
             crop_pct=0.875,
+            num_params=42_679_816,
+            gmacs=12.25,
             hub_repo="timm/inception_v4.tf_in1k",
             timm_rules=_V4_RULES,
             paper_top1_error=20.0,
@@ -104,22 +146,29 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec(
             name="inception_resnet_v1",
             builder=InceptionResNetV1,
+            input_size=299,
             # No checkpoint was ever trained for it in this layout: use Inception-v4's.
             crop_pct=0.875,
+            num_params=22_756_328,
+            gmacs=6.21,
             paper_top1_error=21.3,
             paper_top5_error=5.5,
         ),
         ModelSpec(
             name="inception_resnet_v2",
             builder=InceptionResNetV2,
+            input_size=299,
             crop_pct=0.8975,
+            num_params=55_843_464,
+            gmacs=13.16,
             hub_repo="timm/inception_resnet_v2.tf_in1k",
             timm_rules=_IRV2_RULES,
             paper_top1_error=19.9,
             paper_top5_error=4.9,
         ),
-    )
-}
+    ),
+    contract.NETWORKS,
+)
 
 
 class UnknownModelError(KeyError):

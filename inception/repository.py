@@ -34,7 +34,6 @@ from .contract import (
     CPU_VARIANT,
     ENSEMBLE_MEAN_NAME,
     ENSEMBLE_NAME,
-    IMAGE_DIMS,
     INPUT_NAME,
     LABELS_FILE,
     NUM_CLASSES,
@@ -50,6 +49,7 @@ from .contract import (
     PRETRAINED_PREFIX,
     RANDOM_INIT,
     VARIANTS,
+    image_dims,
     image_input_name,
     input_parameter,
     member_input_name,
@@ -133,8 +133,8 @@ def _export_parameters(export: Export | None) -> dict[str, str]:
     }
 
 
-def _image_input(config: mc.ModelConfig) -> None:
-    config.input.add(name=INPUT_NAME, data_type=mc.TYPE_UINT8, dims=IMAGE_DIMS)
+def _image_input(config: mc.ModelConfig, name: str, input_size: int) -> None:
+    config.input.add(name=name, data_type=mc.TYPE_UINT8, dims=image_dims(input_size))
 
 
 def _probabilities_output(config: mc.ModelConfig) -> None:
@@ -162,13 +162,13 @@ def _dynamic_batching(config: mc.ModelConfig) -> None:
     policy.allow_timeout_override = True
 
 
-def _warmup(config: mc.ModelConfig, variant: str | None) -> None:
+def _warmup(config: mc.ModelConfig, variant: str | None, input_size: int) -> None:
     sizes = CPU_WARMUP_BATCH_SIZES if variant == CPU_VARIANT else GPU_WARMUP_BATCH_SIZES
     for size in sizes:
         sample = config.model_warmup.add(name=f"batch_{size}", batch_size=size, count=WARMUP_RUNS)
         data = sample.inputs[INPUT_NAME]
         data.data_type = mc.TYPE_UINT8
-        data.dims.extend(IMAGE_DIMS)
+        data.dims.extend(image_dims(input_size))
         data.random_data = True
 
 
@@ -183,10 +183,10 @@ def _preprocessing(entry: NetworkEntry) -> dict[str, str]:
 def network_config(entry: NetworkEntry, variant: str | None) -> mc.ModelConfig:
     """`variant` None is the committed config: GPU production, without export facts."""
     config = _base(entry.name, variant)
-    _image_input(config)
+    _image_input(config, INPUT_NAME, entry.input_size)
     _probabilities_output(config)
     _dynamic_batching(config)
-    _warmup(config, variant)
+    _warmup(config, variant, entry.input_size)
     _set_parameters(
         config,
         {
@@ -214,9 +214,10 @@ def mean_config(ensemble: EnsembleEntry, variant: str | None) -> mc.ModelConfig:
 
 
 def ensemble_inputs(ensemble: EnsembleEntry) -> list[tuple[str, dict[str, str]]]:
-    """One image input per distinct preprocessing of the members, in the order the members
-    first use it: Inception-ResNet-v2 crops at 0.8975 and the others at 0.875, so one image
-    for all would crop at least one member unlike its training."""
+    """One image input per distinct preprocessing of the members (crop, interpolation and
+    size), in the order the members first use it: Inception-ResNet-v2 crops at 0.8975 and
+    the others at 0.875, so one image for all would crop at least one member unlike its
+    training, and a member of another size could not take it at all."""
     distinct: list[dict[str, str]] = []
     for member in ensemble.members:
         if _preprocessing(member) not in distinct:
@@ -232,8 +233,8 @@ def ensemble_config(ensemble: EnsembleEntry, variant: str | None) -> mc.ModelCon
     differ only in provenance."""
     config = mc.ModelConfig(name=ensemble.name, platform="ensemble", max_batch_size=MAX_BATCH_SIZE)
     inputs = ensemble_inputs(ensemble)
-    for name, _ in inputs:
-        config.input.add(name=name, data_type=mc.TYPE_UINT8, dims=IMAGE_DIMS)
+    for name, pre in inputs:
+        _image_input(config, name, int(pre[PARAM_INPUT_SIZE]))
     _probabilities_output(config)
     steps = config.ensemble_scheduling.step
     for i, member in enumerate(ensemble.members):

@@ -20,6 +20,8 @@ class ServingModel(nn.Module):
     whole network in float16 with no second trace (the exporter's fp16 precision).
     """
 
+    anchor: torch.Tensor
+
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
@@ -33,6 +35,8 @@ class ServingModel(nn.Module):
 class WeightedMean(nn.Module):
     """The ensemble's last step: Σ wᵢ·pᵢ with weights normalised to sum to one, so the
     result stays a probability distribution."""
+
+    weights: torch.Tensor
 
     def __init__(self, weights: list[float]) -> None:
         super().__init__()

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .contract import PRETRAINED_PREFIX, RANDOM_INIT
 from .registry import ModelSpec, remap_timm_key
 
 RANDOM_SEED = 0
-RANDOM_INIT = "random-init"
 
 
 @dataclass(frozen=True)
@@ -174,4 +174,4 @@ def load_weights(model: nn.Module, spec: ModelSpec, weights: str | os.PathLike[s
         path = Path(weights).expanduser()
         source = path.name
     apply_state_dict(model, to_our_names(spec, read_state_dict(path)), str(path))
-    return WeightsInfo(f"pretrained:{source}", sha256_of(path))
+    return WeightsInfo(f"{PRETRAINED_PREFIX}{source}", sha256_of(path))

@@ -1,19 +1,34 @@
 """The exported TorchScript files: frozen traces equal to eager at batch 1 and the largest
-batch, fp16, the in-graph preprocessing, the ensemble mean, and re-runs that skip work."""
+batch, fp16, the in-graph preprocessing, the ensemble mean, re-runs that skip work, and
+the fingerprint's sources, found from each network's spec."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import inspect
 from pathlib import Path
 
 import pytest
 import torch
 
-from inception import create_model, list_models
-from inception.export import example_images, main, quiet_torchscript
+import inception
+from inception import create_model, get_spec, list_models
+from inception.contract import NETWORKS
+from inception.export import (
+    example_images,
+    main,
+    network_sources,
+    package_imports,
+    quiet_torchscript,
+    source_digest,
+)
+from inception.registry import MODELS
 from inception.repository import MAX_BATCH_SIZE
 from inception.serving import ServingModel, WeightedMean
 
 PRODUCTION = Path(__file__).resolve().parents[2] / "model_repository"
+PACKAGE = Path(inception.__file__).resolve().parent
 
 
 def load(path: Path) -> torch.jit.ScriptModule:
@@ -97,7 +112,7 @@ def test_fp16_export_runs_in_half_precision_with_float32_output() -> None:
 
 def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--models", "inception_v3", "--repository", str(tmp_path)]) == 2
-    assert "known models: inception_v4, inception_resnet_v1, inception_resnet_v2" in capsys.readouterr().err
+    assert f"known models: {', '.join(NETWORKS)}" in capsys.readouterr().err
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
     code = main(
@@ -113,6 +128,57 @@ def test_bad_options_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     )
     assert code == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def _builder_file(name: str) -> Path:
+    return Path(inspect.getsourcefile(get_spec(name).builder) or "").resolve()
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_fingerprint_reads_the_networks_own_file_and_what_every_export_shares(name: str) -> None:
+    sources = set(network_sources(get_spec(name)).values())
+    shared = {PACKAGE / f for f in ("__init__.py", "contract.py", "export.py", "registry.py", "serving.py")}
+    assert {_builder_file(name), PACKAGE / "layers.py", PACKAGE / "weights.py", *shared} <= sources
+    others = {_builder_file(other) for other in NETWORKS if other != name}
+    assert not sources & others, "another network's file would re-export this one when edited"
+    mean = set(network_sources(None).values())
+    assert shared <= mean and not mean & {_builder_file(n) for n in NETWORKS}
+
+
+def test_imports_inside_functions_count() -> None:
+    """create_model imports the weights module only when called: still a source."""
+    imports = package_imports("inception", PACKAGE / "__init__.py")
+    assert {"inception.weights", "inception.registry"} <= imports
+
+
+def test_editing_a_network_reexports_that_network_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network's file (here one outside the package, as nothing lists it by hand) and
+    the helper module it imports are in its fingerprint and in no other network's."""
+    (tmp_path / "fingerprinted_blocks.py").write_text("WIDTH = 8\n")
+    module = tmp_path / "fingerprinted_net.py"
+    module.write_text(
+        "from fingerprinted_blocks import WIDTH\n"
+        "from inception.layers import ClassifierHead\n\n\n"
+        "class Net(ClassifierHead):\n"
+        "    def __init__(self, num_classes: int = 1000) -> None:\n"
+        "        super().__init__(WIDTH, num_classes, 0.0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = dataclasses.replace(
+        get_spec("inception_resnet_v1"),
+        name="fingerprinted_net",
+        builder=importlib.import_module(module.stem).Net,
+    )
+    assert (
+        module in network_sources(spec).values() and PACKAGE / "layers.py" in network_sources(spec).values()
+    )
+    before = {name: source_digest(s) for name, s in MODELS.items()}
+    digest = source_digest(spec)
+    module.write_text(module.read_text() + "# edited\n")
+    assert source_digest(spec) != digest
+    assert {name: source_digest(s) for name, s in MODELS.items()} == before
 
 
 def _archive_entries(path: Path) -> dict[str, bytes]:

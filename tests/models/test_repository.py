@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from inception.contract import ENSEMBLE_MEAN_NAME, ENSEMBLE_NAME, GENERATED_PARAMS, NETWORKS
+from inception.contract import (
+    ENSEMBLE_MEAN_NAME,
+    ENSEMBLE_NAME,
+    GENERATED_PARAMS,
+    NETWORKS,
+    REPOSITORY_MODELS,
+    image_dims,
+)
+from inception.export import network_entry
 from inception.registry import get_spec
 from inception.repository import (
     GPU_WARMUP_BATCH_SIZES,
@@ -27,7 +35,9 @@ from inception.repository import (
 
 from ..helpers import ROOT
 
-ALL = [*NETWORKS, ENSEMBLE_MEAN_NAME, ENSEMBLE_NAME]
+ALL = list(REPOSITORY_MODELS)
+#: The export's default: every network, weighted equally.
+EQUAL = round(1 / len(NETWORKS), 6)
 
 
 def read(path: Path) -> mc.ModelConfig:
@@ -58,11 +68,8 @@ def without(config: mc.ModelConfig, *fields: str, params: tuple[str, ...] = ()) 
 
 
 def default_entries() -> tuple[list[NetworkEntry], EnsembleEntry]:
-    networks = [
-        NetworkEntry(n, get_spec(n).crop_pct, get_spec(n).interpolation, get_spec(n).input_size)
-        for n in NETWORKS
-    ]
-    return networks, EnsembleEntry(tuple(networks), (0.333333,) * 3)
+    networks = [network_entry(get_spec(n)) for n in NETWORKS]
+    return networks, EnsembleEntry(tuple(networks), (EQUAL,) * len(networks))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -107,8 +114,10 @@ def test_network_configs(configs, name: str) -> None:
     assert gpu.max_batch_size == MAX_BATCH_SIZE
     assert [g.kind for g in gpu.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
     assert [g.kind for g in cpu.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    spec = get_spec(name)
     (image,) = gpu.input
-    assert (image.name, image.data_type, list(image.dims)) == ("image__0", mc.TYPE_UINT8, [299, 299, 3])
+    dims = list(image_dims(spec.input_size))
+    assert (image.name, image.data_type, list(image.dims)) == ("image__0", mc.TYPE_UINT8, dims)
     (probs,) = gpu.output
     assert (probs.name, probs.data_type, list(probs.dims)) == ("probabilities__0", mc.TYPE_FP32, [1000])
     assert probs.label_filename == "labels.txt"
@@ -122,9 +131,10 @@ def test_network_configs(configs, name: str) -> None:
     assert [w.batch_size for w in gpu.model_warmup] == list(GPU_WARMUP_BATCH_SIZES)
     assert [w.batch_size for w in cpu.model_warmup] == [1]
     assert all(w.count >= 3 for w in [*gpu.model_warmup, *cpu.model_warmup])
+    assert all(list(w.inputs["image__0"].dims) == dims for w in [*gpu.model_warmup, *cpu.model_warmup])
     params = {k: v.string_value for k, v in gpu.parameters.items()}
-    assert params["interpolation"] == "bicubic" and params["input_size"] == "299"
-    assert params["crop_pct"] == {"inception_resnet_v2": "0.8975"}.get(name, "0.875")
+    assert params["interpolation"] == spec.interpolation and params["input_size"] == str(spec.input_size)
+    assert float(params["crop_pct"]) == spec.crop_pct
     assert params["weights"] == "random-init" or params["weights"].startswith("pretrained:")
     assert (params["weights_sha256"] == "") == (params["weights"] == "random-init")
     assert params["precision"] in ("fp32", "fp16")
@@ -136,10 +146,13 @@ def test_ensemble_config(configs) -> None:
     assert gpu.platform == "ensemble"
     steps = gpu.ensemble_scheduling.step
     assert [s.model_name for s in steps] == [*NETWORKS, ENSEMBLE_MEAN_NAME]
-    assert [s.output_map["probabilities__0"] for s in steps[:3]] == ["member__0", "member__1", "member__2"]
+    members = steps[: len(NETWORKS)]
+    assert [s.output_map["probabilities__0"] for s in members] == [
+        f"member__{i}" for i in range(len(NETWORKS))
+    ]
     params = {k: v.string_value for k, v in gpu.parameters.items()}
     assert params["members"] == ",".join(NETWORKS)
-    assert params["member_weights"] == "0.333333,0.333333,0.333333"
+    assert params["member_weights"] == ",".join([f"{EQUAL:g}"] * len(NETWORKS))
     assert params["weights"] == "random-init"
     assert configs[ENSEMBLE_MEAN_NAME]["cpu"].platform == "pytorch_libtorch"
 
@@ -182,18 +195,18 @@ def test_ensemble_takes_one_input_per_distinct_preprocessing(configs) -> None:
     """Inception-ResNet-v2 crops at 0.8975, the others at 0.875: the ensemble takes two
     images, says in its parameters which is which, and feeds each member its own."""
     committed = configs[ENSEMBLE_NAME]["committed"]
-    assert [(i.name, list(i.dims)) for i in committed.input] == [
-        ("image__0", [299, 299, 3]),
-        ("image__1", [299, 299, 3]),
-    ]
     params = {k: v.string_value for k, v in committed.parameters.items()}
-    fed = {s.model_name: s.input_map["image__0"] for s in committed.ensemble_scheduling.step[:3]}
+    dims = {i.name: list(i.dims) for i in committed.input}
+    fed = {s.model_name: s.input_map["image__0"] for s in committed.ensemble_scheduling.step[: len(NETWORKS)]}
     for network in NETWORKS:
-        image = fed[network]
-        assert float(params[f"{image}.crop_pct"]) == get_spec(network).crop_pct, network
-        assert params[f"{image}.interpolation"] == get_spec(network).interpolation
-        assert int(params[f"{image}.input_size"]) == get_spec(network).input_size
-    assert fed == {
+        spec, image = get_spec(network), fed[network]
+        assert float(params[f"{image}.crop_pct"]) == spec.crop_pct, network
+        assert params[f"{image}.interpolation"] == spec.interpolation, network
+        assert int(params[f"{image}.input_size"]) == spec.input_size, network
+        assert dims[image] == list(image_dims(spec.input_size)), network
+    distinct = {(s.crop_pct, s.interpolation, s.input_size) for s in map(get_spec, NETWORKS)}
+    assert list(dims) == [f"image__{i}" for i in range(len(distinct))]
+    assert {n: fed[n] for n in ("inception_v4", "inception_resnet_v1", "inception_resnet_v2")} == {
         "inception_v4": "image__0",
         "inception_resnet_v1": "image__0",
         "inception_resnet_v2": "image__1",
@@ -204,3 +217,26 @@ def test_ensemble_takes_one_input_per_distinct_preprocessing(configs) -> None:
     alike = ensemble_config(EnsembleEntry((networks[0], networks[1]), (0.5, 0.5)), None)
     assert [i.name for i in alike.input] == ["image__0"]
     assert not any("." in key for key in alike.parameters)
+
+
+def test_a_network_of_another_size_gets_its_own_dims() -> None:
+    """Dims follow each network's input_size: its input and warm-up, and in an ensemble
+    an input of its own, described by its own parameters."""
+    networks, _ = default_entries()
+    small = NetworkEntry("small_net", crop_pct=0.875, interpolation="bicubic", input_size=64)
+    for variant in (None, "gpu", "cpu"):
+        config = network_config(small, variant)
+        assert [list(i.dims) for i in config.input] == [[64, 64, 3]]
+        assert all(list(w.inputs["image__0"].dims) == [64, 64, 3] for w in config.model_warmup)
+        assert config.parameters["input_size"].string_value == "64"
+    # Same crop and interpolation as inception_v4, another size: an input of its own.
+    ensemble = ensemble_config(EnsembleEntry((networks[0], small), (0.5, 0.5)), None)
+    assert [(i.name, list(i.dims)) for i in ensemble.input] == [
+        ("image__0", list(image_dims(networks[0].input_size))),
+        ("image__1", [64, 64, 3]),
+    ]
+    assert [s.input_map["image__0"] for s in ensemble.ensemble_scheduling.step[:2]] == [
+        "image__0",
+        "image__1",
+    ]
+    assert ensemble.parameters["image__1.input_size"].string_value == "64"
