@@ -142,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | ---: | " + " | ".join("---:" for _ in columns) + " | ---: | ---: |")
     for name, by_column in results.items():
         for batch in (1, 8):
-            t = {c: by_column[c][batch] for c in columns}
+            seconds = {c: by_column[c][batch] for c in columns}
             print(
                 f"| {name} | {batch} | "
-                + " | ".join(figure(t[c], batch) for c in columns)
-                + f" | {t['in-process plain'] / t['in-process frozen']:.2f}× faster"
-                + f" | {t['in-process frozen'] / t['Triton frozen']:.2f} |"
+                + " | ".join(figure(seconds[c], batch) for c in columns)
+                + f" | {seconds['in-process plain'] / seconds['in-process frozen']:.2f}× faster"
+                + f" | {seconds['in-process frozen'] / seconds['Triton frozen']:.2f} |"
             )
     return 0
 
