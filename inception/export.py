@@ -167,7 +167,11 @@ def _write_model(module: torch.jit.ScriptModule, version_dir: Path, stamp: dict[
     with quiet_torchscript():
         torch.jit.save(module, str(tmp))
     tmp.replace(version_dir / MODEL_FILE)  # never leave a half-written model.pt behind
-    (version_dir / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+    # A new file, not a rewrite: a folder seeded with hard links to another export (as
+    # bench/gpu_stack.py seeds its own) must not change that export's stamp.
+    stamp_tmp = version_dir / f"{STAMP}.tmp"
+    stamp_tmp.write_text(json.dumps(stamp, indent=2) + "\n")
+    stamp_tmp.replace(version_dir / STAMP)
 
 
 def example_images(batch: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:

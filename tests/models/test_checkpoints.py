@@ -46,7 +46,8 @@ def timm_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
 def test_timm_checkpoint_gives_timm_outputs(timm_checkpoint) -> None:
     name, reference, path = timm_checkpoint
     ours = create_model(name, path)
-    x = torch.randn(2, 3, 299, 299, generator=torch.Generator().manual_seed(1))
+    size = get_spec(name).input_size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, got = reference(x), ours(x)
     scale = float(expected.abs().max())

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,11 @@ import inception
 from inception import create_model, get_spec, list_models
 from inception.contract import NETWORKS
 from inception.export import (
+    ensemble_entry,
     example_images,
+    export_mean,
     main,
+    network_entry,
     network_sources,
     package_imports,
     quiet_torchscript,
@@ -179,6 +184,23 @@ def test_editing_a_network_reexports_that_network_only(
     module.write_text(module.read_text() + "# edited\n")
     assert source_digest(spec) != digest
     assert {name: source_digest(s) for name, s in MODELS.items()} == before
+
+
+def test_an_export_into_hard_linked_copies_leaves_the_originals_alone(tmp_path: Path) -> None:
+    """A folder seeded with hard links to another export (so an unchanged model costs
+    nothing) gets new files where the export runs again, never writes through the links."""
+    seed, copy = (tmp_path / side / "inception_ensemble_mean" / "1" for side in ("seed", "copy"))
+    seed.mkdir(parents=True)
+    copy.mkdir(parents=True)
+    (seed / "model.pt").write_bytes(b"another export")
+    (seed / ".export.json").write_text('{"fingerprint": "another"}')
+    for item in ("model.pt", ".export.json"):
+        os.link(seed / item, copy / item)
+    ensemble = ensemble_entry([network_entry(get_spec(n)) for n in NETWORKS])
+    export_mean(ensemble, tmp_path / "copy", log=lambda message: None)
+    assert (seed / "model.pt").read_bytes() == b"another export"
+    assert (seed / ".export.json").read_text() == '{"fingerprint": "another"}'
+    assert json.loads((copy / ".export.json").read_text())["fingerprint"] != "another"
 
 
 def _archive_entries(path: Path) -> dict[str, bytes]:
