@@ -176,6 +176,19 @@ def test_readme_table_states_the_specs() -> None:
         assert read == stated, f"README.md's row of {name} disagrees with its spec (inception/registry.py)"
 
 
+def test_evaluation_quotes_the_specs_table_2() -> None:
+    """The evaluation's table of the paper's figures (torch-free, so it keeps its own)
+    gives each network's single-crop errors as its spec does."""
+    from evaluation.imagenet import PAPER
+
+    for name in NETWORKS:
+        spec = get_spec(name)
+        if spec.paper_top1_error is None:
+            continue  # a network the paper does not report
+        source, top1, top5 = PAPER[name][1]
+        assert (source, top1, top5) == ("Table 2", spec.paper_top1_error, spec.paper_top5_error), name
+
+
 def test_random_initialisation_is_deterministic_and_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     before = torch.rand(1)
