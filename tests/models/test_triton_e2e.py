@@ -13,13 +13,13 @@ import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from inception.contract import NETWORKS
 from inception.export import example_images, quiet_torchscript
 
 from ..helpers import ROOT
 
 pytestmark = pytest.mark.integration
 
-NETWORKS = ["inception_v4", "inception_resnet_v1", "inception_resnet_v2"]
 BATCH = 2
 
 
