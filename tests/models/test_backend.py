@@ -115,3 +115,54 @@ def test_bad_model_file_is_a_clear_error(repository: Path, tmp_path: Path) -> No
     assert MODEL in message and "failed to load" in message, message
     assert "frame #" not in message, "the reason, not libtorch's C++ stack trace"
     assert "log:" in message
+
+
+def test_unpacked_torch_is_read_from_its_files(tmp_path: Path) -> None:
+    """`--torch-root`: a wheel's torch/ folder, unpacked and never imported."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libtorch.so").write_bytes(b"")
+    (tmp_path / "lib" / "libc10.so").write_bytes(b"...__cxx11...")
+    (tmp_path / "version.py").write_text("__version__ = '2.11.0+cu130'\ngit_version = 'x'\n")
+    torch = backend.find_torch(tmp_path)
+    assert (torch.version, torch.root, torch.cxx11_abi) == ("2.11.0+cu130", tmp_path.resolve(), "1")
+    (tmp_path / "version.py").unlink()
+    with pytest.raises(backend.BuildError, match="not a torch package folder"):
+        backend.find_torch(tmp_path)
+
+
+def test_gpu_build_has_its_own_flags_runpath_and_fingerprint(tmp_path: Path) -> None:
+    torch = backend.Torch("2.11.0+cu130", tmp_path, "1")
+    sources = {repo: Path(f"<{repo}>") for repo in backend.PINNED_COMMITS}
+    cpu = backend.cmake_flags(torch, tmp_path, sources)
+    gpu = backend.cmake_flags(torch, tmp_path, sources, backend.Gpu(Path("/opt/cuda"), "90-real"))
+    assert "-DTRITON_ENABLE_GPU=OFF" in cpu and "-DTRITON_ENABLE_GPU=ON" not in cpu
+    assert {"-DTRITON_ENABLE_GPU=ON", "-DCMAKE_CUDA_COMPILER=/opt/cuda/bin/nvcc"} <= set(gpu)
+    assert "-DCMAKE_CUDA_ARCHITECTURES=90-real" in gpu
+    assert backend.runpath(torch) == f"$ORIGIN:{tmp_path / 'lib'}"
+    there = backend.runpath(torch, ["/there/torch/lib", "/there/nvidia/cu13/lib"])
+    assert there == "$ORIGIN:/there/torch/lib:/there/nvidia/cu13/lib"
+    archive = tmp_path / "a.tar.gz"
+    archive.write_bytes(b"x")
+    tools = {"cmake": "3.25"}
+    keys = {
+        backend.fingerprint({"core": archive}, torch, tools, cpu),
+        backend.fingerprint({"core": archive}, torch, tools, gpu),
+        backend.fingerprint({"core": archive}, torch, tools, gpu, there),
+    }
+    assert len(keys) == 3
+
+
+def test_kernel_architectures_are_trimmed_in_the_extracted_backend(tmp_path: Path) -> None:
+    """CUDA 13 refuses the 5.3-7.2 targets r24.10's kernel lists; the copy gets the given list."""
+    archives = backend.locate_sources(backend.default_sources(), download=False)
+    roots = backend.extract({"backend": archives["backend"]}, tmp_path)
+    cmakelists = roots["backend"] / "CMakeLists.txt"
+    assert '"53;60-real;62-real;70-real;72-real;75-real' in cmakelists.read_text()
+    backend.trim_cuda_architectures(roots["backend"], backend.DEFAULT_CUDA_ARCHITECTURES)
+    text = cmakelists.read_text()
+    assert f'CUDA_ARCHITECTURES "{backend.DEFAULT_CUDA_ARCHITECTURES}")' in text
+    assert "53;" not in text
+    (tmp_path / "changed").mkdir()
+    (tmp_path / "changed" / "CMakeLists.txt").write_text("add_library(kernel_library_new src/kernel.cu)\n")
+    with pytest.raises(backend.BuildError, match="CUDA_ARCHITECTURES line was not found"):
+        backend.trim_cuda_architectures(tmp_path / "changed", "90-real")
