@@ -18,7 +18,7 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all debian venv backend repository serve test check bench bench-gateway bench-overload clean
+.PHONY: all debian venv backend repository serve test check bench bench-gateway bench-overload gpu-kit clean
 
 all: test
 
@@ -85,6 +85,14 @@ bench-gateway: backend repository
 # memory soak (about 16 minutes in all).
 bench-overload: backend repository
 	$(BIN)/python -m bench.overload --repository $(REPO)
+
+# What a lent GPU machine lacks to run the whole stack offline, in build/gpu-kit (at most
+# 60 MiB; the builder fails if over): the trimmed tritonserver, the GPU PyTorch backend
+# built here with nvcc 13 against the torch 2.11 wheel (downloaded once, about 530 MB),
+# the gateway's wheels and photos. Run it there with
+# `python -m bench.gpu_stack --kit build/gpu-kit --out DIR` (bench/README.md).
+gpu-kit: $(STAMP)
+	$(BIN)/python -m bench.gpu_kit --out build/gpu-kit
 
 clean:
 	rm -rf $(VENV) build $(REPO)/*/1 $(REPO)/*/labels.txt $(REPO)/*/configs
