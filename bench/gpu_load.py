@@ -52,6 +52,7 @@ class LoadResult:
     shed_without_retry_after: int = 0
     latencies: list[float] = field(default_factory=list)
     stage_ms_sum: dict[str, float] = field(default_factory=dict)
+    client_cpu_seconds: float = 0.0  # the clients' own CPU over the window: are they the limit?
 
     def record(self, outcome: Outcome, latency: float) -> None:
         if outcome.kind == "ok":
@@ -81,6 +82,7 @@ class LoadResult:
             self.error_kinds[kind] = self.error_kinds.get(kind, 0) + count
         for stage, ms in other.stage_ms_sum.items():
             self.stage_ms_sum[stage] = self.stage_ms_sum.get(stage, 0.0) + ms
+        self.client_cpu_seconds += other.client_cpu_seconds
 
     def summary(self) -> dict[str, Any]:
         """Rates and percentiles; stage times as means over the answered requests."""
@@ -106,6 +108,7 @@ class LoadResult:
             if total
             else None,
             "triton_share": stages.get("triton", 0) / total if total else None,
+            "client_cores": self.client_cpu_seconds / window,
         }
 
 
@@ -130,7 +133,12 @@ async def closed_loop(
             if begin <= finished <= end:
                 result.record(outcome, finished - started)
 
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    tasks = [asyncio.ensure_future(client()) for _ in range(concurrency)]
+    await asyncio.sleep(max(0.0, begin - time.perf_counter()))
+    cpu_begin = time.process_time()
+    await asyncio.sleep(max(0.0, end - time.perf_counter()))
+    result.client_cpu_seconds = time.process_time() - cpu_begin
+    await asyncio.gather(*tasks)
     result.seconds = seconds
     return result
 

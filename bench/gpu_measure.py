@@ -192,14 +192,14 @@ def accuracy(run: Run, stack: Stack) -> dict[str, Any]:
         local = in_process_probabilities(module, images, device)
         del module
         release(device)
-        served = triton_probabilities(url, name, {"image__0": images}, batch=8)
+        served = triton_probabilities(url, name, {"image__0": images}, batch=tuning.CHUNK)
         precision = precision_of(stack.repository / name)
         results[name] = {"images": len(images), **compare(local, served, precision)}
         members_probs[name] = local
         member_inputs[name] = images
     members, weights, inputs = ensemble_parameters(stack.repository, run.plan.config_name)
     feed = {inputs[m]: member_inputs[m] for m in members}
-    served = triton_probabilities(url, "inception_ensemble", feed, batch=8)
+    served = triton_probabilities(url, "inception_ensemble", feed, batch=tuning.CHUNK)
     local = np.sum([w * members_probs[m] for m, w in zip(members, weights, strict=True)], axis=0)
     results["inception_ensemble"] = {
         "images": len(served),
@@ -353,6 +353,8 @@ def gateway(run: Run, stack: Stack) -> list[dict[str, Any]]:
             "GATEWAY_DEFAULT_MODEL": run.plan.gateway_model,
             "GATEWAY_ADMISSION": "true" if admission else "false",
             "WEB_CONCURRENCY": str(workers),
+            # One JSON line per request from 16 workers would be tens of MB per run.
+            "GATEWAY_LOG_LEVEL": "WARNING",
         }
         log_path = run.out / f"gateway-admission-{'on' if admission else 'off'}.log"
         gateway = Gateway(
@@ -491,7 +493,9 @@ def winner_stage(run: Run, stack: Stack) -> dict[str, Any]:
         module = state.modules[state.chosen.name]
         images = state.photos[: max(8, len(stack.photos))]
         local = in_process_probabilities(module, images, device)
-        served = triton_probabilities(server.grpc_url, state.network, {"image__0": images}, batch=8)
+        served = triton_probabilities(
+            server.grpc_url, state.network, {"image__0": images}, batch=tuning.CHUNK
+        )
         result["accuracy"] = compare(local, served, state.chosen.precision)
         batches = [*run.plan.batches, *([128] if state.max_batch_size >= 128 else [])]
         result["rows"] = side_by_side_rows(run, stack, server.grpc_url, state.network, module, batches)

@@ -113,7 +113,7 @@ def gateway_table(rows_in: Sequence[Mapping[str, Any]]) -> list[str]:
             num(row.get("concurrency")),
         ]
         if "skipped" in row:
-            rows.append([*head, f"skipped: {row['skipped']}", *[""] * 10])
+            rows.append([*head, f"skipped: {row['skipped']}", *[""] * 11])
             continue
         cpu = row.get("cpu", {})
         rows.append(
@@ -130,6 +130,7 @@ def gateway_table(rows_in: Sequence[Mapping[str, Any]]) -> list[str]:
                 num(cpu.get("gateway_cores"), ".1f"),
                 num(cpu.get("triton_cores"), ".1f"),
                 num(cpu.get("machine_busy"), ".0%"),
+                num(row.get("client_cores"), ".1f"),
             ]
         )
     header = [
@@ -147,6 +148,7 @@ def gateway_table(rows_in: Sequence[Mapping[str, Any]]) -> list[str]:
         "gateway cores",
         "Triton cores",
         "machine busy",
+        "client cores",
     ]
     return table(header, rows)
 
