@@ -618,6 +618,8 @@ def build_kit(
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise KitError(f"unknown parts {sorted(unknown)}; the parts are {', '.join(PARTS)}")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise KitError(f"{out} is not empty and holds no kit: refusing to replace it")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cache.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,14 @@ def test_size_over_the_limit_fails_loudly() -> None:
         gpu_kit.check_size(60 * 2**20 + 1, gpu_kit.LIMIT_BYTES)
 
 
+def test_builder_replaces_a_kit_but_no_other_folder(tmp_path: Path) -> None:
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("mine")
+    with pytest.raises(gpu_kit.KitError, match="holds no kit"):
+        gpu_kit.build_kit(tmp_path / "precious", tmp_path / "cache", ["photos"])
+    assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
+
+
 def test_kit_over_its_limit_is_refused(tmp_path: Path) -> None:
     with pytest.raises(gpu_kit.KitError, match="over its limit"):
         gpu_kit.build_kit(tmp_path / "kit", tmp_path / "cache", ["photos"], limit=100_000)
