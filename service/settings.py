@@ -131,7 +131,9 @@ class Settings(BaseSettings):
     )
     draft: bool = Field(True, description="reduced-size JPEG decoding for images much larger than needed")
     draft_oversample: float = Field(
-        2.0, ge=1.0, description="draft decoding keeps the shorter side at least this many times what the resize needs"
+        2.0,
+        ge=1.0,
+        description="draft decoding keeps the shorter side at least this many times what the resize needs",
     )
     decode_threads: int = Field(
         2, ge=1, description="threads that decode and resize (Pillow releases the GIL)"
