@@ -22,6 +22,11 @@ from embedded.processes import free_port, start_group, stop_group, wait_http
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The HTTP protocol of every gateway: h11 with bounded headers and connections
+#: (service/protocol.py). The image's entrypoint (deploy/gateway-entrypoint.sh) names the same.
+BOUNDED_HTTP = ("--http", "service.protocol:BoundedH11Protocol")
+
+
 def gateway_command(
     port: int, workers: int = 1, host: str = "127.0.0.1", graceful_s: int = 10, python: str = sys.executable
 ) -> list[str]:
@@ -38,6 +43,7 @@ def gateway_command(
         "--workers",
         str(workers),
         "--no-access-log",  # the gateway logs each request itself, as JSON with its request id
+        *BOUNDED_HTTP,
         "--timeout-graceful-shutdown",
         str(graceful_s),
     ]

@@ -13,6 +13,7 @@ refusal) and else the operator's setting for its status.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -67,10 +68,24 @@ class MethodNotAllowed(ApiError):
     status, code = 405, "method_not_allowed"
 
 
+class BadHttp(ApiError):
+    """Bytes that are not an HTTP/1.1 request: answered by the connection itself
+    (service/protocol.py), before any route runs."""
+
+    status, code = 400, "bad_http"
+
+
 class RequestTimeout(ApiError):
     """The body did not arrive in time: the slot it held goes to someone else."""
 
     status, code = 408, "request_timeout"
+
+
+class HeaderTimeout(ApiError):
+    """The request's headers did not arrive in time: the connection is closed, so that a
+    client trickling its headers cannot hold a connection (service/protocol.py)."""
+
+    status, code = 408, "header_timeout"
 
 
 class PayloadTooLarge(ApiError):
@@ -91,6 +106,12 @@ class UnsupportedImageFormat(ApiError):
 
 class InvalidRequest(ApiError):
     status, code = 422, "invalid_request"
+
+
+class HeadersTooLarge(ApiError):
+    """More header bytes or header lines than a worker accepts (service/protocol.py)."""
+
+    status, code = 431, "headers_too_large"
 
 
 class Overloaded(ApiError):
@@ -129,6 +150,13 @@ class OverCapacity(ApiError):
     status, code = 503, "over_capacity"
 
 
+class TooManyConnections(ApiError):
+    """The worker holds as many connections as it accepts (all of them, or all of one
+    client's): the new one is answered and closed before a byte is read."""
+
+    status, code = 503, "too_many_connections"
+
+
 class BackendTimeout(ApiError):
     status, code = 504, "backend_timeout"
 
@@ -150,16 +178,34 @@ def error_body(code: str, message: str, **details: Any) -> dict[str, Any]:
     return {"error": error}
 
 
-def error_response(exc: ApiError, retry_after_s: Mapping[int, int] | None = None) -> JSONResponse:
-    """The HTTP answer to an :class:`ApiError`: its body, status and headers, and
-    ``Retry-After``, the error's own or else ``retry_after_s`` of its status."""
+def error_headers(exc: ApiError, retry_after_s: Mapping[int, int] | None = None) -> dict[str, str]:
+    """The headers of the answer to an :class:`ApiError`: its own, and ``Retry-After``, the
+    error's own seconds or else ``retry_after_s`` of its status."""
     headers = dict(exc.headers)
     retry = exc.retry_after_s if exc.retry_after_s is not None else (retry_after_s or {}).get(exc.status)
     if retry is not None:
         headers["Retry-After"] = str(retry)
+    return headers
+
+
+def error_response(exc: ApiError, retry_after_s: Mapping[int, int] | None = None) -> JSONResponse:
+    """The HTTP answer to an :class:`ApiError`: its body, status and headers."""
     return JSONResponse(
-        error_body(exc.code, exc.message, **exc.details), status_code=exc.status, headers=headers
+        error_body(exc.code, exc.message, **exc.details),
+        status_code=exc.status,
+        headers=error_headers(exc, retry_after_s),
     )
+
+
+def raw_error_response(exc: ApiError, retry_after_s: Mapping[int, int] | None = None) -> bytes:
+    """The same answer as :func:`error_response`, as the bytes of a whole HTTP/1.1 response
+    that closes the connection: for the connection's own refusals (service/protocol.py),
+    written before any request exists for the app to answer."""
+    response = error_response(exc, retry_after_s)
+    head = [f"HTTP/1.1 {exc.status} {HTTPStatus(exc.status).phrase}".encode()]
+    head += [k + b": " + v for k, v in response.raw_headers if k.lower() != b"connection"]
+    head.append(b"connection: close")
+    return b"\r\n".join(head) + b"\r\n\r\n" + response.body
 
 
 def internal_error_response() -> JSONResponse:

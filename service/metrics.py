@@ -107,6 +107,14 @@ REQUEST_SIZE = Histogram(
     buckets=SIZE_BUCKETS,
 )
 
+#: Connections answered and closed by the connection itself (service/protocol.py), by why:
+#: headers_too_large, timeout, bad_http, connections, peer_connections.
+CONNECTIONS_REFUSED = Counter(
+    "inception_gateway_connections_refused",
+    "Connections answered with an error and closed before any request reached the app",
+    ["reason"],
+)
+
 #: One series per served model and the provenance of its weights, as its config on Triton
 #: says: 1 for what this gateway read last, 0 for what it read before (a multiprocess gauge
 #: keeps every series it ever had, so a stale one is zeroed, not removed). Alerts select

@@ -139,6 +139,33 @@ class Settings(BaseSettings):
         2, ge=1, description="threads that decode and resize (Pillow releases the GIL)"
     )
 
+    max_header_bytes: int = Field(
+        32 * 1024,
+        ge=1024,
+        description="largest request line and headers one request may send; past it the answer "
+        "is 431 and the connection closes (service/protocol.py)",
+    )
+    max_header_count: int = Field(
+        100, ge=8, description="most header lines one request may send; past it the answer is 431"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="deadline for a request's headers from its first byte (or from the connection); "
+        "past it the answer is 408 and the connection closes",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="connections one worker holds at once; a new one past it is answered 503 and "
+        "closed before a byte is read",
+    )
+    max_connections_per_peer: int = Field(
+        256,
+        ge=0,
+        description="connections one worker holds at once from one peer address (0: no cap); behind "
+        "a proxy every connection comes from the proxy, so set 0 or the proxy's pool size there",
+    )
     max_concurrency: int = Field(256, ge=1, description="classify requests handled at once by one worker")
     body_timeout_s: float = Field(
         10.0,
