@@ -28,6 +28,10 @@ from .errors import InvalidRequest
 T = TypeVar("T")
 
 HEADER = "X-Request-Timeout"
+#: The shortest deadline a client may give: no answer, not even a refusal, comes back sooner
+#: than a millisecond, so a shorter one (``5e-324``) is a mistake, refused with 422 before any
+#: work rather than decoded and then answered 504.
+MIN_TIMEOUT_S = 0.001
 DESCRIPTION = (
     "the client's deadline in seconds: a request that cannot be answered within it is refused "
     "at once (503) or ends with 504; Triton drops it from its queue once it passes"
@@ -40,7 +44,7 @@ PARAMETER = {
     "name": HEADER,
     "in": "header",
     "required": False,
-    "schema": {"type": "number", "exclusiveMinimum": 0},
+    "schema": {"type": "number", "minimum": MIN_TIMEOUT_S},
     "description": DESCRIPTION,
 }
 
@@ -61,6 +65,10 @@ def start(client_timeout_s: float | None, ceiling_s: float) -> Deadline:
     the gateway's own limit."""
     if client_timeout_s is not None and (not math.isfinite(client_timeout_s) or client_timeout_s <= 0):
         raise InvalidRequest(f"{HEADER} must be a positive number of seconds")
+    if client_timeout_s is not None and client_timeout_s < MIN_TIMEOUT_S:
+        raise InvalidRequest(
+            f"{HEADER} of {client_timeout_s:g} s cannot be met: no answer comes sooner than {MIN_TIMEOUT_S:g} s"
+        )
     client = client_timeout_s is not None and client_timeout_s < ceiling_s
     budget = client_timeout_s if client_timeout_s is not None and client else ceiling_s
     deadline = Deadline(time.monotonic() + budget, budget, client)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -14,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from . import deadlines, metrics
 from .admission import Admission, Ticket
 from .deadlines import remaining_s
-from .errors import OverCapacity, Overloaded
+from .errors import DeadlineExceeded, OverCapacity, Overloaded
 from .imaging import Prepared, Preprocessing, prepare
 from .schemas import Prediction
 from .settings import Settings
 from .triton import TritonBackend
 
 log = logging.getLogger(__name__)
+#: Weight of the newest decode in the moving average of decode times.
+DECODE_SMOOTHING = 0.2
 
 
 def load_labels(path: Path | None) -> list[str]:
@@ -46,6 +50,8 @@ class Gateway:
         self.pool: ThreadPoolExecutor | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrency)
         self.buffered = 0  # bytes reserved by the bodies being read and decoded
+        self.decoding = 0  # images decoding or waiting for a decode thread
+        self.decode_s: float | None = None  # moving average of one image's decode and preprocessing
         self.admission = Admission(
             settings.latency_target_s, settings.admission_initial_limit, settings.admission_min_limit
         )
@@ -132,15 +138,53 @@ class Gateway:
 
     async def prepare(self, data: bytes, pres: list[Preprocessing], crops: int = 1) -> Prepared:
         """Decoding and resizing hold the GIL little but take milliseconds: a thread pool
-        keeps them off the event loop."""
-        loop = asyncio.get_running_loop()
+        keeps them off the event loop. The pool's queue is bounded (``decode_queue``), and
+        a decode is queued only if it can start and end within the request's deadline at
+        the decode time measured so far; a decode whose deadline passed while it waited is
+        dropped when its turn comes, never started (503 or 504, no CPU spent)."""
         s = self.settings
-        return await loop.run_in_executor(
-            self.pool,
-            lambda: prepare(
-                data, pres, max_pixels=s.max_pixels, draft=s.draft, oversample=s.draft_oversample, crops=crops
-            ),
-        )
+        deadline = deadlines.deadline_var.get()
+        each = self.decode_s or 0.0
+        expected = (self.decoding // s.decode_threads + 1) * each
+        if deadline is not None:
+            left = deadline.at - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded("the request's deadline passed before its image could be decoded")
+            if expected > left:
+                raise OverCapacity(
+                    f"the image could not be decoded within the request's deadline ({left:.3g} s left, "
+                    f"about {expected:.3g} s of decoding queued); retry later",
+                    retry_after_s=max(1, math.ceil(expected)),
+                )
+        if self.decoding >= s.decode_queue:
+            raise Overloaded("too many images are waiting to be decoded; retry later")
+
+        def job() -> Prepared:
+            if deadline is not None and time.monotonic() >= deadline.at:
+                raise DeadlineExceeded("the request's deadline passed while its image waited to be decoded")
+            started = time.perf_counter()
+            try:
+                return prepare(
+                    data,
+                    pres,
+                    max_pixels=s.max_pixels,
+                    draft=s.draft,
+                    oversample=s.draft_oversample,
+                    crops=crops,
+                    max_jpeg_scans=s.max_jpeg_scans,
+                )
+            finally:
+                took = time.perf_counter() - started
+                before = self.decode_s
+                self.decode_s = (
+                    took if before is None else (1 - DECODE_SMOOTHING) * before + DECODE_SMOOTHING * took
+                )
+
+        self.decoding += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, job)
+        finally:
+            self.decoding -= 1
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[Prediction]:
         """The k best classes, by score then class id: a full stable sort of 1000 floats costs

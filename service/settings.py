@@ -139,6 +139,18 @@ class Settings(BaseSettings):
         2, ge=1, description="threads that decode and resize (Pillow releases the GIL)"
     )
 
+    max_jpeg_scans: int = Field(
+        32,
+        ge=1,
+        description="most scans a JPEG may have (a progressive one has about 10); each is a pass "
+        "over the whole image, so more are refused with 400 before decoding",
+    )
+    decode_queue: int = Field(
+        8,
+        ge=1,
+        description="images one worker decodes or holds waiting for a decode thread; past it, or "
+        "when the wait would pass the request's deadline, a request is refused before decoding",
+    )
     max_header_bytes: int = Field(
         32 * 1024,
         ge=1024,
