@@ -67,7 +67,8 @@ def start(client_timeout_s: float | None, ceiling_s: float) -> Deadline:
         raise InvalidRequest(f"{HEADER} must be a positive number of seconds")
     if client_timeout_s is not None and client_timeout_s < MIN_TIMEOUT_S:
         raise InvalidRequest(
-            f"{HEADER} of {client_timeout_s:g} s cannot be met: no answer comes sooner than {MIN_TIMEOUT_S:g} s"
+            f"{HEADER} of {client_timeout_s:g} s cannot be met: "
+            f"no answer comes sooner than {MIN_TIMEOUT_S:g} s"
         )
     client = client_timeout_s is not None and client_timeout_s < ceiling_s
     budget = client_timeout_s if client_timeout_s is not None and client else ceiling_s
