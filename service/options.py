@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, get_args, get_origin
 
+from annotated_types import MaxLen
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -37,6 +38,12 @@ from .crops import SUPPORTED_CROPS
 from .errors import InvalidRequest
 
 MAX_TOP_K = 1000
+#: The most members a per-request ensemble may name (and weights it may give): more than any
+#: deployment routes, few enough that a list costs nothing to parse. An 11.2 M-item
+#: `weights` array held the event loop 3 s and 751 MiB before lists had a length.
+MAX_MEMBERS = 16
+#: The longest model name accepted (Triton's names are far shorter).
+MAX_NAME_CHARS = 128
 #: The image's field, in a multipart body and in a JSON one.
 IMAGE_FIELD = "image"
 
@@ -68,6 +75,7 @@ class CommaSeparated:
 
     example: str
     pattern: str | None = None
+    item_chars: int = 32  # the longest item, so that the text form is bounded as the list is
 
 
 class ClassifyOptions(BaseModel):
@@ -76,12 +84,21 @@ class ClassifyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str | None = Field(None, description="a model name, `ensemble`, or omitted for the default")
-    models: Annotated[list[str] | None, CommaSeparated(f"{NETWORKS[0]},{NETWORKS[-1]}")] = Field(
-        None, description="a per-request ensemble: models the gateway runs concurrently and averages"
+    models: Annotated[
+        list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None,
+        CommaSeparated(f"{NETWORKS[0]},{NETWORKS[-1]}", item_chars=MAX_NAME_CHARS),
+    ] = Field(
+        None,
+        max_length=MAX_MEMBERS,
+        description="a per-request ensemble: models the gateway runs concurrently and averages",
     )
     weights: Annotated[
         list[Annotated[float, Field(ge=0)]] | None, CommaSeparated("0.5,0.5", WEIGHTS_PATTERN)
-    ] = Field(None, description="non-negative weights of `models`, not all zero (default: equal)")
+    ] = Field(
+        None,
+        max_length=MAX_MEMBERS,
+        description="non-negative weights of `models`, not all zero (default: equal)",
+    )
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many classes to answer")
     crops: Crops = Field(1, description=CROPS_DESCRIPTION)
 
@@ -96,6 +113,14 @@ def _is_list(field: FieldInfo) -> bool:
     return get_origin(_without_none(field.annotation)) is list
 
 
+def _max_items(field: FieldInfo) -> int:
+    """The most items a list option may hold (its ``max_length``): every list has one."""
+    bound = next((m.max_length for m in field.metadata if isinstance(m, MaxLen)), None)
+    if bound is None:
+        raise TypeError("a list option needs a max_length, so that no form of it is unbounded")
+    return int(bound)
+
+
 def as_text(name: str, field: FieldInfo) -> tuple[Any, str]:
     """An option's type and description as text (a query parameter, a form field): a list
     becomes one comma-separated string, anything else keeps its type and bounds."""
@@ -104,7 +129,8 @@ def as_text(name: str, field: FieldInfo) -> tuple[Any, str]:
         comma = next((m for m in field.metadata if isinstance(m, CommaSeparated)), None)
         if comma is None:
             raise TypeError(f"the list option {name!r} needs CommaSeparated(...) for its text form")
-        text = Annotated[str, Field(pattern=comma.pattern)]
+        chars = _max_items(field) * (comma.item_chars + 1)
+        text = Annotated[str, Field(pattern=comma.pattern, max_length=chars)]
         return text, f"{description}; comma-separated, e.g. `{comma.example}`"
     inner = _without_none(field.annotation)
     extras = [Field(json_schema_extra=field.json_schema_extra)] if field.json_schema_extra else []
@@ -167,7 +193,9 @@ def json_model(options: type[BaseModel]) -> type[BaseModel]:
     for name, field in options.model_fields.items():
         if _is_list(field):
             (item,) = get_args(_without_none(field.annotation))
-            array = list.__class_getitem__(Annotated[(item, Strict())])  # of JSON values as they are
+            array = Annotated[  # of JSON values as they are
+                list.__class_getitem__(Annotated[(item, Strict())]), Field(max_length=_max_items(field))
+            ]
             text, _ = as_text(name, field)
             description = f"{field.description}; an array, or one comma-separated string"
             fields[name] = (array | text | None, Field(None, description=description))

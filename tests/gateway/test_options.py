@@ -49,7 +49,9 @@ class ExtendedOptions(ClassifyOptions):
     """ClassifyOptions with one option more of each kind: what adding an option looks like."""
 
     temperature: float = Field(1.0, gt=0, description="softmax temperature")
-    labels: Annotated[list[str] | None, CommaSeparated("cat,dog")] = Field(None, description="labels kept")
+    labels: Annotated[list[str] | None, CommaSeparated("cat,dog")] = Field(
+        None, max_length=8, description="labels kept"
+    )
 
 
 def test_every_form_has_exactly_the_declared_options() -> None:
@@ -82,6 +84,16 @@ def test_a_list_option_must_say_how_it_travels_as_text() -> None:
 
     with pytest.raises(TypeError, match="tags"):
         query_model(Unsaid)
+
+
+def test_a_list_option_must_have_a_length() -> None:
+    """An unbounded list would let one request parse millions of items (issue 19)."""
+
+    class Unbounded(ClassifyOptions):
+        tags: Annotated[list[str] | None, CommaSeparated("a,b")] = None
+
+    with pytest.raises(TypeError, match="max_length"):
+        query_model(Unbounded)
 
 
 def test_the_text_forms_keep_each_options_bounds() -> None:
