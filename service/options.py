@@ -193,9 +193,8 @@ def json_model(options: type[BaseModel]) -> type[BaseModel]:
     for name, field in options.model_fields.items():
         if _is_list(field):
             (item,) = get_args(_without_none(field.annotation))
-            array = Annotated[  # of JSON values as they are
-                list.__class_getitem__(Annotated[(item, Strict())]), Field(max_length=_max_items(field))
-            ]
+            values = list.__class_getitem__(Annotated[(item, Strict())])  # of JSON values as they are
+            array: Any = Annotated[(values, Field(max_length=_max_items(field)))]
             text, _ = as_text(name, field)
             description = f"{field.description}; an array, or one comma-separated string"
             fields[name] = (array | text | None, Field(None, description=description))
