@@ -10,9 +10,12 @@ rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 # The HTTP protocol bounds headers (bytes, lines, time) and connections per worker
 # (service/protocol.py), as embedded/gateway.py's command does for make serve and the tests.
+# Clients are told apart by the X-Forwarded-For of the peers in FORWARDED_ALLOW_IPS (every
+# peer by default: only the proxy reaches the pods; README, "identifying clients").
 if [ "$#" -eq 0 ]; then
     set -- uvicorn service.app:app --host 0.0.0.0 --port "${PORT:-8080}" \
-        --workers "${WEB_CONCURRENCY:-4}" --no-server-header --proxy-headers --forwarded-allow-ips '*' \
+        --workers "${WEB_CONCURRENCY:-4}" --no-server-header \
+        --proxy-headers --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-*}" \
         --http service.protocol:BoundedH11Protocol
 fi
 exec "$@"

@@ -17,14 +17,28 @@ least one image of that model in flight), for what a refused client is told: the
 ``Retry-After`` is the time the work in flight takes to drain, and a request whose own
 deadline is shorter than its expected wait is refused at once. The event loop is one
 thread, so checking and taking a place are one step, and a request needing several
-models (a per-request ensemble) takes a place in each or in none. The places a request
-holds are its :class:`Ticket`.
+models (a per-request ensemble, or the Triton ensemble and each of its members, whose
+work it is) takes a place in each or in none. The places a request holds are its
+:class:`Ticket`.
+
+The deadline is checked against the measured rate even on an idle model: a request of
+144 crops that the model cannot answer within the request's deadline is refused at once
+with a 503 that says so, instead of running until it ends in 504.
+
+Fair shares: each model's places are shared between the clients (API key, or address)
+that hold some. While several do, a client may hold at most its share of the limit
+(``limit // clients``), and a client holding none is admitted within its share even
+when the model is full, overshooting the limit until the greedy client's requests drain:
+one client cannot keep another out by holding every place. A timeout counts as a miss
+(the limit is cut), and a ticket's latency counts from the moment it is sent to Triton,
+so that slow uploads and decodes lower no one's limit.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +68,7 @@ class ModelLoad:
     _busy_since: float | None = field(default=None, repr=False)
     _busy_s: float = field(default=0.0, repr=False)
     _completed: int = field(default=0, repr=False)
+    clients: Counter[str] = field(default_factory=Counter, repr=False)  # images in flight by client
 
     def __post_init__(self) -> None:
         self._limit = float(max(self.min_limit, self.initial_limit))
@@ -72,16 +87,33 @@ class ModelLoad:
         """Time for the requests in flight to finish: what a refused client should wait."""
         return self.expected_wait_s(extra=0)
 
-    def enter(self, images: int) -> None:
+    def share(self, client: str) -> int:
+        """The images ``client`` may hold while the others holding some hold theirs."""
+        active = len(self.clients) + (0 if self.clients[client] else 1)
+        return max(1, self.limit // active)
+
+    def enter(self, images: int, client: str = "") -> None:
         if self.in_flight == 0:
             self._busy_since = self.clock()
         self.in_flight += images
+        self.clients[client] += images
 
-    def leave(self, images: int, latency_s: float | None) -> None:
+    def miss(self) -> None:
+        """A request that ran out of time: the limit is cut as for an answer past the
+        objective (at most once per objective's worth of time)."""
+        now = self.clock()
+        if now - self._last_cut >= self.objective_s:
+            self._limit = max(float(self.min_limit), self._limit * BACKOFF)
+            self._last_cut = now
+
+    def leave(self, images: int, latency_s: float | None, client: str = "") -> None:
         """``latency_s`` is None for failures and cancellations: they say nothing about how
         fast the server answers (an instant failure would read as speed)."""
         busy = self.in_flight  # images in flight while this one was: was the limit in use?
         self.in_flight -= images
+        self.clients[client] -= images
+        if self.clients[client] <= 0:
+            del self.clients[client]
         now = self.clock()
         if self._busy_since is not None:
             self._busy_s += now - self._busy_since
@@ -106,8 +138,9 @@ class Refusal:
     """Why a request was not admitted, and when to come back."""
 
     model: str
-    reason: str  # "capacity" or "deadline"
+    reason: str  # "capacity", "share" or "deadline"
     retry_after_s: int
+    detail: str = ""
 
 
 class Ticket:
@@ -115,22 +148,35 @@ class Ticket:
     :meth:`complete` once the answer is whole: a request that fails or is cancelled leaves
     without a latency, so that it feeds neither the limit nor the rate."""
 
-    def __init__(self, loads: Sequence[ModelLoad], images: int) -> None:
+    def __init__(self, loads: Sequence[ModelLoad], images: int, client: str = "") -> None:
         self.loads = list(loads)
         self.images = images
+        self.client = client
         self.completed = False
+        self.missed = False
         self._started = self.loads[0].clock() if self.loads else time.monotonic()
         for load in self.loads:
-            load.enter(images)
+            load.enter(images, client)
+
+    def begin(self) -> None:
+        """The request goes to Triton now: its latency counts from here, so that the time
+        its upload and decode took is no one's service time."""
+        self._started = self.loads[0].clock() if self.loads else time.monotonic()
 
     def complete(self) -> None:
         self.completed = True
+
+    def time_out(self) -> None:
+        """The request ran out of time in Triton: a miss, which cuts the limit."""
+        self.missed = True
 
     def leave(self) -> None:
         """Gives the places back, once."""
         loads, self.loads = self.loads, []
         for load in loads:
-            load.leave(self.images, load.clock() - self._started if self.completed else None)
+            load.leave(self.images, load.clock() - self._started if self.completed else None, self.client)
+            if self.missed and not self.completed:
+                load.miss()
 
 
 class Admission:
@@ -148,27 +194,51 @@ class Admission:
             load = self.loads[model] = ModelLoad(self.objective_s, self.initial_limit, self.min_limit)
         return load
 
-    def refusal(self, models: Sequence[str], images: int, budget_s: float | None) -> Refusal | None:
-        """Why these models cannot take a request of ``images`` images now (None: they can).
+    def refusal(
+        self, models: Sequence[str], images: int, budget_s: float | None, client: str = ""
+    ) -> Refusal | None:
+        """Why these models cannot take a request of ``images`` images from ``client`` now
+        (None: they can).
 
-        A model with nothing in flight always admits: an idle server is never refused,
-        whatever the estimate says."""
+        An idle model admits whatever fits the request's deadline at its measured rate
+        (anything, before a rate is measured). A busy one admits what fits its limit and
+        the client's share, or a client holding nothing up to its share."""
         for model in models:
             load = self.load(model)
+            retry = max(1, math.ceil(load.drain_s()))
+            need = load.expected_wait_s(images)
+            if budget_s is not None and load.rate and need > budget_s:
+                return Refusal(
+                    model,
+                    "deadline",
+                    retry,
+                    f"{images} image(s) behind {load.in_flight} at {model}'s measured {load.rate:.3g} "
+                    f"images/s take {need:.3g} s, more than the {budget_s:.3g} s left",
+                )
             if load.in_flight == 0:
                 continue
-            retry = max(1, math.ceil(load.drain_s()))
-            if load.in_flight + images > load.limit:
-                return Refusal(model, "capacity", retry)
-            if budget_s is not None and load.expected_wait_s(images) > budget_s:
-                return Refusal(model, "deadline", retry)
+            mine, share = load.clients[client], load.share(client)
+            others = len(load.clients) - (1 if mine else 0)
+            if load.in_flight + images <= load.limit and (others == 0 or mine + images <= share):
+                continue
+            if mine == 0 and images <= share:
+                continue  # a newcomer within its share: the greedy client drains instead
+            if others and mine + images > share:
+                return Refusal(
+                    model,
+                    "share",
+                    retry,
+                    f"this client would hold {mine + images} image(s) of {model}, over its fair share of "
+                    f"{share} while {others} other client(s) are served",
+                )
+            return Refusal(model, "capacity", retry)
         return None
 
     @contextmanager
-    def admitted(self, models: Sequence[str], images: int) -> Iterator[Ticket]:
+    def admitted(self, models: Sequence[str], images: int, client: str = "") -> Iterator[Ticket]:
         """Holds places in every model while the request runs, and gives them back however
         it ends; only a ticket completed by then feeds the limit and the rate."""
-        ticket = Ticket([self.load(m) for m in models], images)
+        ticket = Ticket([self.load(m) for m in models], images, client)
         try:
             yield ticket
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -22,6 +23,22 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 Authorization = Annotated[str, Header(include_in_schema=False)]
 
 
+def given_key(authorization: str, x_api_key: str) -> str:
+    """The API key a request carries, ``Authorization: Bearer <key>`` first ("" if none)."""
+    bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+    return bearer or x_api_key
+
+
+def client_id(request: Request, gateway: Gateway) -> str:
+    """Who a request comes from, for fair shares: its API key (hashed, never kept) when
+    keys are on, else its address, which uvicorn takes from ``X-Forwarded-For`` when the
+    peer is a trusted proxy (``--proxy-headers --forwarded-allow-ips``, README)."""
+    if gateway.settings.api_keys:
+        key = given_key(request.headers.get("authorization", ""), request.headers.get("x-api-key", ""))
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "unknown")
+
+
 def require_api_key(
     gateway: GatewayDep, authorization: Authorization = "", x_api_key: Authorization = ""
 ) -> None:
@@ -30,8 +47,7 @@ def require_api_key(
     keys = gateway.settings.api_keys
     if not keys:
         return
-    bearer = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
-    given = bearer or x_api_key
+    given = given_key(authorization, x_api_key)
     if not given or not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
         raise Unauthorized("a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
 

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
@@ -49,6 +50,7 @@ class Gateway:
         self.backend = TritonBackend(settings)
         self.pool: ThreadPoolExecutor | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrency)
+        self.client_slots: Counter[str] = Counter()  # slots held by client
         self.buffered = 0  # bytes reserved by the bodies being read and decoded
         self.decoding = 0  # images decoding or waiting for a decode thread
         self.decode_s: float | None = None  # moving average of one image's decode and preprocessing
@@ -75,11 +77,27 @@ class Gateway:
         metrics.mark_process_dead(os.getpid())
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """A classify slot, waited for at most ``queue_timeout_s`` (then 429).
+    async def slot(self, client: str = "") -> AsyncIterator[None]:
+        """A classify slot, waited for at most ``queue_timeout_s`` (then 429); a client
+        already holding its cap of slots (``max_concurrency_per_client``) is refused at
+        once, so that uploads stalled or trickled by one client cannot hold them all.
 
         A free slot is taken at once: ``wait_for`` with a timeout of 0 would cancel the
         acquire before it ran, refusing every request when ``queue_timeout_s`` is 0."""
+        cap = self.settings.max_concurrency_per_client
+        if cap and self.client_slots[client] >= cap:
+            raise Overloaded(f"this client has {cap} requests in flight, its most; retry later")
+        self.client_slots[client] += 1
+        try:
+            async with self._slot():
+                yield
+        finally:
+            self.client_slots[client] -= 1
+            if self.client_slots[client] <= 0:
+                del self.client_slots[client]
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
         if self.slots.locked():
             try:
                 await asyncio.wait_for(self.slots.acquire(), timeout=self.settings.queue_timeout_s)
@@ -107,31 +125,48 @@ class Gateway:
         finally:
             self.buffered -= cost
 
-    def refuse_if_over_capacity(self, models: Sequence[str], images: int) -> None:
+    def charged(self, models: Sequence[str]) -> list[str]:
+        """The models whose capacity a request uses: those it names and, for the Triton
+        ensemble, each of its members, which do its work (a victim on ``inception_v4``
+        must see the ensemble's load on it)."""
+        names = list(dict.fromkeys(models))
+        for name in list(names):
+            info = self.backend.models.get(name)
+            if info is not None and info.is_ensemble:
+                names += [m for m in info.members if m not in names]
+        return names
+
+    def refuse_if_over_capacity(self, models: Sequence[str], images: int, client: str = "") -> None:
         """503 at once if these models cannot take the request now (service/admission.py)."""
-        refusal = self.admission.refusal(models, images, remaining_s()) if self.settings.admission else None
+        refusal = (
+            self.admission.refusal(self.charged(models), images, remaining_s(), client)
+            if self.settings.admission
+            else None
+        )
         if refusal is not None:
             metrics.SHED.labels(refusal.model, refusal.reason).inc()
-            why = (
-                f"within its deadline ({refusal.model} is busy)"
-                if refusal.reason == "deadline"
-                else f"within the latency objective of {self.settings.latency_target_s:g} s"
-            )
+            if refusal.reason == "deadline":
+                why = f"within its deadline ({refusal.detail})"
+            elif refusal.reason == "share":
+                why = f"now ({refusal.detail})"
+            else:
+                why = f"within the latency objective of {self.settings.latency_target_s:g} s"
             raise OverCapacity(
                 f"the server is at capacity and could not answer {why}; retry later",
                 retry_after_s=refusal.retry_after_s,
             )
 
     @contextmanager
-    def admitted(self, models: list[str], images: int) -> Iterator[Ticket]:
+    def admitted(self, models: list[str], images: int, client: str = "") -> Iterator[Ticket]:
         """A place for the request in every model it needs, or 503 at once; the ticket is
         to be completed once the answer is whole (service/admission.py)."""
-        self.refuse_if_over_capacity(models, images)
+        self.refuse_if_over_capacity(models, images, client)
+        charged = self.charged(models)
         try:
-            with self.admission.admitted(models, images) as ticket:
+            with self.admission.admitted(charged, images, client) as ticket:
                 yield ticket
         finally:
-            for model in models:
+            for model in charged:
                 load = self.admission.load(model)
                 metrics.ADMISSION_LIMIT.labels(model).set(load.limit)
                 metrics.SERVICE_RATE.labels(model).set(load.rate or 0.0)

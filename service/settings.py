@@ -179,6 +179,12 @@ class Settings(BaseSettings):
         "a proxy every connection comes from the proxy, so set 0 or the proxy's pool size there",
     )
     max_concurrency: int = Field(256, ge=1, description="classify requests handled at once by one worker")
+    max_concurrency_per_client: int = Field(
+        32,
+        ge=0,
+        description="classify requests one client (API key, or address when keys are off) may have "
+        "in flight in one worker, uploads included; past it 429 at once (0: no cap)",
+    )
     body_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -23,8 +23,8 @@ from inception.contract import PRETRAINED_PREFIX, RANDOM_INIT
 
 from .. import deadlines, metrics
 from ..batches import crops_reservation, infer_crops
-from ..deps import GatewayDep, require_api_key
-from ..errors import ApiError, RequestTimeout
+from ..deps import GatewayDep, client_id, require_api_key
+from ..errors import ApiError, BackendTimeout, DeadlineExceeded, RequestTimeout
 from ..gateway import Gateway
 from ..imaging import Prepared
 from ..inputs import BodyForm, media_type, read_request
@@ -59,11 +59,12 @@ async def classify(
     )
     started = time.perf_counter()
     deadlines.start(request_timeout, settings.triton_timeout_s)
-    shed_before_reading(gateway, request.headers, given)
+    client = client_id(request, gateway)
+    shed_before_reading(gateway, request.headers, given, client)
     cost = buffer_cost(request.headers, settings.max_body_bytes)
     # The wait for a slot counts in the total, not in a stage; the buffer budget is taken
     # only with a slot, and never waited for.
-    async with gateway.slot(), gateway.buffer(cost):
+    async with gateway.slot(client), gateway.buffer(cost):
         read_started = time.perf_counter()
         try:
             # A client that sends headers and stalls its body must not hold a slot forever.
@@ -83,7 +84,7 @@ async def classify(
         state.model_label = plan.label
         infos = list(await asyncio.gather(*(gateway.backend.model(t) for t in plan.targets)))
         # Admission before decoding: a refused request costs no CPU that admitted ones need.
-        with gateway.admitted([i.name for i in infos], options.crops) as ticket:
+        with gateway.admitted([i.name for i in infos], options.crops, client) as ticket:
             async with crops_reservation(gateway, infos, options.crops):  # the crops' memory
                 decode_started = time.perf_counter()
                 try:
@@ -96,9 +97,14 @@ async def classify(
                 stages["decode"] = prepared.timings["decode"]
                 stages["preprocess"] = prepared.timings["preprocess"]
                 triton_started = time.perf_counter()
-                outputs = await deadlines.unless_disconnected(
-                    request.receive, infer_all(gateway, infos, prepared, state.request_id)
-                )
+                ticket.begin()
+                try:
+                    outputs = await deadlines.unless_disconnected(
+                        request.receive, infer_all(gateway, infos, prepared, state.request_id)
+                    )
+                except (BackendTimeout, DeadlineExceeded):
+                    ticket.time_out()  # a miss: it lowers the limit, as a late answer would
+                    raise
                 ticket.complete()
                 post_started = time.perf_counter()
                 stages["triton"] = post_started - triton_started
@@ -110,7 +116,7 @@ async def classify(
     return answer
 
 
-def shed_before_reading(gateway: Gateway, headers: Headers, query: dict[str, Any]) -> None:
+def shed_before_reading(gateway: Gateway, headers: Headers, query: dict[str, Any], client: str) -> None:
     """A raw image body carries its options in the query alone, so admission can refuse it
     before a byte of the body is read: past capacity refusals are most of the traffic, and
     each read body would take CPU from the requests being served. Multipart and JSON
@@ -122,7 +128,7 @@ def shed_before_reading(gateway: Gateway, headers: Headers, query: dict[str, Any
         plan = resolve(gateway.settings, options.model, options.models, options.weights)
     except ApiError:
         return  # the request's own error is answered on the normal path
-    gateway.refuse_if_over_capacity(list(plan.targets), options.crops)
+    gateway.refuse_if_over_capacity(list(plan.targets), options.crops, client)
 
 
 async def infer_all(

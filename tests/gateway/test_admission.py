@@ -223,3 +223,77 @@ def test_work_is_cancelled_when_the_client_goes_away() -> None:
         assert await deadlines.unless_disconnected(never, quick()) == "answer"
 
     asyncio.run(scenario())
+
+
+def measured(admission: Admission, model_name: str, rate: float) -> ModelLoad:
+    """The model's load with ``rate`` images per busy second already measured."""
+    load = admission.load(model_name)
+    load.rate = rate
+    return load
+
+
+def test_an_idle_model_refuses_what_its_measured_rate_cannot_answer_in_time() -> None:
+    """144 crops at 10 images/s take 14.4 s: refused at once against a 10 s deadline, with
+    the arithmetic in the refusal; admitted against 30 s."""
+    admission = Admission(objective_s=0.5, initial_limit=8)
+    measured(admission, "m", 10.0)
+    refusal = admission.refusal(["m"], 144, budget_s=10.0)
+    assert refusal is not None and refusal.reason == "deadline"
+    assert "14.4 s" in refusal.detail and "144 image(s)" in refusal.detail
+    assert admission.refusal(["m"], 144, budget_s=30.0) is None
+
+
+def test_a_client_holding_every_place_cannot_keep_another_out() -> None:
+    """A holds the whole limit; B, holding nothing, is admitted within its share; A is then
+    refused past its share (half the limit) while B is served, and admitted again once B
+    has left."""
+    admission = Admission(objective_s=0.5, initial_limit=8)
+    greedy = [admission.admitted(["m"], 1, "a") for _ in range(8)]
+    for ticket in greedy:
+        ticket.__enter__()
+    assert admission.refusal(["m"], 1, None, "a") is not None  # the limit is full
+    assert admission.refusal(["m"], 1, None, "b") is None
+    with admission.admitted(["m"], 1, "b"):
+        refusal = admission.refusal(["m"], 1, None, "a")
+        assert refusal is not None and refusal.reason == "share" and "fair share of 4" in refusal.detail
+        assert admission.load("m").share("b") == 4
+    for ticket in greedy[:4]:
+        ticket.__exit__(None, None, None)
+    assert admission.refusal(["m"], 1, None, "a") is None  # alone again, within the limit
+    for ticket in greedy[4:]:
+        ticket.__exit__(None, None, None)
+    assert admission.load("m").clients == {}
+
+
+def test_a_request_larger_than_a_share_is_refused_while_others_are_served() -> None:
+    admission = Admission(objective_s=0.5, initial_limit=8)
+    with admission.admitted(["m"], 1, "victim"):
+        refusal = admission.refusal(["m"], 144, None, "crops")
+        assert refusal is not None and refusal.reason == "share"
+
+
+def test_a_timeout_is_a_miss_that_cuts_the_limit() -> None:
+    clock = Clock()
+    admission = Admission(objective_s=0.5, initial_limit=10)
+    load = admission.load("m")
+    load.clock = clock
+    with admission.admitted(["m"], 1) as ticket:
+        clock.now += 0.2
+        ticket.time_out()
+    assert load.limit == 8
+
+
+def test_latency_counts_from_the_triton_call_not_the_upload_or_decode() -> None:
+    """A request whose upload and decode took 5 s, then answered 0.1 s after it was sent,
+    is within the objective: it does not cut the limit."""
+    clock = Clock()
+    admission = Admission(objective_s=0.5, initial_limit=4)
+    load = admission.load("m")
+    load.clock = clock
+    for _ in range(4):
+        with admission.admitted(["m"], 4) as ticket:
+            clock.now += 5.0  # decoding
+            ticket.begin()
+            clock.now += 0.1
+            ticket.complete()
+    assert load.limit >= 4

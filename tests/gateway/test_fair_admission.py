@@ -1,0 +1,101 @@
+"""Fair admission in the gateway (service/gateway.py, service/admission.py, service/deps.py):
+the Triton ensemble's work is charged to its members, a client's slots are capped, and on
+a real gateway a client holding 16 requests in flight leaves another its answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.errors import Overloaded
+from service.gateway import Gateway
+from service.imaging import Preprocessing
+from service.model_config import ModelInfo
+from service.settings import Settings
+
+from ..helpers import TritonEndpoint
+from .helpers import MODEL, photo, running_gateway
+
+
+def ensemble_gateway() -> Gateway:
+    gateway = Gateway(Settings())
+    gateway.backend.models["inception_ensemble"] = ModelInfo(
+        name="inception_ensemble",
+        preprocessing=Preprocessing(),
+        provenance="random-init",
+        members=("inception_v4", "inception_resnet_v2"),
+        member_weights=(0.5, 0.5),
+    )
+    return gateway
+
+
+def test_the_ensembles_work_is_charged_to_its_members() -> None:
+    gateway = ensemble_gateway()
+    assert gateway.charged(["inception_ensemble"]) == [
+        "inception_ensemble",
+        "inception_v4",
+        "inception_resnet_v2",
+    ]
+    with gateway.admitted(["inception_ensemble"], 10, "a"):
+        assert gateway.admission.load("inception_v4").in_flight == 10
+        # A victim on a member sees the ensemble's load: its request overshoots nothing
+        # but its share.
+        assert gateway.admission.load("inception_v4").share("victim") == 4
+    assert gateway.admission.load("inception_v4").in_flight == 0
+
+
+def test_a_clients_slots_are_capped() -> None:
+    gateway = Gateway(Settings(max_concurrency_per_client=2))
+
+    async def scenario() -> None:
+        async with gateway.slot("a"), gateway.slot("a"):
+            with pytest.raises(Overloaded, match="2 requests in flight"):
+                async with gateway.slot("a"):
+                    pass
+            async with gateway.slot("b"):
+                assert gateway.client_slots == {"a": 2, "b": 1}
+        assert not gateway.client_slots
+
+    asyncio.run(scenario())
+
+
+def bound_client(url: str, source: str) -> httpx.Client:
+    """A client whose connections come from ``source`` (any 127/8 address is loopback)."""
+    return httpx.Client(base_url=url, timeout=60, transport=httpx.HTTPTransport(local_address=source))
+
+
+@pytest.mark.integration
+def test_a_greedy_client_leaves_another_its_answers(gateway_triton: TritonEndpoint, tmp_path: Path) -> None:
+    """16 requests kept in flight from 127.0.0.2 (the review: the victim got 0.8 % of its
+    answers); a victim sending one at a time from 127.0.0.1 gets at least 90 % 200."""
+    image = photo("chelsea.png").read_bytes()
+    env = {"GATEWAY_MODELS": MODEL, "GATEWAY_DEFAULT_MODEL": MODEL}
+    with running_gateway(gateway_triton.grpc_url, tmp_path / "gateway.log", env=env) as gateway:
+        stop = threading.Event()
+
+        def greedy() -> None:
+            with bound_client(gateway.url, "127.0.0.2") as client:
+                while not stop.is_set():
+                    client.post("/v1/classify", content=image, headers={"Content-Type": "image/png"})
+
+        attackers = [threading.Thread(target=greedy) for _ in range(16)]
+        for thread in attackers:
+            thread.start()
+        try:
+            time.sleep(2)  # the attack is at full strength
+            statuses = []
+            with bound_client(gateway.url, "127.0.0.1") as victim:
+                for _ in range(12):
+                    answer = victim.post("/v1/classify", content=image, headers={"Content-Type": "image/png"})
+                    statuses.append(answer.status_code)
+                    time.sleep(0.3)
+        finally:
+            stop.set()
+            for thread in attackers:
+                thread.join()
+    assert statuses.count(200) >= 0.9 * len(statuses), statuses
