@@ -25,13 +25,14 @@ all: test
 venv: $(STAMP)
 
 # Debian's tools, in one place and one apt-get: those the deployment tests run for real
-# (Prometheus, promtool, Alertmanager, amtool, docker-compose, kubectl), the browser that
+# (Prometheus, promtool, Alertmanager, amtool, docker-compose, kubectl, caddy), the browser that
 # Playwright drives in tests/browser (its own download cannot work here), and what builds
 # Triton's PyTorch backend (embedded/backend.py says why each). Installs only what is missing.
-DEBIAN_PACKAGES := prometheus prometheus-alertmanager docker-compose kubectl chromium \
+DEBIAN_PACKAGES := prometheus prometheus-alertmanager docker-compose kubectl chromium caddy \
 	cmake g++ make rapidjson-dev googletest patchelf
 DEBIAN_CHECK := command -v promtool && command -v prometheus && command -v docker-compose && \
 	command -v prometheus-alertmanager && command -v amtool && command -v kubectl && command -v chromium && \
+	command -v caddy && \
 	command -v cmake && command -v g++ && command -v patchelf && test -f /usr/include/rapidjson/document.h && \
 	test -f /usr/src/googletest/CMakeLists.txt
 

@@ -33,17 +33,31 @@ def require_tool(name: str, how: str) -> str:
     return path
 
 
+#: The runbook base URL the tests give Prometheus (RUNBOOK_BASE_URL in compose).
+RUNBOOK_BASE_URL = "https://runbooks.example.com/inception-serving/README.md"
+
+
 @contextlib.contextmanager
-def running_prometheus(prometheus_bin: str, work: Path, config: dict[str, Any]) -> Iterator[str]:
+def running_prometheus(
+    prometheus_bin: str, work: Path, config: dict[str, Any], *, scrape_self: bool = False
+) -> Iterator[str]:
     """A real Prometheus on a free port with this configuration (written under `work`),
-    ready; its URL. Stopped on exit."""
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    ready; its URL. Stopped on exit. As compose runs it, it expands environment variables in
+    its external labels, with RUNBOOK_BASE_URL set; `scrape_self` adds a job scraping it."""
     port = free_port()
+    if scrape_self:
+        config = {**config, "scrape_configs": [
+            *config.get("scrape_configs", []),
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]},
+        ]}  # fmt: skip
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     command = [
         prometheus_bin,
         f"--config.file={work / 'prometheus.yml'}",
         f"--storage.tsdb.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
+        "--enable-feature=expand-external-labels",
     ]
-    with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "prometheus.log"):
+    env = {**os.environ, "RUNBOOK_BASE_URL": RUNBOOK_BASE_URL}
+    with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "prometheus.log", env=env):
         yield f"http://127.0.0.1:{port}"

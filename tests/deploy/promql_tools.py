@@ -28,6 +28,9 @@ GATEWAY_METRICS = {
     "inception_gateway_errors_total",
     "inception_gateway_in_flight_requests",
     "inception_model_weights_info",
+    "inception_gateway_shed_total",
+    "inception_gateway_admission_limit_images",
+    "inception_gateway_service_rate_images_per_second",
     *(
         f"{name}{suffix}"
         for name in (
@@ -38,8 +41,15 @@ GATEWAY_METRICS = {
         for suffix in ("_bucket", "_count", "_sum")
     ),
 }
-#: prometheus_client's process collector and Prometheus' own scrape metrics.
-STANDARD_METRICS = {"process_cpu_seconds_total", "process_resident_memory_bytes", "up"}
+#: prometheus_client's process collector, Prometheus' own scrape metrics, and what the
+#: alerting pipeline exports about itself (Prometheus' notifier, Alertmanager's).
+STANDARD_METRICS = {
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "up",
+    "prometheus_notifications_dropped_total",
+    "alertmanager_notifications_failed_total",
+}
 #: The metric names Triton documents (docs/user_guide/metrics.md of Triton 2.51 / 24.10).
 TRITON_DOCUMENTED = {
     "nv_inference_request_success",

@@ -23,7 +23,7 @@ import yaml
 
 from embedded.processes import free_port, running
 
-from .helpers import require_tool, running_prometheus
+from .helpers import RUNBOOK_BASE_URL, require_tool, running_prometheus
 from .promql_tools import ALERTS, DEPLOY
 
 pytestmark = pytest.mark.integration
@@ -54,18 +54,39 @@ def test_amtool_checks_the_shipped_config(amtool):
         [amtool, "check-config", str(ALERTMANAGER_CONFIG)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 receivers" in result.stdout
+    assert "2 receivers" in result.stdout
+
+
+def test_amtool_routes_the_watchdog_to_the_heartbeat(amtool):
+    """The heartbeat goes to its own receiver, and nothing else does."""
+    import subprocess
+
+    def route(*labels: str) -> str:
+        result = subprocess.run(
+            [amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_CONFIG}", *labels],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.strip()
+
+    assert route("alertname=Watchdog", "severity=none") == "heartbeat"
+    assert route("alertname=GatewayDown", "severity=critical") == "operator-webhook"
+    assert route("alertname=AlertmanagerNotificationsFailing", "severity=critical") == "operator-webhook"
 
 
 @pytest.fixture(scope="module")
-def webhook() -> Iterator[tuple[str, queue.Queue[dict]]]:
-    """The receiver: records every notification Alertmanager POSTs."""
+def webhook() -> Iterator[tuple[str, queue.Queue[dict], list[dict]]]:
+    """The receiver: records every notification Alertmanager POSTs (to be taken from the
+    queue, and kept in the history)."""
     received: queue.Queue[dict] = queue.Queue()
+    history: list[dict] = []
 
     class Receiver(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
-            received.put({"path": self.path, "body": json.loads(self.rfile.read(length))})
+            notification = {"path": self.path, "body": json.loads(self.rfile.read(length))}
+            history.append(notification)
+            received.put(notification)
             self.send_response(200)
             self.end_headers()
 
@@ -75,7 +96,7 @@ def webhook() -> Iterator[tuple[str, queue.Queue[dict]]]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/alerts", received
+        yield f"http://127.0.0.1:{server.server_address[1]}/alerts", received, history
     finally:
         server.shutdown()
         server.server_close()
@@ -85,9 +106,14 @@ def webhook() -> Iterator[tuple[str, queue.Queue[dict]]]:
 def alertmanager(alertmanager_bin, webhook, tmp_path_factory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("alertmanager")
     config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
-    (receiver,) = config["receivers"]
-    assert receiver["webhook_configs"][0]["url"].endswith("/alerts")
-    receiver["webhook_configs"][0]["url"] = webhook[0]
+    receivers = {r["name"]: r for r in config["receivers"]}
+    assert set(receivers) == {"operator-webhook", "heartbeat"}
+    # Both receivers post to this test's server, each at the path it ships with.
+    for receiver in receivers.values():
+        (hook,) = receiver["webhook_configs"]
+        path = hook["url"].rsplit("/", 1)[1]
+        assert path in ("alerts", "heartbeat"), hook["url"]
+        hook["url"] = webhook[0].rsplit("/", 1)[0] + "/" + path
     config["route"]["group_wait"] = "1s"
     (work / "alertmanager.yml").write_text(yaml.safe_dump(config))
     port, cluster = free_port(), free_port()
@@ -114,7 +140,7 @@ def prometheus(prometheus_bin, alertmanager, tmp_path_factory) -> Iterator[str]:
     # Nothing listens at these ports: the gateway and the only Triton are down.
     config["scrape_configs"] = [
         {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{free_port()}"]}]}
-        for job in ("gateway", "triton")
+        for job in ("inception-gateway", "inception-triton")
     ]
     rules = yaml.safe_load(ALERTS.read_text())
     for group in rules["groups"]:
@@ -128,7 +154,7 @@ def prometheus(prometheus_bin, alertmanager, tmp_path_factory) -> Iterator[str]:
 
 def test_a_firing_rule_reaches_the_webhook(prometheus, webhook):
     """GatewayDown fires in Prometheus and arrives at the receiver, with its runbook."""
-    _, received = webhook
+    _, received, _ = webhook
     deadline = time.monotonic() + 90
     notifications: list[dict] = []
     while time.monotonic() < deadline:
@@ -152,8 +178,8 @@ def test_a_firing_rule_reaches_the_webhook(prometheus, webhook):
     assert notification["path"] == "/alerts"
     assert notification["body"]["receiver"] == "operator-webhook"
     assert alert["status"] == "firing"
-    assert alert["labels"]["severity"] == "critical" and alert["labels"]["job"] == "gateway"
-    assert alert["annotations"]["runbook_url"] == "README.md#gatewaydown"
+    assert alert["labels"]["severity"] == "critical" and alert["labels"]["job"] == "inception-gateway"
+    assert alert["annotations"]["runbook_url"] == f"{RUNBOOK_BASE_URL}#gatewaydown"
     assert alert["annotations"]["summary"].startswith("Gateway 127.0.0.1:")
 
 
@@ -171,7 +197,7 @@ def test_an_outage_pages_once(prometheus, alertmanager, webhook):
     assert states.get("TritonUnavailable") == "active", states
     assert states.get("TritonDown") == "suppressed", states
     time.sleep(3)  # group_wait is 1 s: whatever was to be sent has been
-    _, received = webhook
+    _, received, _ = webhook
     sent = []
     while not received.empty():
         sent += [a["labels"]["alertname"] for a in received.get()["body"]["alerts"]]
@@ -182,3 +208,22 @@ def test_prometheus_knows_its_alertmanager(prometheus, alertmanager):
     data = httpx.get(f"{prometheus}/api/v1/alertmanagers", timeout=10).json()["data"]
     urls = [a["url"] for a in data["activeAlertmanagers"]]
     assert urls == [f"http://{alertmanager}/api/v2/alerts"], data
+
+
+def test_the_watchdog_reaches_the_heartbeat_receiver(prometheus, webhook):
+    """The dead man's switch gets its heartbeat, alone, through the shipped route."""
+    _, _, history = webhook
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        beats = [n for n in list(history) if n["path"] == "/heartbeat"]
+        if beats:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no heartbeat among {[n['path'] for n in history]}")
+    body = beats[0]["body"]
+    assert body["receiver"] == "heartbeat"
+    assert [a["labels"]["alertname"] for a in body["alerts"]] == ["Watchdog"]
+    assert body["alerts"][0]["annotations"]["runbook_url"] == f"{RUNBOOK_BASE_URL}#watchdog"
+    alerts = [a for n in list(history) if n["path"] == "/alerts" for a in n["body"]["alerts"]]
+    assert all(a["labels"]["alertname"] != "Watchdog" for a in alerts)

@@ -1,6 +1,7 @@
 """docker-compose.yml and the images it builds: the file validates, and it keeps its
-promises (GPU reservation, health checks, pinned images, only the gateway and Grafana
-published, no default secrets)."""
+promises (every GPU to the one Triton, health checks, pinned images, only the gateway and
+Grafana published and only on loopback by default, memory and process limits, log rotation,
+stop grace beyond Triton's drain, the password from a secret file, a working .env.example)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .promql_tools import DEPLOY, ROOT
 
 COMPOSE = ROOT / "docker-compose.yml"
 DEBUG_OVERRIDE = DEPLOY / "compose.debug.yml"
-SECRET_ENV = {"GRAFANA_ADMIN_PASSWORD": "test-only-password"}
+ENV_EXAMPLE = ROOT / ".env.example"
 
 
 def compose_config(docker_compose: str, *files: Path, env: dict[str, str] | None = None):
@@ -26,7 +27,9 @@ def compose_config(docker_compose: str, *files: Path, env: dict[str, str] | None
     for path in files or (COMPOSE,):
         args += ["-f", str(path)]
     environment = {
-        k: v for k, v in os.environ.items() if not k.startswith(("GRAFANA_", "GATEWAY_", "MODELS_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GRAFANA_", "GATEWAY_", "MODELS_", "TRITON_", "RUNBOOK_"))
     }
     environment.update(env or {})
     return subprocess.run(
@@ -38,7 +41,7 @@ def compose_config(docker_compose: str, *files: Path, env: dict[str, str] | None
 @pytest.fixture(scope="module")
 def resolved(docker_compose) -> dict:
     """The file as docker-compose resolves it (variables, anchors, defaults)."""
-    result = compose_config(docker_compose, env=SECRET_ENV)
+    result = compose_config(docker_compose)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -67,27 +70,47 @@ def test_compose_spec_schema(check_jsonschema):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_no_default_grafana_password(docker_compose, raw):
+def test_grafana_password_comes_from_a_secret_file(docker_compose, raw, resolved):
+    """No password in the environment: compose resolves (so `docker compose ps` works) with
+    nothing exported, and Grafana reads the password from a compose secret."""
     result = compose_config(docker_compose)
-    assert result.returncode != 0, "compose resolves without GRAFANA_ADMIN_PASSWORD: a default exists"
-    assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
-    value = raw["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
-    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]*\}", value), value
+    assert result.returncode == 0, result.stderr
+    grafana = raw["services"]["grafana"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in grafana["environment"]
+    path = grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    assert path == "/run/secrets/grafana_admin_password"
+    assert [s if isinstance(s, str) else s["source"] for s in grafana["secrets"]] == [
+        "grafana_admin_password"
+    ]
+    assert raw["secrets"]["grafana_admin_password"]["file"] == (
+        "${GRAFANA_ADMIN_PASSWORD_FILE:-./secrets/grafana_admin_password}"
+    )
+    ignore = (ROOT / "secrets" / ".gitignore").read_text().split()
+    assert "*" in ignore, "the secrets folder would be committed"
 
 
 def test_no_secret_has_a_default(raw):
     text = COMPOSE.read_text()
     for match in re.finditer(r"\$\{(\w*(?:PASSWORD|SECRET|TOKEN|KEY)\w*)(:?-)([^}]*)\}", text):
         name, _, default = match.groups()
+        if name.endswith("_FILE"):
+            continue  # where a secret is read from, not the secret
         assert default == "", f"{name} has the default {default!r}"
     gateway_env = raw["services"]["gateway"]["environment"]
     assert gateway_env["GATEWAY_API_KEYS"] in ("${GATEWAY_API_KEYS:-}", "${GATEWAY_API_KEYS}")
 
 
-def test_triton_reserves_the_gpu(resolved):
+def test_triton_reserves_every_gpu(resolved, raw):
+    """One Triton over all GPUs (an instance per GPU from the KIND_GPU instance groups):
+    `--scale triton` would give every replica the same devices, so nothing offers it."""
     triton = resolved["services"]["triton"]
     devices = triton["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), devices
+    assert [(d["driver"], d.get("count"), d["capabilities"]) for d in devices] == [("nvidia", "all", ["gpu"])]
+    assert "device_ids" not in devices[0]
+    assert "replicas" not in triton["deploy"] and "scale" not in triton
+    readme = (ROOT / "README.md").read_text()
+    assert "--scale triton" not in readme.replace("Do not `--scale triton`", "")
+    assert "--scale triton" not in COMPOSE.read_text().replace("Do not `--scale triton`", "")
     shm = triton["shm_size"]
     assert re.fullmatch(r"\d+(gb|g)", str(shm).lower()), f"shm_size {shm} is not adequate (>= 1 GB)"
     command = " ".join(triton["command"])
@@ -100,7 +123,7 @@ def test_health_checks(resolved):
     services = resolved["services"]
     expected = {
         "triton": "/v2/health/ready",
-        "gateway": "/readyz",
+        "gateway": "/healthz",
         "prometheus": "/-/ready",
         "alertmanager": "/-/ready",
         "grafana": "/api/health",
@@ -144,15 +167,180 @@ def test_dockerfile_base_images_are_pinned():
             assert re.search(r":[\w.-]*\d", base), f"{path.name}: FROM {base} is not pinned"
 
 
-def test_only_gateway_and_grafana_are_published(resolved):
+def port_bindings(service: dict) -> list[tuple[str, int, int]]:
+    """(host address, host port, container port) of each published port, in either of
+    the forms docker-compose writes."""
+    out = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            out.append((port.get("host_ip", "0.0.0.0"), int(port["published"]), int(port["target"])))
+        else:
+            parts = str(port).split("/")[0].split(":")
+            host = parts[0] if len(parts) == 3 else "0.0.0.0"
+            out.append((host, int(parts[-2]), int(parts[-1])))
+    return out
+
+
+def test_only_gateway_and_grafana_are_published_and_on_loopback(resolved, docker_compose):
     published = {name for name, service in resolved["services"].items() if service.get("ports")}
     assert published == {"gateway", "grafana"}
-    gateway_ports = resolved["services"]["gateway"]["ports"]
-    assert [(p["target"], int(p["published"])) for p in gateway_ports] == [(8080, 8080)]
+    assert port_bindings(resolved["services"]["gateway"]) == [("127.0.0.1", 8080, 8080)]
+    assert port_bindings(resolved["services"]["grafana"]) == [("127.0.0.1", 3000, 3000)]
+    # The operator opens them explicitly.
+    result = compose_config(
+        docker_compose, env={"GATEWAY_BIND_ADDRESS": "0.0.0.0", "GRAFANA_BIND_ADDRESS": "10.1.2.3"}
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert port_bindings(services["gateway"]) == [("0.0.0.0", 8080, 8080)]
+    assert port_bindings(services["grafana"]) == [("10.1.2.3", 3000, 3000)]
+
+
+def memory_bytes(text: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([kmg]?)b?", str(text).lower()).groups()
+    return int(number) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[unit]
+
+
+def test_limits_logs_and_grace(resolved):
+    """Memory limits on the gateway and Triton, a bound on processes and rotated logs for
+    every service, and a stop grace period longer than Triton's own drain."""
+    services = resolved["services"]
+    for name in ("gateway", "triton"):
+        limit = services[name]["deploy"]["resources"]["limits"]["memory"]
+        assert memory_bytes(limit) >= 2**30, f"{name}: memory limit {limit}"
+    for name, service in services.items():
+        assert 0 < int(service["pids_limit"]) <= 4096, name
+        logging = service["logging"]
+        assert logging["driver"] == "json-file", name
+        assert logging["options"]["max-size"] and int(logging["options"]["max-file"]) >= 2, name
+    drain = next(
+        int(a.split("=")[1]) for a in services["triton"]["command"] if a.startswith("--exit-timeout-secs=")
+    )
+
+    def seconds(text: str) -> float:
+        return sum(
+            float(n) * {"s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smh])", text)
+        )
+
+    assert seconds(services["triton"]["stop_grace_period"]) > drain
+    assert seconds(services["gateway"]["stop_grace_period"]) > 30
+
+
+def test_gateway_buffer_budget_follows_the_container_limit(resolved, tmp_path, monkeypatch):
+    """The gateway's budget comes from its cgroup (the compose memory limit, as cgroup v2
+    writes it to memory.max), not the host's memory: a quarter per worker."""
+    from service import settings as gateway_settings
+
+    limit = memory_bytes(resolved["services"]["gateway"]["deploy"]["resources"]["limits"]["memory"])
+    workers = int(resolved["services"]["gateway"]["environment"]["WEB_CONCURRENCY"])
+    cgroup = tmp_path / "memory.max"
+    cgroup.write_text(f"{limit}\n")
+    real_path = gateway_settings.Path
+    monkeypatch.setenv("WEB_CONCURRENCY", "1")
+    unlimited = gateway_settings.worker_memory_bytes()  # this machine, and this test's cgroups
+    assert limit < unlimited, "this machine has less memory than the limit: nothing is shown"
+
+    def fake_path(*parts: str) -> Path:
+        return cgroup if parts == ("/sys/fs/cgroup/memory.max",) else real_path(*parts)
+
+    monkeypatch.setattr(gateway_settings, "Path", fake_path)
+    monkeypatch.setenv("WEB_CONCURRENCY", str(workers))
+    assert gateway_settings.default_buffer_budget() == limit // workers // 4
+
+
+def test_triton_restricts_its_admin_apis_with_a_key_nobody_knows(resolved, tmp_path):
+    """The shell in front of tritonserver draws a key at each start and restricts repository
+    control, logging and trace on HTTP and gRPC with it: run it with a stand-in tritonserver."""
+    command = [part.replace("$$", "$") for part in resolved["services"]["triton"]["command"]]
+    assert command[:2] == ["/bin/sh", "-c"] and command[3] == "tritonserver"
+    fake = tmp_path / "tritonserver"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+
+    def run() -> list[str]:
+        env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    first, second = run(), run()
+    assert first[: len(command) - 4] == command[4:], "the flags do not reach tritonserver"
+    keys = []
+    for args in (first, second):
+        http = next(a for a in args if a.startswith("--http-restricted-api="))
+        grpc = next(a for a in args if a.startswith("--grpc-restricted-protocol="))
+        apis, key = http.split("=", 1)[1].split(":admin-key=")
+        assert set(apis.split(",")) == {"model-repository", "logging", "trace"}
+        assert grpc == f"--grpc-restricted-protocol={apis}:admin-key={key}"
+        assert re.fullmatch(r"[0-9a-f-]{36}", key), key
+        keys.append(key)
+    assert keys[0] != keys[1], "the key is not drawn at each start"
+
+
+def test_triton_polls_the_repository_and_keeps_connections_alive(resolved):
+    command = resolved["services"]["triton"]["command"]
+    flags = dict(a.split("=", 1) for a in command if a.startswith("--") and "=" in a)
+    assert flags["--model-control-mode"] == "poll"
+    assert 0 < int(flags["--repository-poll-secs"]) <= 30
+    # Triton pings idle connections, and its ping policy lets the gateway ping it every
+    # 10 s (its keepalive_time) with or without calls in flight.
+    assert int(flags["--grpc-keepalive-time"]) <= 30_000
+    assert flags["--grpc-keepalive-permit-without-calls"] == "1"
+    assert flags["--grpc-http2-max-pings-without-data"] == "0"
+    assert int(flags["--grpc-http2-min-recv-ping-interval-without-data"]) <= 10_000
+
+
+def test_env_example_names_every_setting_with_its_default(docker_compose):
+    """.env.example lists every variable docker-compose.yml reads, with the file's default
+    (MODELS_ALLOW_RANDOM apart: the quick start allows Inception-ResNet-v1's random
+    weights, the one network without a published checkpoint, and says so)."""
+    text = COMPOSE.read_text()
+    defaults = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", text))
+    names = set(re.findall(r"\$\{(\w+)", text))
+    example = dict(
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert set(example) == names
+    for name, value in example.items():
+        if name == "MODELS_ALLOW_RANDOM":
+            assert value == "inception_resnet_v1" and defaults[name] == "none"
+            continue
+        assert value == defaults.get(name, ""), f"{name}: {value!r} is not the default {defaults.get(name)!r}"
+    assert (
+        "random" in ENV_EXAMPLE.read_text().lower() and "ModelServesRandomWeights" in ENV_EXAMPLE.read_text()
+    )
+    command = [docker_compose, "--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE)]
+    result = subprocess.run(
+        [*command, "--project-directory", str(ROOT), "config"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    models = yaml.safe_load(result.stdout)["services"]["models"]
+    assert models["environment"]["MODELS_ALLOW_RANDOM"] == "inception_resnet_v1"
+
+
+def test_readme_quick_start_uses_the_example_and_allows_irv1_explicitly():
+    """The README's quick start is the one in docker-compose.yml's header: it copies
+    .env.example (which allows Inception-ResNet-v1's random weights, saying so), writes the
+    password file compose mounts, and starts; nothing else is needed on a clean host."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## On a GPU host: docker compose\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"\n((?:    .+\n)+)", section).group(1)
+    commands = [line.strip().split("#")[0].strip() for line in block.splitlines()]
+    assert commands == [
+        "cp .env.example .env",
+        "mkdir -p secrets && openssl rand -base64 24 > secrets/grafana_admin_password",
+        "docker compose up -d --build",
+    ]
+    for command in commands:
+        assert command in COMPOSE.read_text(), f"compose's header differs: {command}"
+    assert "MODELS_ALLOW_RANDOM" in section and "random" in section
 
 
 def test_debug_override_opens_triton_on_loopback_only(docker_compose):
-    result = compose_config(docker_compose, COMPOSE, DEBUG_OVERRIDE, env=SECRET_ENV)
+    result = compose_config(docker_compose, COMPOSE, DEBUG_OVERRIDE)
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     ports = services["triton"]["ports"] + services["prometheus"]["ports"] + services["alertmanager"]["ports"]
@@ -165,7 +353,7 @@ def test_debug_override_opens_triton_on_loopback_only(docker_compose):
 def test_gateway_runs_several_workers_and_reaches_triton(resolved):
     gateway = resolved["services"]["gateway"]
     assert int(gateway["environment"]["WEB_CONCURRENCY"]) > 1
-    # Every replica of `triton` (docker compose up --scale triton=N), round-robin.
+    # Every address `triton` resolves to, round-robin.
     assert gateway["environment"]["GATEWAY_TRITON_GRPC_URL"] == "dns:///triton:8001"
     assert "GATEWAY_TRITON_LB_POLICY" not in gateway["environment"]  # the default: round_robin
     command = resolved["services"]["triton"]["command"]

@@ -36,6 +36,15 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
+#: Keys of Grafana's "export for sharing externally" around the dashboard model: the import
+#: reads them, the dashboard model (and so its schema) does not have them.
+EXPORT_ENVELOPE = ("__inputs", "__requires", "__elements")
+
+
+def without_export_envelope(dashboard: dict) -> dict:
+    return {k: v for k, v in dashboard.items() if k not in EXPORT_ENVELOPE}
+
+
 def validator(schema_version: int) -> jsonschema.Draft7Validator:
     path = SCHEMAS / f"grafana-dashboard-v{schema_version}.schema.json"
     assert path.is_file(), f"no schema for dashboard schemaVersion {schema_version}"
@@ -61,7 +70,7 @@ def test_the_pinned_grafana_matches_the_schema_version():
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
 def test_dashboard_is_valid_for_its_schema_version(path):
-    dashboard = json.loads(path.read_text())
+    dashboard = without_export_envelope(json.loads(path.read_text()))
     errors = sorted(validator(dashboard["schemaVersion"]).iter_errors(dashboard), key=str)
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:20])
 
@@ -69,7 +78,7 @@ def test_dashboard_is_valid_for_its_schema_version(path):
 def test_schema_rejects_broken_dashboards():
     """The schema is not vacuous: a misspelt panel key, a bad gridPos and a wrong
     thresholds mode are each rejected."""
-    dashboard = next(iter(load_dashboards().values()))
+    dashboard = without_export_envelope(next(iter(load_dashboards().values())))
     check = validator(dashboard["schemaVersion"])
     panel_index = next(i for i, p in enumerate(dashboard["panels"]) if p["type"] != "row")
     mutations = [
@@ -100,10 +109,28 @@ def test_datasource_provisioning():
     assert match.group(2) == "9090"
 
 
+#: The uid kube-prometheus-stack gives its Prometheus datasource (its Grafana's
+#: provisioned datasource); the compose stack provisions the same uid.
+KUBE_PROMETHEUS_STACK_UID = "prometheus"
+
+
+def datasource_variable(dashboard: dict) -> dict:
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    return variable
+
+
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
-def test_every_panel_and_query_uses_a_provisioned_datasource(path):
-    uids = {s["uid"]: s["type"] for s in datasources()}
+def test_every_panel_and_query_uses_the_datasource_variable(path):
+    """Every query goes through the dashboard's `datasource` variable (of type prometheus),
+    whose default is a uid that the compose stack provisions and kube-prometheus-stack has:
+    no query falls back to whatever datasource happens to be the default."""
+    types = {s["uid"]: s["type"] for s in datasources()}
     dashboard = json.loads(path.read_text())
+    variable = datasource_variable(dashboard)
+    assert variable["query"] == "prometheus"
+    assert variable["current"]["value"] == KUBE_PROMETHEUS_STACK_UID
+    assert types.get(KUBE_PROMETHEUS_STACK_UID) == "prometheus", "compose provisions another uid"
+    expected = {"type": "prometheus", "uid": f"${{{variable['name']}}}"}
     refs = []
     for panel in iter_panels(dashboard["panels"]):
         if panel["type"] == "row":
@@ -114,10 +141,24 @@ def test_every_panel_and_query_uses_a_provisioned_datasource(path):
     for variable in dashboard.get("templating", {}).get("list", []):
         if variable["type"] == "query":
             refs.append((f"variable {variable['name']}", variable.get("datasource")))
+    assert refs
     for where, ref in refs:
-        assert isinstance(ref, dict), f"{where}: no datasource (would use whatever is default)"
-        assert ref.get("uid") in uids, f"{where}: datasource uid {ref.get('uid')!r} is not provisioned"
-        assert ref.get("type") == uids[ref["uid"]], f"{where}: datasource type mismatch"
+        assert ref == expected, f"{where}: datasource {ref!r}, not the variable"
+
+
+@pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
+def test_dashboard_declares_its_inputs_for_import(path):
+    """`__inputs` and `__requires`, as Grafana's export writes them, so the import dialog
+    of another Grafana (kube-prometheus-stack's) asks for the Prometheus datasource."""
+    dashboard = json.loads(path.read_text())
+    inputs = dashboard["__inputs"]
+    assert [(i["type"], i["pluginId"]) for i in inputs] == [("datasource", "prometheus")]
+    required = {(r["type"], r["id"]) for r in dashboard["__requires"]}
+    assert ("datasource", "prometheus") in required
+    panel_types = {p["type"] for p in iter_panels(dashboard["panels"])} - {"row"}
+    assert {("panel", t) for t in panel_types} <= required
+    grafana = next(r for r in dashboard["__requires"] if r["id"] == "grafana")
+    assert grafana["version"] == compose()["services"]["grafana"]["image"].rsplit(":", 1)[1]
 
 
 @pytest.mark.parametrize("path", DASHBOARD_FILES, ids=lambda p: p.name)
@@ -189,6 +230,11 @@ def test_dashboard_covers_what_the_issue_asks_for():
         "nv_gpu_memory_used_bytes",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
+        # shed requests, admission limits, weights provenance, each Triton replica's share
+        "rate(inception_gateway_shed_total{",
+        "inception_gateway_admission_limit_images{",
+        "(inception_model_weights_info{",
+        "sum by (instance) (rate(nv_inference_request_success{",
     ):
         assert needle in exprs, needle
 

@@ -9,6 +9,7 @@ documents, and against the pods it selects.
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -48,7 +49,6 @@ def test_kustomize_builds_everything(objects):
         ("Namespace", "inception-serving"),
         ("Deployment", "triton"),
         ("Deployment", "gateway"),
-        ("Service", "triton"),
         ("Service", "triton-headless"),
         ("Service", "gateway"),
         ("PodDisruptionBudget", "triton"),
@@ -57,7 +57,13 @@ def test_kustomize_builds_everything(objects):
         ("HorizontalPodAutoscaler", "triton"),
         ("PodMonitor", "gateway"),
         ("PodMonitor", "triton"),
+        ("NetworkPolicy", "default-deny-ingress"),
+        ("NetworkPolicy", "triton"),
+        ("NetworkPolicy", "gateway"),
     } <= kinds
+    # No ClusterIP Service in front of Triton: the gateway uses the headless one, the
+    # PodMonitor selects pods, and any other path to Triton would bypass the gateway.
+    assert ("Service", "triton") not in kinds
     for o in objects:
         if o["kind"] != "Namespace":
             assert o["metadata"]["namespace"] == "inception-serving", o["metadata"]["name"]
@@ -262,8 +268,9 @@ def test_podmonitors_select_real_pods_and_ports(objects):
         assert set(spec) <= allowed_spec, set(spec) - allowed_spec
         template_labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
         assert spec["selector"]["matchLabels"].items() <= template_labels.items()
-        # The job label of the scraped series: the same as in the compose Prometheus.
-        assert template_labels[spec["jobLabel"]] == name
+        # The job label of the scraped series: the same as in the compose Prometheus, and
+        # named for the project, so another team's `gateway` or `triton` cannot collide.
+        assert template_labels[spec["jobLabel"]] == f"inception-{name}"
         ports = {p["name"] for c in pod_spec(deployments[name])["containers"] for p in c.get("ports", [])}
         for endpoint in spec["podMetricsEndpoints"]:
             assert set(endpoint) <= allowed_endpoint
@@ -273,8 +280,174 @@ def test_podmonitors_select_real_pods_and_ports(objects):
 
 
 def test_prometheusrule_carries_the_alert_rules(objects):
-    """kube-prometheus-stack gets the same rules the compose Prometheus loads."""
+    """kube-prometheus-stack gets the same rules the compose Prometheus loads; kustomize
+    writes the one runbook setting (settings.yaml) in front of every runbook anchor."""
     rule = by_kind(objects, "PrometheusRule")["inception-serving"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     compose_rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]
-    assert rule["spec"]["groups"] == compose_rules
+    shipped = yaml.safe_load((K8S / "prometheusrule.yaml").read_text())["spec"]["groups"]
+    assert shipped == compose_rules, "prometheusrule.yaml is not a copy of alerts.yml"
+    settings = yaml.safe_load((K8S / "settings.yaml").read_text())
+    base = settings["data"]["runbook_base_url"]
+    assert re.fullmatch(r"https://[^#\s]+", base), base
+    template = "{{ $externalLabels.runbook_base_url }}#"
+    built = rule["spec"]["groups"]
+    urls = 0
+    for group, built_group in zip(compose_rules, built, strict=True):
+        for source, result in zip(group["rules"], built_group["rules"], strict=True):
+            url = source["annotations"]["runbook_url"]
+            assert url.startswith(template), url
+            assert result["annotations"]["runbook_url"] == base + url[len(template) - 1 :]
+            urls += 1
+            assert {**result, "annotations": {**result["annotations"], "runbook_url": url}} == source
+    assert urls == sum(len(g["rules"]) for g in compose_rules)
+    assert "ConfigMap" not in {o["kind"] for o in objects}, "the settings are applied to the cluster"
+
+
+# ---------------------------------------------------------------------------- hardening
+
+
+def triton_container(objects: list[dict]) -> dict:
+    return next(
+        c for c in pod_spec(by_kind(objects, "Deployment")["triton"])["containers"] if c["name"] == "triton"
+    )
+
+
+def test_namespace_enforces_the_restricted_pod_security_level(objects):
+    labels = by_kind(objects, "Namespace")["inception-serving"]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+
+
+@pytest.mark.parametrize("name", ["triton", "gateway"])
+def test_pods_meet_the_restricted_level(objects, name):
+    """What Pod Security's `restricted` profile checks, for every container of the pod."""
+    spec = pod_spec(by_kind(objects, "Deployment")[name])
+    pod = spec.get("securityContext", {})
+    assert pod.get("runAsNonRoot") is True
+    assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+    for container in spec["containers"] + spec.get("initContainers", []):
+        context = container.get("securityContext", {})
+        assert context.get("allowPrivilegeEscalation") is False, container["name"]
+        assert context.get("capabilities", {}).get("drop") == ["ALL"], container["name"]
+        assert not context.get("capabilities", {}).get("add"), container["name"]
+        assert not context.get("privileged"), container["name"]
+        assert context.get("runAsUser", pod.get("runAsUser", 0)) != 0, container["name"]
+    for volume in spec.get("volumes", []):
+        assert set(volume) - {"name"} <= {"emptyDir", "configMap", "secret", "projected"}, volume
+
+
+def test_triton_runs_as_the_images_own_user(objects):
+    spec = pod_spec(by_kind(objects, "Deployment")["triton"])
+    context = spec["securityContext"]
+    # triton-server, uid 1000, in the NGC image; the repository volume belongs to its group.
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (1000, 1000, 1000)
+    (init,) = spec["initContainers"]
+    assert init["securityContext"]["runAsGroup"] == context["fsGroup"]
+
+
+def run_triton_args(args: list[str], tmp_path) -> list[str]:
+    """The container's args as the image's entry point runs them (Kubernetes turns $$ into
+    $), with a stand-in tritonserver that prints what it gets."""
+    import os
+
+    fake = tmp_path / "tritonserver"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    command = [a.replace("$$", "$") for a in args]
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_triton_restricts_its_admin_apis(objects, tmp_path):
+    """Repository control, logging and trace need a key drawn at each start on both
+    protocols; every other flag still reaches tritonserver."""
+    args = triton_container(objects)["args"]
+    assert args[:2] == ["/bin/sh", "-c"] and args[3] == "tritonserver"
+    first, second = run_triton_args(args, tmp_path), run_triton_args(args, tmp_path)
+    assert first[: len(args) - 4] == args[4:]
+    keys = []
+    for got in (first, second):
+        http = next(a for a in got if a.startswith("--http-restricted-api="))
+        apis, key = http.split("=", 1)[1].split(":admin-key=")
+        assert set(apis.split(",")) == {"model-repository", "logging", "trace"}
+        assert f"--grpc-restricted-protocol={apis}:admin-key={key}" in got
+        assert re.fullmatch(r"[0-9a-f-]{36}", key)
+        keys.append(key)
+    assert keys[0] != keys[1]
+
+
+def flags(container: dict) -> dict[str, str]:
+    return dict(a.split("=", 1) for a in container["args"] if a.startswith("--") and "=" in a)
+
+
+def test_triton_keepalive_lets_the_gateway_ping(objects):
+    """Triton pings idle connections and accepts the gateway's pings every 10 s (its
+    keepalive time) without calls in flight, never counting them as strikes."""
+    triton = flags(triton_container(objects))
+    assert int(triton["--grpc-keepalive-time"]) <= 30_000
+    assert int(triton["--grpc-keepalive-timeout"]) <= 10_000
+    assert triton["--grpc-keepalive-permit-without-calls"] == "1"
+    assert triton["--grpc-http2-max-pings-without-data"] == "0"
+    assert int(triton["--grpc-http2-min-recv-ping-interval-without-data"]) <= 10_000
+
+
+@pytest.mark.parametrize("name", ["triton", "gateway"])
+def test_termination_outlasts_prestop_and_drain(objects, name):
+    """The kubelet waits for the preStop delay and then the server's own drain (Triton:
+    --exit-timeout-secs; the gateway: its 30 s Triton deadline) before it kills the pod."""
+    deployment = by_kind(objects, "Deployment")[name]
+    container = pod_spec(deployment)["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    delay = int(command[1])
+    assert delay >= 5
+    drain = int(flags(container)["--exit-timeout-secs"]) if name == "triton" else 30
+    if name == "triton":
+        assert drain > 0
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > delay + drain
+
+
+def allowed_peers(objects: list[dict], pod_labels: dict[str, str], port: str) -> list[dict]:
+    """The `from` peers of every policy that selects these pods and opens this port."""
+    peers = []
+    for policy in by_kind(objects, "NetworkPolicy").values():
+        selector = policy["spec"]["podSelector"].get("matchLabels", {})
+        if not selector.items() <= pod_labels.items():
+            continue
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        for rule in policy["spec"].get("ingress", []):
+            if any(p["port"] == port for p in rule.get("ports", [])):
+                peers += rule["from"]
+    return peers
+
+
+def test_network_policies(objects):
+    """Deny by default; only the gateway reaches Triton's gRPC port, only monitoring's
+    Prometheus the metrics ports, and the ingress controller only the gateway."""
+    policies = by_kind(objects, "NetworkPolicy")
+    deny = policies["default-deny-ingress"]["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    deployments = by_kind(objects, "Deployment")
+    triton = deployments["triton"]["spec"]["template"]["metadata"]["labels"]
+    gateway = deployments["gateway"]["spec"]["template"]["metadata"]["labels"]
+    gateway_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}
+    prometheus = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    }
+    ingress = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}
+    assert allowed_peers(objects, triton, "grpc") == [gateway_pods]
+    assert allowed_peers(objects, triton, "metrics") == [prometheus]
+    assert allowed_peers(objects, triton, "http") == []
+    assert allowed_peers(objects, gateway, "http") == [ingress, prometheus]
+    assert gateway_pods["podSelector"]["matchLabels"].items() <= gateway.items()
+    # The policies name ports the pods have.
+    for name, labels in (("triton", triton), ("gateway", gateway)):
+        ports = {p["name"] for c in pod_spec(deployments[name])["containers"] for p in c.get("ports", [])}
+        for policy in policies.values():
+            if policy["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items():
+                for rule in policy["spec"].get("ingress", []):
+                    assert {p["port"] for p in rule["ports"]} <= ports, policy["metadata"]["name"]

@@ -13,6 +13,11 @@ goes through Prometheus' HTTP API:
 - expressions over GPU metrics (nv_gpu_*), which a CPU Triton does not export, must parse,
   and their names must be ones Triton documents.
 
+Prometheus also scrapes itself and a real Alertmanager (Debian's), whose notification
+metrics the alerting pipeline's own alerts select. The gateway runs with admission control
+held at one image in flight per model and worker, and the burst ends with concurrent
+requests, so that some are shed: the shed panel has data to show.
+
 A misspelt metric or label name in a panel or rule makes this fail.
 """
 
@@ -29,10 +34,12 @@ import httpx
 import pytest
 
 from embedded.gateway import Gateway
+from embedded.processes import free_port, running
 
-from .helpers import running_prometheus
+from .helpers import require_tool, running_prometheus
 from .promql_tools import (
     ALERTS,
+    DEPLOY,
     TRITON_DOCUMENTED,
     adapter_expressions,
     alert_expressions,
@@ -53,13 +60,20 @@ BURST = {"inception_v4": 4, "inception_ensemble": 2}
 
 @pytest.fixture(scope="module")
 def gateway(triton, tmp_path_factory) -> Iterator[str]:
-    """The gateway as the image runs it: uvicorn, two workers, multiprocess metrics."""
+    """The gateway as the image runs it: uvicorn, two workers, multiprocess metrics;
+    admission control kept at one image in flight per model and worker (an objective no
+    answer meets), so that concurrent requests are shed."""
     work = tmp_path_factory.mktemp("gateway")
     gateway = Gateway(
         triton.grpc_url,
         work / "gateway.log",
         workers=2,
-        env={"GATEWAY_API_KEYS": ""},
+        env={
+            "GATEWAY_API_KEYS": "",
+            "GATEWAY_ADMISSION_INITIAL_LIMIT": "1",
+            "GATEWAY_ADMISSION_MIN_LIMIT": "1",
+            "GATEWAY_LATENCY_TARGET_S": "0.001",
+        },
         multiproc_dir=work / "metrics",
     )
     try:
@@ -70,17 +84,40 @@ def gateway(triton, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(prometheus_bin, gateway, triton, tmp_path_factory) -> Iterator[str]:
+def alertmanager(tmp_path_factory) -> Iterator[str]:
+    """Debian's Alertmanager with the shipped config: its metrics are scraped."""
+    binary = require_tool("prometheus-alertmanager", "Debian package prometheus-alertmanager")
+    work = tmp_path_factory.mktemp("alertmanager")
+    port, cluster = free_port(), free_port()
+    command = [
+        binary,
+        f"--config.file={DEPLOY / 'alertmanager' / 'alertmanager.yml'}",
+        f"--storage.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--cluster.listen-address=127.0.0.1:{cluster}",
+    ]
+    with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "alertmanager.log"):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def prometheus(prometheus_bin, gateway, triton, alertmanager, tmp_path_factory) -> Iterator[str]:
+    """The shipped job names; Prometheus scrapes itself too, as compose's does."""
     work = tmp_path_factory.mktemp("prometheus")
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {
+            "scrape_interval": "1s",
+            "evaluation_interval": "1s",
+            "external_labels": {"runbook_base_url": "${RUNBOOK_BASE_URL}"},
+        },
         "rule_files": [str(ALERTS)],
         "scrape_configs": [
-            {"job_name": "gateway", "static_configs": [{"targets": [gateway]}]},
-            {"job_name": "triton", "static_configs": [{"targets": [triton.metrics_url]}]},
+            {"job_name": "inception-gateway", "static_configs": [{"targets": [gateway]}]},
+            {"job_name": "inception-triton", "static_configs": [{"targets": [triton.metrics_url]}]},
+            {"job_name": "alertmanager", "static_configs": [{"targets": [alertmanager]}]},
         ],
     }
-    with running_prometheus(prometheus_bin, work, config) as url:
+    with running_prometheus(prometheus_bin, work, config, scrape_self=True) as url:
         yield url
 
 
@@ -130,9 +167,9 @@ def scraped(prometheus, gateway) -> str:
         deadline = time.monotonic() + 60
         seen = triton = 0.0
         while time.monotonic() < deadline:
-            seen = scalar_sum(prometheus, 'sum(inception_gateway_requests_total{job="gateway"})')
+            seen = scalar_sum(prometheus, 'sum(inception_gateway_requests_total{job="inception-gateway"})')
             triton = scalar_sum(
-                prometheus, 'sum(nv_inference_request_success{job="triton", model="inception_v4"})'
+                prometheus, 'sum(nv_inference_request_success{job="inception-triton", model="inception_v4"})'
             )
             if seen >= expected and triton >= v4:
                 return
@@ -141,11 +178,12 @@ def scraped(prometheus, gateway) -> str:
 
     # Two rounds: a labelled series appears at its first request, so rate() has a starting
     # point only if Prometheus scrapes it between the rounds. Each round sends every model
-    # and a bad request per model (for the error panels).
+    # and a bad request per model (for the error panels), one at a time: admission control
+    # admits one image per model and worker, and these must all be answered.
     rounds = [list(BURST), [m for m, n in BURST.items() for _ in range(n - 1)]]
     sent = v4 = 0
     for i, round_jobs in enumerate(rounds):
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        with ThreadPoolExecutor(max_workers=1) as pool:
             statuses = list(pool.map(classify, round_jobs))
         assert statuses == [200] * len(round_jobs), answers
         bad = [classify(model, b"not an image at all") for model in BURST]
@@ -154,7 +192,34 @@ def scraped(prometheus, gateway) -> str:
         v4 += round_jobs.count("inception_v4")
         wait_seen(sent, v4)
         time.sleep(2.5 if i == 0 else 2)  # a scrape after each round's last change, for rate()
+    shed_twice(prometheus, classify)
     return prometheus
+
+
+def shed_twice(prometheus: str, classify) -> None:
+    """Concurrent requests past the admission limit until some of each model of the burst
+    are shed (503), then again after a scrape, so that the shed counter has a rate for
+    every model. Answers are 200 or 503, nothing else."""
+    for _ in range(2):
+        before = {
+            m: scalar_sum(prometheus, f'sum(inception_gateway_shed_total{{model="{m}"}})') for m in BURST
+        }
+        for model in BURST:
+            for _attempt in range(5):
+                with ThreadPoolExecutor(max_workers=6) as pool:
+                    statuses = list(pool.map(classify, [model] * 6))
+                assert set(statuses) <= {200, 503}, statuses
+                if 503 in statuses:
+                    break
+            else:
+                pytest.fail(f"six concurrent {model} requests at an admission limit of one: none was shed")
+        deadline = time.monotonic() + 30
+        for model, count in before.items():
+            selector = f'sum(inception_gateway_shed_total{{model="{model}"}})'
+            while scalar_sum(prometheus, selector) <= count:
+                assert time.monotonic() < deadline, f"Prometheus never saw {model}'s shed requests"
+                time.sleep(0.5)
+        time.sleep(2.5)
 
 
 def finite(data: dict) -> bool:
@@ -215,7 +280,10 @@ def selects_live_series(prometheus: str, selector: str) -> bool:
 
 @pytest.mark.parametrize("expression", alert_expressions(), ids=lambda e: e.source)
 def test_alert_expression_parses_and_selects_live_series(scraped, expression):
-    query(scraped, expression.expr)
+    data = query(scraped, expression.expr)
+    if expression.source == "alert Watchdog":
+        assert data["result"], "the Watchdog does not fire"  # over no metric: it always fires
+        return
     found = selectors(expression.expr)
     assert found, expression.expr
     for selector in found:
@@ -223,11 +291,15 @@ def test_alert_expression_parses_and_selects_live_series(scraped, expression):
 
 
 def test_a_misspelt_selector_is_caught(scraped):
-    assert selects_live_series(scraped, 'inception_gateway_requests_total{job="gateway", status=~"5..|429"}')
-    assert not selects_live_series(scraped, 'inception_gateway_request_total{job="gateway"}')
-    assert not selects_live_series(scraped, 'inception_gateway_requests_total{job="gateway", stauts=~"5.."}')
+    assert selects_live_series(
+        scraped, 'inception_gateway_requests_total{job="inception-gateway", status=~"5..|429"}'
+    )
+    assert not selects_live_series(scraped, 'inception_gateway_request_total{job="inception-gateway"}')
     assert not selects_live_series(
-        scraped, 'nv_inference_queue_duration_us{job="triton", modle="inception_v4"}'
+        scraped, 'inception_gateway_requests_total{job="inception-gateway", stauts=~"5.."}'
+    )
+    assert not selects_live_series(
+        scraped, 'nv_inference_queue_duration_us{job="inception-triton", modle="inception_v4"}'
     )
 
 
@@ -239,6 +311,17 @@ def test_alert_rules_are_loaded_and_healthy(scraped):
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
 
 
+def test_runbook_urls_are_absolute_in_firing_alerts(scraped):
+    """The Watchdog fires in the real Prometheus with its runbook_url made absolute from
+    the external label (expanded from RUNBOOK_BASE_URL, as compose runs it)."""
+    from .helpers import RUNBOOK_BASE_URL
+
+    alerts = httpx.get(f"{scraped}/api/v1/alerts", timeout=30).json()["data"]["alerts"]
+    watchdog = [a for a in alerts if a["labels"]["alertname"] == "Watchdog"]
+    assert watchdog, alerts
+    assert watchdog[0]["annotations"]["runbook_url"] == f"{RUNBOOK_BASE_URL}#watchdog"
+
+
 def test_no_availability_alert_fires_on_a_healthy_stack(scraped):
     for name in (
         "GatewayDown",
@@ -248,13 +331,15 @@ def test_no_availability_alert_fires_on_a_healthy_stack(scraped):
         "TritonAbsent",
         "TritonModelNotReady",
         "ModelWeightsDiffer",
+        "AlertmanagerNotificationsFailing",
+        "PrometheusNotificationsDropped",
     ):
         alert = next(e for e in alert_expressions() if e.source == f"alert {name}")
         assert query(scraped, alert.expr)["result"] == [], name
 
 
 @pytest.mark.parametrize(
-    "expression", adapter_expressions('job="triton"', "instance"), ids=lambda e: e.source
+    "expression", adapter_expressions('job="inception-triton"', "instance"), ids=lambda e: e.source
 )
 def test_prometheus_adapter_query_returns_data(scraped, expression):
     data = query(scraped, expression.expr)

@@ -58,21 +58,35 @@ def test_promtool_test_rules_can_fail(promtool, tmp_path):
 REGRESSIONS = {
     "no traffic guard on the error ratio": (
         """          and
-            sum by (job, model) (rate(inception_gateway_requests_total{job="gateway"}[5m])) >= 0.1
+            sum by (job, model) (rate(inception_gateway_requests_total{job="inception-gateway"}[5m])) >= 0.1
 """,
         "",
     ),
     "TritonDown pages while a new replica starts": (
-        """        expr: up{job="triton"} == 0
+        """        expr: up{job="inception-triton"} == 0
         for: 10m""",
-        """        expr: up{job="triton"} == 0
+        """        expr: up{job="inception-triton"} == 0
         for: 1m""",
     ),
     "a zeroed provenance series counts": (
-        """(inception_model_weights_info{job="gateway"} == 1)""",
-        """(inception_model_weights_info{job="gateway"})""",
+        """(inception_model_weights_info{job="inception-gateway"} == 1)""",
+        """(inception_model_weights_info{job="inception-gateway"})""",
     ),
-    "no absent() rule for Triton": ('expr: absent(up{job="triton"})', 'expr: up{job="triton"} == -1'),
+    "the Watchdog stops firing": ("expr: vector(1)", "expr: vector(0) > 0"),
+    "a receiver's failures page at once": (
+        """rate(alertmanager_notifications_failed_total[5m])) > 0
+        for: 5m""",
+        """rate(alertmanager_notifications_failed_total[5m])) > 0
+        for: 0m""",
+    ),
+    "dropped alerts are ignored": (
+        "rate(prometheus_notifications_dropped_total[5m])) > 0",
+        "rate(prometheus_notifications_dropped_total[5m])) > 1",
+    ),
+    "no absent() rule for Triton": (
+        'expr: absent(up{job="inception-triton"})',
+        'expr: up{job="inception-triton"} == -1',
+    ),
 }
 
 
@@ -90,6 +104,9 @@ def test_promtool_tests_catch_a_regression(promtool, tmp_path, change):
 def test_the_issue_s_alerts_exist():
     names = {rule["alert"] for rule in alert_rules()}
     assert {
+        "Watchdog",
+        "AlertmanagerNotificationsFailing",
+        "PrometheusNotificationsDropped",
         "GatewayDown",
         "GatewayAbsent",
         "TritonDown",
@@ -110,8 +127,12 @@ def github_anchor(heading: str) -> str:
     return text.replace(" ", "-")
 
 
+RUNBOOK_TEMPLATE = "{{ $externalLabels.runbook_base_url }}#"
+
+
 def test_every_alert_links_its_runbook_entry(repo_root):
-    """runbook_url names a heading of the README's Runbook section, one per alert."""
+    """runbook_url is the one setting (the external label runbook_base_url) and the anchor
+    of a heading of the README's Runbook section, one per alert."""
     readme = (repo_root / "README.md").read_text()
     runbook = readme.split("\n## Runbook\n", 1)
     assert len(runbook) == 2, "the README has no Runbook section"
@@ -119,8 +140,32 @@ def test_every_alert_links_its_runbook_entry(repo_root):
     anchors = {github_anchor(h) for h in re.findall(r"^#{3,4} (.+)$", section, re.M)}
     for rule in alert_rules():
         url = rule["annotations"].get("runbook_url", "")
-        assert url == f"README.md#{rule['alert'].lower()}", f"{rule['alert']}: runbook_url {url!r}"
+        assert url == f"{RUNBOOK_TEMPLATE}{rule['alert'].lower()}", f"{rule['alert']}: runbook_url {url!r}"
         assert url.split("#", 1)[1] in anchors, f"{rule['alert']}: no such entry in the README's runbook"
+
+
+def test_runbook_urls_render_absolute_in_every_unit_test():
+    """Each promtool test group sets the external label as compose does, and every expected
+    runbook_url is absolute: promtool compares the rendered annotation whole."""
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+    for case in tests:
+        base = case["external_labels"]["runbook_base_url"]
+        assert re.fullmatch(r"https://[^#\s]+", base), base
+        for check in case.get("alert_rule_test", []):
+            for alert in check.get("exp_alerts", []):
+                expected = f"{base}#{check['alertname'].lower()}"
+                assert alert["exp_annotations"]["runbook_url"] == expected
+
+
+def test_prometheus_expands_the_runbook_setting(repo_root):
+    """compose hands RUNBOOK_BASE_URL to Prometheus, which expands it into the label."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    assert config["global"]["external_labels"]["runbook_base_url"] == "${RUNBOOK_BASE_URL}"
+    prometheus = yaml.safe_load((repo_root / "docker-compose.yml").read_text())["services"]["prometheus"]
+    assert "--enable-feature=expand-external-labels" in prometheus["command"]
+    assert re.fullmatch(
+        r"\$\{RUNBOOK_BASE_URL:-https://[^}#]+\}", prometheus["environment"]["RUNBOOK_BASE_URL"]
+    )
 
 
 def test_queue_advice_does_not_lengthen_the_queue():
@@ -144,13 +189,19 @@ def test_every_alert_fires_and_stays_quiet_in_a_unit_test():
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
     names = {rule["alert"] for rule in alert_rules()}
     assert names - firing == set(), "alerts never shown to fire"
-    assert names - quiet == set(), "alerts never shown to stay quiet"
+    # The Watchdog is never quiet: that is the point of it.
+    assert names - quiet == {"Watchdog"}, "alerts never shown to stay quiet"
 
 
 def test_every_alert_has_severity_and_text():
+    """Every alert but the heartbeat pages or warns, and only after a `for:`; the Watchdog
+    fires from the first evaluation and pages no one (its receiver is a dead man's switch)."""
     for rule in alert_rules():
-        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
         assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule["alert"]
+        if rule["alert"] == "Watchdog":
+            assert rule["expr"] == "vector(1)" and rule["labels"]["severity"] == "none" and "for" not in rule
+            continue
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
         assert rule.get("for"), f"{rule['alert']} fires on a single evaluation"
 
 
@@ -166,6 +217,9 @@ def test_every_alert_has_severity_and_text():
 )
 def test_metric_names_are_exported_or_documented(expression):
     """Every name is one the gateway exports (service/metrics.py) or Triton documents."""
+    if expression.source == "alert Watchdog":
+        assert expression.expr == "vector(1)"  # the one rule over no metric
+        return
     names = metric_names(expression.expr)
     assert names, f"no metric in {expression.expr!r}"
     assert names <= KNOWN_METRICS, f"unknown metric names {sorted(names - KNOWN_METRICS)}"
@@ -187,8 +241,15 @@ def test_gateway_metric_names_match_the_gateway_code(repo_root):
 
 
 def test_scrape_jobs_match_the_rules_job_labels():
+    """The jobs the rules select exist, named so that they cannot collide with another
+    team's; each Triton replica is discovered through DNS as its own target."""
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    assert jobs["gateway"]["static_configs"][0]["targets"] == ["gateway:8080"]
-    assert jobs["triton"]["static_configs"][0]["targets"] == ["triton:8002"]
+    assert jobs["inception-gateway"]["static_configs"][0]["targets"] == ["gateway:8080"]
+    (dns,) = jobs["inception-triton"]["dns_sd_configs"]
+    assert dns["names"] == ["triton"] and dns["type"] == "A" and dns["port"] == 8002
+    assert "static_configs" not in jobs["inception-triton"], "a static target hides the replicas"
     assert config["rule_files"] == ["alerts.yml"]
+    selected = set(re.findall(r'job="([^"]+)"', ALERTS.read_text()))
+    assert selected == {"inception-gateway", "inception-triton"}, selected
+    assert selected <= set(jobs)
