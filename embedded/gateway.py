@@ -97,8 +97,13 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.multiproc_dir = multiproc_dir
+        # Each worker budgets its share of the memory (service/settings.py), as under the
+        # image's entrypoint, where WEB_CONCURRENCY is the workers' count too.
         self.environment = gateway_environment(
-            grpc_url, multiproc_dir, env, checkout_on_path=python == sys.executable
+            grpc_url,
+            multiproc_dir,
+            {"WEB_CONCURRENCY": str(workers), **(env or {})},
+            checkout_on_path=python == sys.executable,
         )
         self.command = gateway_command(self.port, workers, host, graceful_s=graceful_s, python=python)
         self.cwd = cwd

@@ -18,6 +18,7 @@ from .errors import install_error_handlers
 from .gateway import Gateway
 from .imaging import configure_pillow
 from .logs import configure_logging
+from .memory import configure_allocator
 from .middleware import RequestContextMiddleware
 from .routes import classify, health, models, page
 from .settings import Settings, get_settings
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.json_logs)
     configure_pillow(settings.max_pixels)
+    configure_allocator()
     gateway = Gateway(settings)
 
     @asynccontextmanager

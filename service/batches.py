@@ -44,13 +44,14 @@ def crops_buffer_bytes(crops: int, pres: Iterable[Preprocessing]) -> int:
 
 
 def crops_reservation(
-    gateway: Gateway, infos: list[ModelInfo], crops: int
+    gateway: Gateway, infos: list[ModelInfo], crops: int, held: int = 0
 ) -> AbstractAsyncContextManager[None]:
     """The crops' memory taken from the worker's buffer budget (``Gateway.buffer``) once the
     request's ``crops`` are known, i.e. after its body is read: over the budget, the
-    request is shed with 429 and Retry-After like a large body."""
+    request is shed with 429 and Retry-After like a large body. ``held`` is the request's
+    own body reservation, which does not count against it."""
     cost = crops_buffer_bytes(crops, (p for i in infos for p in i.preprocessings))
-    return gateway.buffer(cost) if cost else contextlib.nullcontext()
+    return gateway.buffer(cost, held) if cost else contextlib.nullcontext()
 
 
 def model_inputs(info: ModelInfo, prepared: Prepared) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ from .admission import Admission, Ticket
 from .deadlines import remaining_s
 from .errors import DeadlineExceeded, OverCapacity, Overloaded
 from .imaging import Prepared, Preprocessing, prepare
+from .memory import MemoryAccount
 from .schemas import Prediction
 from .settings import Settings
 from .triton import TritonBackend
@@ -52,6 +53,7 @@ class Gateway:
         self.slots = asyncio.Semaphore(settings.max_concurrency)
         self.client_slots: Counter[str] = Counter()  # slots held by client
         self.buffered = 0  # bytes reserved by the bodies being read and decoded
+        self.memory = MemoryAccount(settings.memory_budget_bytes)
         self.decoding = 0  # images decoding or waiting for a decode thread
         self.decode_s: float | None = None  # moving average of one image's decode and preprocessing
         self.admission = Admission(
@@ -67,6 +69,7 @@ class Gateway:
                 "triton": self.settings.triton_grpc_url,
                 "models_known": ",".join(sorted(self.backend.models)) or "none yet",
                 "pid": os.getpid(),
+                "memory_budget_mib": self.memory.capacity // (1024 * 1024),
             },
         )
 
@@ -111,19 +114,24 @@ class Gateway:
             self.slots.release()
 
     @asynccontextmanager
-    async def buffer(self, cost: int) -> AsyncIterator[None]:
-        """Reserves `cost` bytes of the worker's buffer budget for one request, or sheds it
-        at once with 429. One request alone is always admitted, whatever it costs, so that
-        the largest allowed body can be served; the event loop's single thread makes the
-        check and the reservation one step."""
+    async def buffer(self, cost: int, held: int = 0) -> AsyncIterator[None]:
+        """Reserves `cost` bytes for one request's body or crops from the worker's memory
+        account (service/memory.py), within the part of it bodies may take (the buffer
+        budget, so that decodes always find room), or sheds it at once with 429. Within
+        the buffer budget one request alone is always admitted, whatever it costs, so that
+        the largest allowed body can be served, and ``held`` (what the same request holds
+        already: its body, when its crops are reserved) counts as its own: a 144-crop
+        request of a large photo alone fits whatever its total. The event loop's single
+        thread makes the check and the reservation one step."""
         budget = self.settings.buffer_budget_bytes
-        if self.buffered and self.buffered + cost > budget:
+        if self.buffered - held and self.buffered + cost > budget:
             raise Overloaded("too many large requests in flight; retry later")
-        self.buffered += cost
-        try:
-            yield
-        finally:
-            self.buffered -= cost
+        with self.memory.held(cost):
+            self.buffered += cost
+            try:
+                yield
+            finally:
+                self.buffered -= cost
 
     def charged(self, models: Sequence[str]) -> list[str]:
         """The models whose capacity a request uses: those it names and, for the Triton
@@ -198,6 +206,13 @@ class Gateway:
             if deadline is not None and time.monotonic() >= deadline.at:
                 raise DeadlineExceeded("the request's deadline passed while its image waited to be decoded")
             started = time.perf_counter()
+            reserved = 0
+
+            def reserve(cost: int) -> None:  # from the header, before a pixel is decoded
+                nonlocal reserved
+                self.memory.reserve_waiting(cost, s.memory_wait_s)
+                reserved = cost
+
             try:
                 return prepare(
                     data,
@@ -207,8 +222,11 @@ class Gateway:
                     oversample=s.draft_oversample,
                     crops=crops,
                     max_jpeg_scans=s.max_jpeg_scans,
+                    reserve=reserve,
                 )
             finally:
+                if reserved:
+                    self.memory.release(reserved)
                 took = time.perf_counter() - started
                 before = self.decode_s
                 self.decode_s = (

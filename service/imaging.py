@@ -17,6 +17,7 @@ import math
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +25,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from . import crops as geometry
 from .errors import ApiError, EmptyBody, ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from .pixels import check_tiles, orientation, to_rgb
+from .pixels import BYTES_PER_PIXEL_BUDGET, check_tiles, orientation, to_rgb
 
 #: The Pillow plugins that may open client data.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -169,8 +170,13 @@ def decode(
     max_pixels: int,
     draft_short_side: int | None = None,
     max_jpeg_scans: int = MAX_JPEG_SCANS,
+    reserve: Callable[[int], None] | None = None,
 ) -> tuple[Image.Image, str, tuple[int, int], int]:
     """Decode ``data`` into an RGB image, EXIF orientation applied.
+
+    ``reserve`` is called with the bytes the decode will hold (:data:`BYTES_PER_PIXEL_BUDGET`
+    a decoded pixel, after any draft reduction) once the header is read and before a pixel
+    is decoded: it takes them from the worker's memory account or raises.
 
     ``draft_short_side``: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale as long as
     the shorter side stays at least this long. Returns the image, the format, the full
@@ -216,6 +222,8 @@ def decode(
         if draft_short_side and fmt in JPEG_FORMATS:
             image.draft(None, (draft_short_side, draft_short_side))
             scale = max(1, round(width / image.size[0]))
+        if reserve is not None:
+            reserve(BYTES_PER_PIXEL_BUDGET * image.size[0] * image.size[1])
         image.load()
         transposition = orientation(image)
         rgb, factor = to_rgb(image, draft_short_side if draft_short_side and scale == 1 else None)
@@ -306,6 +314,7 @@ def prepare(
     oversample: float = 2.0,
     crops: int = 1,
     max_jpeg_scans: int = MAX_JPEG_SCANS,
+    reserve: Callable[[int], None] | None = None,
 ) -> Prepared:
     """Decode once, then crop once per distinct crop geometry (144 crops ignore
     ``crop_pct``, so models differing only there share one batch); timed per stage."""
@@ -313,7 +322,7 @@ def prepare(
     unique = list(dict.fromkeys(pres))
     short = draft_short_side(unique, oversample, crops) if draft else None
     image, _format, size, scale = decode(
-        data, max_pixels=max_pixels, draft_short_side=short, max_jpeg_scans=max_jpeg_scans
+        data, max_pixels=max_pixels, draft_short_side=short, max_jpeg_scans=max_jpeg_scans, reserve=reserve
     )
     decoded = time.perf_counter()
     batches: dict[Preprocessing, np.ndarray] = {}

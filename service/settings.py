@@ -34,9 +34,32 @@ def _split_csv(value: object) -> object:
     return value
 
 
+def _cgroup_limit_files() -> list[str]:
+    """The memory-limit files of this process's cgroup and of each ancestor, from
+    ``/proc/self/cgroup``: a process in a nested cgroup (a pod's container seen from the
+    host, a test's limited group) reads its own limit, not the root's, which says nothing."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            root, name = "/sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        files += [str(Path(root, *parts[:depth], name)) for depth in range(len(parts), 0, -1)]
+    return files
+
+
 def worker_memory_bytes() -> int:
-    """The memory one worker may use: the container's limit (cgroup v2 or v1) or the
-    machine's, shared by the uvicorn workers (`WEB_CONCURRENCY`)."""
+    """The memory one worker may use: the tightest of the machine's memory and the limits of
+    the container's cgroup (v2 or v1, and of the cgroup this process is in, nested or not),
+    shared by the uvicorn workers (`WEB_CONCURRENCY`, which `embedded/gateway.py` sets too)."""
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
         try:
@@ -46,11 +69,38 @@ def worker_memory_bytes() -> int:
         if text.isdigit():
             limit = min(limit, int(text))
             break
+    for path in _cgroup_limit_files():
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
     try:
         workers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
     except ValueError:
         workers = 1
     return limit // workers
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (0 where /proc cannot tell)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+#: The part of a worker's memory its account may hand out: the rest is headroom for what no
+#: request reserves (the allocator's slack, gRPC's buffers, the interpreter's growth).
+MEMORY_ACCOUNT_FRACTION = 0.85
+
+
+def default_memory_budget() -> int:
+    """What one worker's requests may reserve at once: its share of the memory, less the
+    headroom, less what the worker holds before serving anything (read when settings are,
+    in the worker, after the libraries are imported); at least 64 MiB."""
+    return max(64 * 1024 * 1024, int(worker_memory_bytes() * MEMORY_ACCOUNT_FRACTION) - resident_bytes())
 
 
 def default_buffer_budget() -> int:
@@ -123,6 +173,17 @@ class Settings(BaseSettings):
         gt=0,
         description="request bodies one worker buffers at once (as they will cost once read); "
         "past it a request is shed with 429 (default: a quarter of a worker's memory)",
+    )
+    memory_budget_bytes: int = Field(
+        default_factory=default_memory_budget,
+        gt=0,
+        description="what one worker's requests may hold at once, all of it reserved before it is "
+        "allocated (bodies, decoded pixels, crops, JSON parsing); past it a request waits "
+        "`memory_wait_s` then gets 429 (default: 85 % of the worker's share of the cgroup's "
+        "limit, less the worker's memory at start)",
+    )
+    memory_wait_s: float = Field(
+        0.5, ge=0, description="how long a decode waits for memory to be given back before 429"
     )
     max_pixels: int = Field(
         50_000_000,

@@ -85,7 +85,7 @@ async def classify(
         infos = list(await asyncio.gather(*(gateway.backend.model(t) for t in plan.targets)))
         # Admission before decoding: a refused request costs no CPU that admitted ones need.
         with gateway.admitted([i.name for i in infos], options.crops, client) as ticket:
-            async with crops_reservation(gateway, infos, options.crops):  # the crops' memory
+            async with crops_reservation(gateway, infos, options.crops, cost):  # the crops' memory
                 decode_started = time.perf_counter()
                 try:
                     prepared = await gateway.prepare(

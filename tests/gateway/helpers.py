@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import math
+import os
 import socket
 import struct
 import time
@@ -183,3 +184,84 @@ def symmetric_photo() -> Image.Image:
     image.paste(half, (0, 0))
     image.paste(half.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (300, 0))
     return image
+
+
+def palette_bomb(width: int, height: int) -> bytes:
+    """A valid 8-bit palette PNG with transparency (tRNS) of width x height zeros: tens of
+    KB that decode to width*height palette pixels and convert through RGBA (the review's
+    bomb: 8 of them at 7071² OOM-killed both workers of a 1 GiB pod)."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)
+    palette = bytes(range(256)) * 3
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"PLTE", palette)
+        + chunk(b"tRNS", b"\x80" * 256)
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
+
+
+class MemoryCgroup:
+    """A child of this process's memory cgroup (v1 or v2) with a memory limit, for a real
+    gateway run as it runs in a pod: `wrap` prefixes a command so that it starts inside.
+    `available()` says why not where it cannot be made (not root, no writable cgroup)."""
+
+    def __init__(self, name: str, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.path, self.version = self._parent()
+        self.path = self.path / name
+        self.path.mkdir(exist_ok=True)
+        if self.version == 2:
+            (self.path / "memory.max").write_text(str(limit_bytes))
+            if (self.path / "memory.swap.max").exists():
+                (self.path / "memory.swap.max").write_text("0")  # as a pod: no swap to hide in
+        else:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+
+    @staticmethod
+    def _parent() -> tuple[Path, int]:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():
+                return Path("/sys/fs/cgroup") / path.lstrip("/"), 2
+            if "memory" in controllers.split(","):
+                return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
+        raise OSError("no memory cgroup")
+
+    @classmethod
+    def available(cls) -> str | None:
+        try:
+            probe = cls(f"probe-{os.getpid()}", 1 << 30)
+        except OSError as exc:
+            return f"cannot make a memory-limited cgroup here: {exc}"
+        probe.remove()
+        return None
+
+    def wrap(self, command: list[str]) -> list[str]:
+        return ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.path), *command]
+
+    def oom_kills(self) -> int:
+        """Processes the kernel killed in this group for memory."""
+        events = self.path / ("memory.events" if self.version == 2 else "memory.oom_control")
+        for line in events.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    def peak_bytes(self) -> int:
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        path = self.path / name
+        return int(path.read_text()) if path.exists() else 0
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()

@@ -22,6 +22,7 @@ END = "<!-- end of settings table -->"
 #: Defaults that depend on the machine or the installation: the table states their rule.
 COMPUTED = {
     "buffer_budget_bytes": "a quarter of a worker's memory",
+    "memory_budget_bytes": "85 % of a worker's memory, less its size at start",
     "labels_path": "the labels shipped in `inception/data/`",
 }
 
