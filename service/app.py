@@ -6,6 +6,7 @@ touches Triton, which the lifespan reaches and tolerates the absence of.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
+from .deadlines import HEADER
 from .errors import install_error_handlers
 from .gateway import Gateway
 from .imaging import configure_pillow
@@ -61,15 +63,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Outermost, so that every answer a listed origin gets is readable there, the last
         # guard's 500 included; a preflight is answered here and reaches no route. Other
         # origins get no CORS header at all, so the browser refuses them the answer.
+        # An origin with `*` in its host (`https://*.example.com`) is a pattern: one DNS label
+        # or more in place of the star, as a regex, since Starlette matches the list exactly.
+        exact = [o for o in settings.cors_origins if o == "*" or "*" not in o]
+        patterns = [origin_pattern(o) for o in settings.cors_origins if o != "*" and "*" in o]
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.cors_origins,
+            allow_origins=exact,
+            allow_origin_regex="|".join(patterns) or None,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", HEADER],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )
     return app
+
+
+#: What a `*` in an allowed origin stands for: one DNS label or more.
+_LABELS = r"[a-z0-9-]+(?:\.[a-z0-9-]+)*"
+
+
+def origin_pattern(origin: str) -> str:
+    """``https://*.example.com`` as a regex matching ``https://app.example.com`` and
+    ``https://a.b.example.com``, not ``https://example.com`` nor ``https://evil.com/.example.com``
+    (Starlette matches ``allow_origin_regex`` whole)."""
+    return "(?:" + _LABELS.join(re.escape(part) for part in origin.split("*")) + ")"
 
 
 def __getattr__(name: str) -> Any:

@@ -45,7 +45,12 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
     """Send ours (every ``service.<module>`` logger, through their parent ``service``) and
     uvicorn's logs to stderr, as JSON unless ``json_logs`` is off; uvicorn's access log is
-    replaced by the middleware's, which knows the request id, the model and the error code."""
+    replaced by the middleware's, which knows the request id, the model and the error code.
+
+    Every other library's records (python-multipart warns about malformed bodies through
+    ``logging``) and Python's warnings go through the root logger to the same handler, at
+    WARNING and above: without a handler there, Python's last resort printed them as bare
+    text lines in the middle of the JSON log."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s %(message)s")
@@ -56,3 +61,7 @@ def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:
         logger.setLevel(level.upper())
         logger.propagate = False
     logging.getLogger("uvicorn.access").disabled = True
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
+    logging.captureWarnings(True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
@@ -41,5 +43,7 @@ async def readyz(gateway: GatewayDep) -> dict[str, object]:
     dependencies=[Depends(require_metrics_key)],
 )
 async def prometheus_metrics() -> Response:
-    payload, content_type = metrics.render()
+    """Rendered in a thread: merging every worker's files takes milliseconds that classify
+    requests waiting on the event loop should not pay."""
+    payload, content_type = await asyncio.to_thread(metrics.render)
     return Response(payload, media_type=content_type)

@@ -1,0 +1,101 @@
+"""The review's smaller findings (issue 19): CORS preflights that name X-Request-Timeout,
+`*` patterns in allowed origins, library warnings in the JSON log, /metrics off the loop."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service import metrics
+from service.app import create_app
+from service.settings import Settings
+
+from .helpers import UNREACHABLE
+
+
+@pytest.fixture
+def cors_client() -> Iterator[TestClient]:
+    settings = Settings(
+        triton_grpc_url=UNREACHABLE, cors_origins=["https://app.example", "https://*.tenant.example"]
+    )
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def preflight(client: TestClient, origin: str, headers: str = "content-type") -> dict[str, str]:
+    answer = client.options(
+        "/v1/classify",
+        headers={
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": headers,
+        },
+    )
+    return {k.lower(): v for k, v in answer.headers.items()} | {"status": str(answer.status_code)}
+
+
+def test_a_preflight_may_name_the_deadline_header(cors_client: TestClient) -> None:
+    allowed = preflight(cors_client, "https://app.example", "content-type,x-request-timeout")
+    assert allowed["status"] == "200", allowed
+    assert "x-request-timeout" in allowed["access-control-allow-headers"].lower()
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://app.example", True),
+        ("https://one.tenant.example", True),
+        ("https://a.b.tenant.example", True),
+        ("https://tenant.example", False),
+        ("https://eviltenant.example", False),
+        ("http://one.tenant.example", False),
+        ("https://evil.example", False),
+    ],
+)
+def test_a_star_in_an_origin_matches_subdomains(cors_client: TestClient, origin: str, allowed: bool) -> None:
+    answer = preflight(cors_client, origin)
+    assert (answer.get("access-control-allow-origin") == origin) is allowed, answer
+
+
+def test_library_warnings_come_out_as_json() -> None:
+    """python-multipart warns about malformed bodies through `logging`; those lines, and
+    Python's warnings, are JSON like every other line."""
+    stream = io.StringIO()
+    create_app(Settings(triton_grpc_url=UNREACHABLE))
+    root = logging.getLogger()
+    handler = root.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    previous = handler.setStream(stream)
+    try:
+        logging.getLogger("python_multipart.multipart").warning("Skipping data after last boundary")
+        with warnings.catch_warnings():  # pytest records warnings itself: route them as the app does
+            warnings.simplefilter("always")
+            logging.captureWarnings(False)  # an earlier app in this process captured pytest's hook
+            logging.captureWarnings(True)
+            warnings.warn("a library's warning", UserWarning, stacklevel=1)
+    finally:
+        handler.setStream(previous)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["logger"] for line in lines] == ["python_multipart.multipart", "py.warnings"]
+
+
+def test_metrics_render_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    render = metrics.render
+
+    def recording() -> tuple[bytes, str]:
+        threads.append(threading.current_thread().name)
+        return render()
+
+    monkeypatch.setattr(metrics, "render", recording)
+    with TestClient(create_app(Settings(triton_grpc_url=UNREACHABLE))) as client:
+        loop_thread = client.portal.call(lambda: threading.current_thread().name)
+        assert client.get("/metrics").status_code == 200
+    assert threads and threads[0] != loop_thread
