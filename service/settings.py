@@ -249,7 +249,14 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="deadline for a request's whole body once it holds a slot; past it the answer is 408",
+        description="deadline for a request's whole body once it holds a slot, plus its size at "
+        "`min_body_rate_bytes_s`; past it the answer is 408",
+    )
+    min_body_rate_bytes_s: int = Field(
+        128 * 1024,
+        gt=0,
+        description="slowest upload served: the body deadline grows by the body's declared size at "
+        "this rate (128 KiB/s, about 1 Mbit/s)",
     )
     queue_timeout_s: float = Field(
         2.0, ge=0, description="how long a request waits for a free slot before 429"

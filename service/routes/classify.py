@@ -33,6 +33,7 @@ from ..openapi import CLASSIFY_BODY, ERROR_RESPONSES
 from ..options import ClassifyQuery, parse_options
 from ..routing import Plan, metric_label, resolve
 from ..schemas import ClassifyResponse, Member
+from ..settings import Settings
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
@@ -68,11 +69,12 @@ async def classify(
         read_started = time.perf_counter()
         try:
             # A client that sends headers and stalls its body must not hold a slot forever.
-            async with asyncio.timeout(settings.body_timeout_s):
+            body_s = body_deadline_s(request.headers, settings)
+            async with asyncio.timeout(body_s):
                 data, options = await read_request(request, given, settings.max_body_bytes)
         except TimeoutError:
             raise RequestTimeout(
-                f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                f"the request body did not arrive within {body_s:.3g} s",
                 headers={"Connection": "close"},
             ) from None
         stages["read"] = time.perf_counter() - read_started
@@ -148,6 +150,18 @@ async def infer_all(
 #: decoded bytes and the parser's copies (16 MiB of base64 JSON peaked at 80 MiB), the raw
 #: and multipart forms their chunks and the joined bytes.
 JSON_EXPANSION, BINARY_EXPANSION = 5, 2
+
+
+def body_deadline_s(headers: Headers, settings: Settings) -> float:
+    """The time a body may take: ``body_timeout_s``, plus its declared length (the limit when
+    chunked) at ``min_body_rate_bytes_s``, so that a steady upload slower than the whole
+    body in ``body_timeout_s`` (12 MiB at 1 MiB/s got 408) is served, and a stalled one is not
+    kept past what its size allows (each client's slots are capped besides)."""
+    try:
+        declared = min(int(headers.get("content-length", "")), 2 * settings.max_body_bytes)
+    except ValueError:
+        declared = settings.max_body_bytes
+    return settings.body_timeout_s + max(0, declared) / settings.min_body_rate_bytes_s
 
 
 def buffer_cost(headers: Headers, max_body_bytes: int) -> int:

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.datastructures import Headers
 
 from service import metrics
 from service.app import create_app
+from service.routes.classify import body_deadline_s
 from service.settings import Settings
 
 from .helpers import UNREACHABLE
@@ -99,3 +101,15 @@ def test_metrics_render_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> N
         loop_thread = client.portal.call(lambda: threading.current_thread().name)
         assert client.get("/metrics").status_code == 200
     assert threads and threads[0] != loop_thread
+
+
+def test_a_steady_slow_upload_has_time_to_arrive() -> None:
+    """12 MiB at 1 MiB/s takes 12 s, more than the 10 s body deadline alone allowed (408);
+    the deadline grows with the declared size at the slowest rate served."""
+    settings = Settings(triton_grpc_url=UNREACHABLE)
+    twelve = Headers({"content-length": str(12 * 1024 * 1024)})
+    assert body_deadline_s(twelve, settings) > 12 * 1.5
+    small = body_deadline_s(Headers({"content-length": "1000"}), settings)
+    assert small == pytest.approx(settings.body_timeout_s, abs=0.01)  # a stalled small body: 408 as before
+    chunked = body_deadline_s(Headers({}), settings)
+    assert chunked == settings.body_timeout_s + settings.max_body_bytes / settings.min_body_rate_bytes_s
