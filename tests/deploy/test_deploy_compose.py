@@ -282,6 +282,14 @@ def test_triton_polls_the_repository_and_keeps_connections_alive(resolved):
     flags = dict(a.split("=", 1) for a in command if a.startswith("--") and "=" in a)
     assert flags["--model-control-mode"] == "poll"
     assert 0 < int(flags["--repository-poll-secs"]) <= 30
+    # The rollout was measured with this interval (bench/rollout.py, bench/README.md).
+    from bench.rollout import COMPOSE_POLL_SECS
+
+    assert int(flags["--repository-poll-secs"]) == COMPOSE_POLL_SECS
+    # The keepalive was measured with these flags (bench/keepalive.py).
+    from bench.keepalive import TRITON_KEEPALIVE
+
+    assert set(TRITON_KEEPALIVE) <= set(command)
     # Triton pings idle connections, and its ping policy lets the gateway ping it every
     # 10 s (its keepalive_time) with or without calls in flight.
     assert int(flags["--grpc-keepalive-time"]) <= 30_000

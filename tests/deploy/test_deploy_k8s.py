@@ -392,6 +392,10 @@ def test_triton_keepalive_lets_the_gateway_ping(objects):
     assert triton["--grpc-keepalive-permit-without-calls"] == "1"
     assert triton["--grpc-http2-max-pings-without-data"] == "0"
     assert int(triton["--grpc-http2-min-recv-ping-interval-without-data"]) <= 10_000
+    # The keepalive was measured with these flags (bench/keepalive.py, bench/README.md).
+    from bench.keepalive import TRITON_KEEPALIVE
+
+    assert set(TRITON_KEEPALIVE) <= set(triton_container(objects)["args"])
 
 
 @pytest.mark.parametrize("name", ["triton", "gateway"])
