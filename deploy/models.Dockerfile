@@ -16,19 +16,27 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-WORKDIR /opt/app
-COPY pyproject.toml README.md ./
-COPY inception ./inception
-# The project itself, with its `models` extra (torch pinned there; installed above).
+# PyTorch's CPU build from PyTorch's own index (PyPI's wheel is a CUDA build of several GB),
+# pinned by version; the only file not checked against a hash (README.md, "Reproducible
+# images": that index could not be reached where the lock is made).
 # hadolint ignore=DL3013
-RUN pip install ".[models]"
+RUN pip install --no-deps --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# Everything else the exporter imports, torch's own dependencies too, from the lock
+# (deploy/requirements/models.txt, every file checked against its hash).
+COPY deploy/requirements/models.txt /tmp/requirements.txt
+RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt \
+    && python -c "import torch, numpy, safetensors, huggingface_hub"
 COPY deploy/models-entrypoint.sh /usr/local/bin/models-entrypoint
 RUN chmod 0755 /usr/local/bin/models-entrypoint \
     && groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app app \
     && mkdir -p /models /checkpoints /home/app/.cache/huggingface \
     && chown app:app /models /home/app/.cache /home/app/.cache/huggingface
+WORKDIR /opt/app
+# The code last, run from /opt/app (PYTHONPATH), not installed: a change of the code
+# rebuilds only the layers from here.
+COPY inception ./inception
+ENV PYTHONPATH=/opt/app
 # A named volume mounted on /models (or on the hub cache) starts with this folder's owner,
 # so the job can write it.
 VOLUME ["/models"]
