@@ -18,7 +18,7 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all debian venv backend repository serve test check bench bench-gateway bench-overload gpu-kit clean
+.PHONY: all debian venv backend repository serve test check bench bench-gateway bench-overload bench-hostile gpu-kit clean
 
 all: test
 
@@ -86,6 +86,11 @@ bench-gateway: backend repository
 # memory soak (about 16 minutes in all).
 bench-overload: backend repository
 	$(BIN)/python -m bench.overload --repository $(REPO)
+
+# The nine hostile-client attacks of issue 19, each beside a well-behaved victim, before and
+# after the protections, in a two-worker gateway in a 1 GiB cgroup (about 8 minutes).
+bench-hostile: backend repository
+	$(BIN)/python -m bench.hostile --repository $(REPO)
 
 # What a lent GPU machine lacks to run the whole stack offline, in build/gpu-kit (at most
 # 60 MiB; the builder fails if over): the trimmed tritonserver, the GPU PyTorch backend

@@ -56,26 +56,23 @@ def _cgroup_limit_files() -> list[str]:
     return files
 
 
+def _limit_in(path: str) -> int | None:
+    """The number in a cgroup's limit file; None when absent or ``max`` (no limit)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def worker_memory_bytes() -> int:
     """The memory one worker may use: the tightest of the machine's memory and the limits of
     the container's cgroup (v2 or v1, and of the cgroup this process is in, nested or not),
     shared by the uvicorn workers (`WEB_CONCURRENCY`, which `embedded/gateway.py` sets too)."""
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            limit = min(limit, int(text))
-            break
-    for path in _cgroup_limit_files():
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            limit = min(limit, int(text))
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    own = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # a container's
+    container = next((v for v in map(_limit_in, own) if v is not None), machine)
+    limit = min([machine, container, *(v for v in map(_limit_in, _cgroup_limit_files()) if v is not None)])
     try:
         workers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
     except ValueError:
@@ -200,63 +197,46 @@ class Settings(BaseSettings):
         2, ge=1, description="threads that decode and resize (Pillow releases the GIL)"
     )
 
-    max_jpeg_scans: int = Field(
-        32,
-        ge=1,
-        description="most scans a JPEG may have (a progressive one has about 10); each is a pass "
-        "over the whole image, so more are refused with 400 before decoding",
+    # Hostile clients (issue 19; README "Hostile clients", docs/architecture.md "Budgets").
+    max_jpeg_scans: Annotated[
+        int, Field(ge=1, description="most scans a JPEG may have (encoders write 10)")
+    ] = 32
+    decode_queue: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="images one worker decodes or holds waiting for a decode thread; past it, or "
+            "when the wait would pass the request's deadline, a request is refused before decoding",
+        ),
+    ] = 8
+    #: Per request (service/protocol.py): past a bound 431 or 408, and the connection closes.
+    max_header_bytes: Annotated[int, Field(ge=1024, description="largest request line and headers")] = (
+        32 * 1024
     )
-    decode_queue: int = Field(
-        8,
-        ge=1,
-        description="images one worker decodes or holds waiting for a decode thread; past it, or "
-        "when the wait would pass the request's deadline, a request is refused before decoding",
-    )
-    max_header_bytes: int = Field(
-        32 * 1024,
-        ge=1024,
-        description="largest request line and headers one request may send; past it the answer "
-        "is 431 and the connection closes (service/protocol.py)",
-    )
-    max_header_count: int = Field(
-        100, ge=8, description="most header lines one request may send; past it the answer is 431"
-    )
-    header_timeout_s: float = Field(
-        10.0,
-        gt=0,
-        description="deadline for a request's headers from its first byte (or from the connection); "
-        "past it the answer is 408 and the connection closes",
-    )
-    max_connections: int = Field(
-        1024,
-        ge=1,
-        description="connections one worker holds at once; a new one past it is answered 503 and "
-        "closed before a byte is read",
-    )
-    max_connections_per_peer: int = Field(
-        256,
-        ge=0,
-        description="connections one worker holds at once from one peer address (0: no cap); behind "
-        "a proxy every connection comes from the proxy, so set 0 or the proxy's pool size there",
-    )
+    max_header_count: Annotated[int, Field(ge=8, description="most header lines one request may send")] = 100
+    header_timeout_s: Annotated[float, Field(gt=0, description="deadline of a request's headers")] = 10.0
+    #: Per worker: past a bound the new connection is answered 503 and closed unread.
+    max_connections: Annotated[int, Field(ge=1, description="connections one worker holds at once")] = 1024
+    max_connections_per_peer: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="connections one worker holds at once from one peer address (0: no cap); behind "
+            "a proxy every connection comes from the proxy, so set 0 or the proxy's pool size there",
+        ),
+    ] = 256
     max_concurrency: int = Field(256, ge=1, description="classify requests handled at once by one worker")
-    max_concurrency_per_client: int = Field(
-        32,
-        ge=0,
-        description="classify requests one client (API key, or address when keys are off) may have "
-        "in flight in one worker, uploads included; past it 429 at once (0: no cap)",
-    )
+    max_concurrency_per_client: Annotated[
+        int, Field(ge=0, description="of those, what one client (key, or address) may hold, uploads included")
+    ] = 32
     body_timeout_s: float = Field(
         10.0,
         gt=0,
         description="deadline for a request's whole body once it holds a slot, plus its size at "
         "`min_body_rate_bytes_s`; past it the answer is 408",
     )
-    min_body_rate_bytes_s: int = Field(
-        128 * 1024,
-        gt=0,
-        description="slowest upload served: the body deadline grows by the body's declared size at "
-        "this rate (128 KiB/s, about 1 Mbit/s)",
+    min_body_rate_bytes_s: Annotated[int, Field(gt=0, description="slowest upload served (1 Mbit/s)")] = (
+        128 * 1024
     )
     queue_timeout_s: float = Field(
         2.0, ge=0, description="how long a request waits for a free slot before 429"

@@ -7,6 +7,7 @@ import importlib.util
 import io
 import math
 import os
+import re
 import socket
 import struct
 import time
@@ -59,7 +60,7 @@ def running_gateway(
 
 
 def classify(
-    client: httpx.Client, data: bytes, content_type: str = "image/jpeg", **params: object
+    client: httpx.Client, data: bytes, content_type: str = "image/jpeg", **params: Any
 ) -> httpx.Response:
     """POST a raw image body."""
     return client.post("/v1/classify", content=data, headers={"Content-Type": content_type}, params=params)
@@ -265,3 +266,22 @@ class MemoryCgroup:
     def remove(self) -> None:
         with contextlib.suppress(OSError):
             self.path.rmdir()
+
+
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+
+
+def scan_bomb(size: int, repeats: int) -> bytes:
+    """A valid progressive JPEG of a flat image with its smallest scan repeated ``repeats``
+    times before the end: a few bytes a scan, a pass over the whole image each."""
+    data = encode(Image.new("RGB", (size, size), (120, 130, 140)), "JPEG", progressive=True)
+    at, scans = 2, []
+    while data[at + 1] != 0xD9:
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if data[at + 1] == 0xDA:
+            found = _SCAN_END.search(data, end)
+            assert found is not None
+            end = found.start()
+            scans.append(data[at:end])
+        at = end
+    return data[:at] + min(scans, key=len) * repeats + data[at:]

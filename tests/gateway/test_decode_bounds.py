@@ -4,7 +4,6 @@ queue is bounded and deadline-aware (service/imaging.py, service/gateway.py)."""
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,25 +20,7 @@ from service.gateway import Gateway
 from service.imaging import MAX_JPEG_SCANS, Prepared, Preprocessing, decode, jpeg_scans
 from service.settings import Settings
 
-from .helpers import encode, photo
-
-_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-
-
-def scan_bomb(size: int, repeats: int) -> bytes:
-    """A valid progressive JPEG of a flat image with its smallest scan repeated ``repeats``
-    times before the end: a few bytes a scan, a pass over the whole image each."""
-    data = encode(Image.new("RGB", (size, size), (120, 130, 140)), "JPEG", progressive=True)
-    at, scans = 2, []
-    while data[at + 1] != 0xD9:
-        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if data[at + 1] == 0xDA:
-            found = _SCAN_END.search(data, end)
-            assert found is not None
-            end = found.start()
-            scans.append(data[at:end])
-        at = end
-    return data[:at] + min(scans, key=len) * repeats + data[at:]
+from .helpers import encode, photo, scan_bomb
 
 
 def test_real_encoders_stay_under_the_scan_limit() -> None:
