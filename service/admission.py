@@ -50,6 +50,8 @@ SAMPLE_COMPLETIONS, SAMPLE_BUSY_S = 4, 0.5
 SMOOTHING = 0.3
 #: The multiplicative decrease of the limit when an answer misses the objective.
 BACKOFF = 0.8
+#: How long a client that held places still counts as sharing the model.
+ACTIVE_S = 2.0
 
 
 @dataclass
@@ -69,6 +71,7 @@ class ModelLoad:
     _busy_s: float = field(default=0.0, repr=False)
     _completed: int = field(default=0, repr=False)
     clients: Counter[str] = field(default_factory=Counter, repr=False)  # images in flight by client
+    seen: dict[str, float] = field(default_factory=dict, repr=False)  # client -> when it last left
 
     def __post_init__(self) -> None:
         self._limit = float(max(self.min_limit, self.initial_limit))
@@ -83,14 +86,35 @@ class ModelLoad:
             return 0.0
         return (self.in_flight + extra) / self.rate
 
+    def fair_wait_s(self, client: str, images: int) -> float:
+        """Time until ``client``'s ``images`` would be answered when the model serves its
+        clients in turn (multi-crop requests go to Triton in small batches, one after
+        another, so the others' images ahead of these are at most a share each, not all
+        they hold: a photo arriving beside a 144-crop request waits for a batch, not 144)."""
+        if self.rate is None or self.rate <= 0:
+            return 0.0
+        share = self.share(client)
+        ahead = sum(min(held, share) for name, held in self.clients.items() if name != client)
+        return (ahead + self.clients[client] + images) / self.rate
+
     def drain_s(self) -> float:
         """Time for the requests in flight to finish: what a refused client should wait."""
         return self.expected_wait_s(extra=0)
 
+    def active(self, client: str) -> int:
+        """The clients sharing the model with ``client``, itself included: those holding
+        places, and those that held some within :data:`ACTIVE_S` (a client sending one
+        request at a time holds none between them, yet its next one must not find a
+        greedy client's requests filling the limit and Triton's queue before it)."""
+        now = self.clock()
+        for name, left in list(self.seen.items()):
+            if now - left > ACTIVE_S:
+                del self.seen[name]
+        return len(set(self.clients) | set(self.seen) | {client})
+
     def share(self, client: str) -> int:
-        """The images ``client`` may hold while the others holding some hold theirs."""
-        active = len(self.clients) + (0 if self.clients[client] else 1)
-        return max(1, self.limit // active)
+        """The images ``client`` may hold while the others active hold theirs."""
+        return max(1, self.limit // self.active(client))
 
     def enter(self, images: int, client: str = "") -> None:
         if self.in_flight == 0:
@@ -114,6 +138,7 @@ class ModelLoad:
         self.clients[client] -= images
         if self.clients[client] <= 0:
             del self.clients[client]
+            self.seen[client] = self.clock()
         now = self.clock()
         if self._busy_since is not None:
             self._busy_s += now - self._busy_since
@@ -206,19 +231,19 @@ class Admission:
         for model in models:
             load = self.load(model)
             retry = max(1, math.ceil(load.drain_s()))
-            need = load.expected_wait_s(images)
+            need = load.fair_wait_s(client, images)
             if budget_s is not None and load.rate and need > budget_s:
                 return Refusal(
                     model,
                     "deadline",
                     retry,
-                    f"{images} image(s) behind {load.in_flight} at {model}'s measured {load.rate:.3g} "
+                    f"{images} image(s) behind those in flight at {model}'s measured {load.rate:.3g} "
                     f"images/s take {need:.3g} s, more than the {budget_s:.3g} s left",
                 )
             if load.in_flight == 0:
                 continue
             mine, share = load.clients[client], load.share(client)
-            others = len(load.clients) - (1 if mine else 0)
+            others = load.active(client) - 1
             if load.in_flight + images <= load.limit and (others == 0 or mine + images <= share):
                 continue
             if mine == 0 and images <= share:

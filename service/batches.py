@@ -2,12 +2,15 @@
 crops of its preprocessing, send them to Triton in requests of at most ``max_batch_size``
 crops, and average the crops' probabilities.
 
-A single crop is one request of batch 1, as before. 10 crops are one request; 144 crops
-are three requests (64, 64, 16) sent one after another. Sent at once they would gain
-nothing on one model instance, which runs them in turn anyway, and the later ones would
-wait in Triton's queue while the first runs: its queue policy drops a request queued
-longer than its default timeout (30 s, which a request may shorten but not lengthen),
-and on two CPU cores 64 crops of one network take about that long.
+A single crop is one request of batch 1, as before. More crops go in requests of at most
+``GATEWAY_CROP_BATCH_SIZE`` (8 by default, and never more than ``max_batch_size``) sent
+one after another: 144 crops are 18 requests. Sent at once they would gain nothing on one
+model instance, which runs them in turn anyway, and the later ones would wait in Triton's
+queue while the first runs: its queue policy drops a request queued longer than its
+default timeout (30 s, which a request may shorten but not lengthen). Small batches let
+other clients' images into Triton's queue between them: in batches of 64, a client
+sending one photo behind a 144-crop request waited a whole 64-crop batch (6 s on two CPU
+cores; issue 19), in batches of 8 it waits one of 8.
 
 The Triton ensemble with members that crop differently takes one input per distinct
 preprocessing (``image__0``, ``image__1``, ...), each filled with the crops of its own
@@ -44,14 +47,14 @@ def crops_buffer_bytes(crops: int, pres: Iterable[Preprocessing]) -> int:
 
 
 def crops_reservation(
-    gateway: Gateway, infos: list[ModelInfo], crops: int, held: int = 0
+    gateway: Gateway, infos: list[ModelInfo], crops: int, held: int = 0, client: str = ""
 ) -> AbstractAsyncContextManager[None]:
     """The crops' memory taken from the worker's buffer budget (``Gateway.buffer``) once the
     request's ``crops`` are known, i.e. after its body is read: over the budget, the
     request is shed with 429 and Retry-After like a large body. ``held`` is the request's
     own body reservation, which does not count against it."""
     cost = crops_buffer_bytes(crops, (p for i in infos for p in i.preprocessings))
-    return gateway.buffer(cost, held) if cost else contextlib.nullcontext()
+    return gateway.buffer(cost, held, client) if cost else contextlib.nullcontext()
 
 
 def model_inputs(info: ModelInfo, prepared: Prepared) -> dict[str, np.ndarray]:
@@ -72,14 +75,18 @@ def mean_probabilities(probabilities: np.ndarray) -> np.ndarray:
 
 
 async def infer_crops(
-    backend: TritonBackend, info: ModelInfo, prepared: Prepared, request_id: str
+    backend: TritonBackend, info: ModelInfo, prepared: Prepared, request_id: str, batch_size: int = 0
 ) -> np.ndarray:
     """One model's probabilities ``[1, 1000]`` for the prepared crops: their mean. The
-    requests go one after another (see the module's docstring)."""
+    requests, of at most ``batch_size`` crops (0: the model's ``max_batch_size``), go one
+    after another (see the module's docstring)."""
     tensors = model_inputs(info, prepared)
     count = next(iter(tensors.values())).shape[0]
+    most = (
+        min(b for b in (batch_size, info.max_batch_size) if b > 0) if batch_size or info.max_batch_size else 0
+    )
     outputs = [
         await backend.infer(info.name, {k: v[part] for k, v in tensors.items()}, request_id)
-        for part in chunks(count, info.max_batch_size)
+        for part in chunks(count, most)
     ]
     return mean_probabilities(np.concatenate(outputs))

@@ -52,6 +52,7 @@ class Gateway:
         self.pool: ThreadPoolExecutor | None = None
         self.slots = asyncio.Semaphore(settings.max_concurrency)
         self.client_slots: Counter[str] = Counter()  # slots held by client
+        self.client_buffered: Counter[str] = Counter()  # buffer budget held by client
         self.buffered = 0  # bytes reserved by the bodies being read and decoded
         self.memory = MemoryAccount(settings.memory_budget_bytes)
         self.decoding = 0  # images decoding or waiting for a decode thread
@@ -114,24 +115,32 @@ class Gateway:
             self.slots.release()
 
     @asynccontextmanager
-    async def buffer(self, cost: int, held: int = 0) -> AsyncIterator[None]:
+    async def buffer(self, cost: int, held: int = 0, client: str = "") -> AsyncIterator[None]:
         """Reserves `cost` bytes for one request's body or crops from the worker's memory
         account (service/memory.py), within the part of it bodies may take (the buffer
         budget, so that decodes always find room), or sheds it at once with 429. Within
         the buffer budget one request alone is always admitted, whatever it costs, so that
         the largest allowed body can be served, and ``held`` (what the same request holds
         already: its body, when its crops are reserved) counts as its own: a 144-crop
-        request of a large photo alone fits whatever its total. The event loop's single
-        thread makes the check and the reservation one step."""
+        request of a large photo alone fits whatever its total. A client holding none of
+        the budget is let in past it too (the memory account still bounds it), so that
+        slow uploads of one client, charged the largest body when chunked, cannot keep the
+        others out. The event loop's single thread makes the check and the reservation
+        one step."""
         budget = self.settings.buffer_budget_bytes
-        if self.buffered - held and self.buffered + cost > budget:
+        newcomer = not self.client_buffered[client]
+        if self.buffered - held and self.buffered + cost > budget and not newcomer:
             raise Overloaded("too many large requests in flight; retry later")
         with self.memory.held(cost):
             self.buffered += cost
+            self.client_buffered[client] += cost
             try:
                 yield
             finally:
                 self.buffered -= cost
+                self.client_buffered[client] -= cost
+                if self.client_buffered[client] <= 0:
+                    del self.client_buffered[client]
 
     def charged(self, models: Sequence[str]) -> list[str]:
         """The models whose capacity a request uses: those it names and, for the Triton

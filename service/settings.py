@@ -225,6 +225,9 @@ class Settings(BaseSettings):
             "a proxy every connection comes from the proxy, so set 0 or the proxy's pool size there",
         ),
     ] = 256
+    crop_batch_size: Annotated[
+        int, Field(ge=1, description="most crops of one request in one Triton request")
+    ] = 8
     max_concurrency: int = Field(256, ge=1, description="classify requests handled at once by one worker")
     max_concurrency_per_client: Annotated[
         int, Field(ge=0, description="of those, what one client (key, or address) may hold, uploads included")

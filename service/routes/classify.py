@@ -65,7 +65,7 @@ async def classify(
     cost = buffer_cost(request.headers, settings.max_body_bytes)
     # The wait for a slot counts in the total, not in a stage; the buffer budget is taken
     # only with a slot, and never waited for.
-    async with gateway.slot(client), gateway.buffer(cost):
+    async with gateway.slot(client), gateway.buffer(cost, client=client):
         read_started = time.perf_counter()
         try:
             # A client that sends headers and stalls its body must not hold a slot forever.
@@ -87,7 +87,7 @@ async def classify(
         infos = list(await asyncio.gather(*(gateway.backend.model(t) for t in plan.targets)))
         # Admission before decoding: a refused request costs no CPU that admitted ones need.
         with gateway.admitted([i.name for i in infos], options.crops, client) as ticket:
-            async with crops_reservation(gateway, infos, options.crops, cost):  # the crops' memory
+            async with crops_reservation(gateway, infos, options.crops, cost, client):  # the crops' memory
                 decode_started = time.perf_counter()
                 try:
                     prepared = await gateway.prepare(
@@ -140,7 +140,10 @@ async def infer_all(
     answer is no answer, and Triton should not compute what nobody will read)."""
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(infer_crops(gateway.backend, i, prepared, request_id)) for i in infos]
+            size = gateway.settings.crop_batch_size
+            tasks = [
+                group.create_task(infer_crops(gateway.backend, i, prepared, request_id, size)) for i in infos
+            ]
     except* ApiError as failed:
         raise failed.exceptions[0] from None
     return [task.result() for task in tasks]

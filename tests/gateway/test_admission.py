@@ -11,7 +11,7 @@ import math
 import pytest
 
 from service import deadlines
-from service.admission import SAMPLE_BUSY_S, Admission, ModelLoad
+from service.admission import ACTIVE_S, SAMPLE_BUSY_S, Admission, ModelLoad
 from service.errors import InvalidRequest
 
 
@@ -245,9 +245,11 @@ def test_an_idle_model_refuses_what_its_measured_rate_cannot_answer_in_time() ->
 
 def test_a_client_holding_every_place_cannot_keep_another_out() -> None:
     """A holds the whole limit; B, holding nothing, is admitted within its share; A is then
-    refused past its share (half the limit) while B is served, and admitted again once B
-    has left."""
+    refused past its share (half the limit) while B is served and for ACTIVE_S after B's
+    last answer (B sends one request at a time), and admitted again once B has gone."""
     admission = Admission(objective_s=0.5, initial_limit=8)
+    clock = Clock()
+    admission.load("m").clock = clock
     greedy = [admission.admitted(["m"], 1, "a") for _ in range(8)]
     for ticket in greedy:
         ticket.__enter__()
@@ -259,6 +261,8 @@ def test_a_client_holding_every_place_cannot_keep_another_out() -> None:
         assert admission.load("m").share("b") == 4
     for ticket in greedy[:4]:
         ticket.__exit__(None, None, None)
+    assert admission.refusal(["m"], 1, None, "a") is not None  # B is between two requests
+    clock.now += ACTIVE_S + 0.1
     assert admission.refusal(["m"], 1, None, "a") is None  # alone again, within the limit
     for ticket in greedy[4:]:
         ticket.__exit__(None, None, None)
@@ -297,3 +301,15 @@ def test_latency_counts_from_the_triton_call_not_the_upload_or_decode() -> None:
             clock.now += 0.1
             ticket.complete()
     assert load.limit >= 4
+
+
+def test_a_photo_beside_a_144_crop_request_waits_a_share_not_all_144() -> None:
+    """At 10 images/s, 144 crops in flight would be 14.5 s ahead of a photo in a FIFO; sent
+    in small batches, served in turn, the photo waits for the other client's share (4 of
+    the limit of 8): it is admitted against a 5 s deadline, not refused."""
+    admission = Admission(objective_s=0.5, initial_limit=8)
+    load = measured(admission, "m", 10.0)
+    with admission.admitted(["m"], 144, "crops"):
+        assert load.fair_wait_s("victim", 1) == pytest.approx(0.5)
+        assert admission.refusal(["m"], 1, budget_s=5.0, client="victim") is None
+        assert admission.refusal(["m"], 1, budget_s=0.2, client="victim") is not None

@@ -64,6 +64,26 @@ def test_a_clients_slots_are_capped() -> None:
     asyncio.run(scenario())
 
 
+def test_one_clients_large_uploads_do_not_keep_another_out_of_the_buffer() -> None:
+    """Slow chunked uploads are charged the largest body: two of one client fill the
+    buffer budget; that client's third is shed, another client's small body gets in."""
+    gateway = Gateway(Settings(buffer_budget_bytes=64 * 2**20, memory_budget_bytes=512 * 2**20))
+
+    async def scenario() -> None:
+        async with (
+            gateway.buffer(32 * 2**20, client="uploader"),
+            gateway.buffer(32 * 2**20, client="uploader"),
+        ):
+            with pytest.raises(Overloaded):
+                async with gateway.buffer(32 * 2**20, client="uploader"):
+                    pass
+            async with gateway.buffer(100_000, client="victim"):
+                assert gateway.client_buffered["victim"] == 100_000
+        assert not gateway.client_buffered and gateway.buffered == 0
+
+    asyncio.run(scenario())
+
+
 def bound_client(url: str, source: str) -> httpx.Client:
     """A client whose connections come from ``source`` (any 127/8 address is loopback)."""
     return httpx.Client(base_url=url, timeout=60, transport=httpx.HTTPTransport(local_address=source))
