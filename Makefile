@@ -18,7 +18,7 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all debian venv backend repository serve test check bench bench-gateway bench-overload bench-hostile gpu-kit clean
+.PHONY: all debian venv backend repository serve test compat check bench bench-gateway bench-overload bench-hostile gpu-kit clean
 
 all: test
 
@@ -61,8 +61,17 @@ repository: $(STAMP)
 serve: backend repository
 	PORT=$(PORT) $(BIN)/python -m embedded.serve --repository $(REPO)
 
+# Compose's model path (issue 20): the torch that deploy/models.Dockerfile pins, in
+# .venv-compat, exports the repository into build/compat, Triton's PyTorch backend is built
+# against it (build/backends-compat), and the embedded tritonserver serves that export,
+# checked against the same torch in-process (tests/deploy/compat.py says what and why).
+# Each step is skipped while its inputs are unchanged.
+compat: $(STAMP)
+	$(BIN)/python -m tests.deploy.compat
+	$(BIN)/python -m pytest -q tests/deploy/test_compat.py
+
 # What CI runs: the same checks as `make check` (lint, format, types), then the whole suite.
-test: backend repository
+test: backend repository compat
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
 	$(BIN)/python -m mypy
