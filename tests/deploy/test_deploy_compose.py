@@ -277,6 +277,14 @@ def test_triton_restricts_its_admin_apis_with_a_key_nobody_knows(resolved, tmp_p
     assert keys[0] != keys[1], "the key is not drawn at each start"
 
 
+def test_triton_runs_unprivileged(resolved):
+    """As in Kubernetes: the image's triton-server user, no capabilities, no escalation."""
+    triton = resolved["services"]["triton"]
+    assert triton["user"] == "1000:1000"
+    assert triton["cap_drop"] == ["ALL"] and "no-new-privileges:true" in triton["security_opt"]
+    assert "models:/models:ro" in triton["volumes"]
+
+
 def test_triton_polls_the_repository_and_keeps_connections_alive(resolved):
     command = resolved["services"]["triton"]["command"]
     flags = dict(a.split("=", 1) for a in command if a.startswith("--") and "=" in a)
