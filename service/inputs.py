@@ -147,15 +147,20 @@ MAX_JSON_VALUES = 256
 def parse_json_body(body: bytes, limit: int) -> tuple[dict[str, Any], bytes]:
     """The options and the image bytes of a JSON body (422 on anything wrong).
 
-    Before parsing, the bytes must be ASCII (every value of this API is) and hold at most
-    :data:`MAX_JSON_VALUES` values, so that parsing costs at most what the worker's memory
-    account charged for the body: the text once more as a str (ASCII keeps it at one byte a
-    character, where one non-ASCII character makes Python store all of it at four) and the
-    decoded image, whatever the document."""
+    Before parsing, the bytes must hold at most :data:`MAX_JSON_VALUES` values and, past the
+    size of the options alone, be ASCII (base64 and every other value of this API are), so
+    that parsing costs at most what the worker's memory account charged for the body: the
+    text once more as a str (ASCII keeps it at one byte a character, where one non-ASCII
+    character makes Python store all of a string at four) and the decoded image, whatever
+    the document. A small body may carry non-ASCII, a model name a client mistyped: it is
+    answered as such (404), at a cost of a few hundred KiB at most."""
     if not body:
         raise EmptyBody("the request body is empty")
-    if not body.isascii() or b"\\u" in body:
-        raise InvalidRequest("the JSON body must be ASCII, without \\u escapes: every value of this API is")
+    if len(body) > MULTIPART_OVERHEAD and (not body.isascii() or b"\\u" in body):
+        raise InvalidRequest(
+            f"a JSON body over {MULTIPART_OVERHEAD} bytes must be ASCII, without \\u escapes: "
+            "an image in base64 is, and so is every other value of this API"
+        )
     if body.count(b",") + body.count(b":") > MAX_JSON_VALUES:
         raise InvalidRequest(f"the JSON body holds more than {MAX_JSON_VALUES} values")
     try:

@@ -42,7 +42,8 @@ MAX_TOP_K = 1000
 #: deployment routes, few enough that a list costs nothing to parse. An 11.2 M-item
 #: `weights` array held the event loop 3 s and 751 MiB before lists had a length.
 MAX_MEMBERS = 16
-#: The longest model name accepted (Triton's names are far shorter).
+#: The longest model name the text forms make room for (Triton's names are far shorter): the
+#: text of `models` is at most 16 of them. A longer name is an unknown one (404).
 MAX_NAME_CHARS = 128
 #: The image's field, in a multipart body and in a JSON one.
 IMAGE_FIELD = "image"
@@ -85,8 +86,7 @@ class ClassifyOptions(BaseModel):
 
     model: str | None = Field(None, description="a model name, `ensemble`, or omitted for the default")
     models: Annotated[
-        list[Annotated[str, Field(max_length=MAX_NAME_CHARS)]] | None,
-        CommaSeparated(f"{NETWORKS[0]},{NETWORKS[-1]}", item_chars=MAX_NAME_CHARS),
+        list[str] | None, CommaSeparated(f"{NETWORKS[0]},{NETWORKS[-1]}", item_chars=MAX_NAME_CHARS)
     ] = Field(
         None,
         max_length=MAX_MEMBERS,
