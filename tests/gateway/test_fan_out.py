@@ -16,8 +16,11 @@ from service.errors import ModelUnavailable
 from service.imaging import Prepared
 from service.model_config import ModelInfo, parse_model_config
 from service.routes.classify import infer_all
+from service.settings import Settings
 
 from .helpers import model_config_json
+
+SETTINGS = Settings()
 
 INFO = parse_model_config(model_config_json())
 PRE = INFO.preprocessing
@@ -46,7 +49,7 @@ class Backend:
 
 def test_one_failing_member_cancels_the_others() -> None:
     backend = Backend()
-    gateway = SimpleNamespace(backend=backend)
+    gateway = SimpleNamespace(backend=backend, settings=SETTINGS)
     started = time.monotonic()
     with pytest.raises(ModelUnavailable):
         asyncio.run(infer_all(gateway, infos("slow", "broken"), PREPARED, "rid"))  # type: ignore[arg-type]
@@ -60,5 +63,7 @@ def test_all_members_answer_in_order() -> None:
             await asyncio.sleep(0.01 if name == "a" else 0)
             return np.full((1, 1000), 1.0 if name == "a" else 2.0, np.float32)
 
-    outputs = asyncio.run(infer_all(SimpleNamespace(backend=Echo()), infos("a", "b"), PREPARED, "r"))  # type: ignore[arg-type]
+    outputs = asyncio.run(
+        infer_all(SimpleNamespace(backend=Echo(), settings=SETTINGS), infos("a", "b"), PREPARED, "r")
+    )  # type: ignore[arg-type]
     assert [float(o[0, 0]) for o in outputs] == [1.0, 2.0]

@@ -27,7 +27,7 @@ from service.pixels import BYTES_PER_PIXEL_BUDGET
 from service.settings import Settings, worker_memory_bytes
 
 from ..helpers import TritonEndpoint
-from .helpers import MODEL, GatewayProcess, MemoryCgroup, encode, palette_bomb, photo
+from .helpers import MODEL, UNREACHABLE, GatewayProcess, MemoryCgroup, encode, palette_bomb, photo
 
 MIB = 1024 * 1024
 
@@ -190,3 +190,14 @@ def test_no_worker_is_oom_killed_in_a_1_gib_pod_under_concurrent_bombs(
     assert by_kind["palette 16 MP", 200] >= 2, by_kind  # concurrency is budgeted, not refused
     for pid in workers:
         assert idle_rss[pid] < start_rss[pid] + 150, (start_rss, idle_rss)
+
+
+def test_each_worker_of_make_serve_budgets_its_share() -> None:
+    """`make serve WORKERS=2` (embedded/serve.py, through embedded/gateway.py) tells the
+    workers how many they are, as the image's entrypoint does, so each budgets half."""
+    from embedded.gateway import Gateway as Launcher
+
+    assert Launcher(UNREACHABLE, workers=2).environment["WEB_CONCURRENCY"] == "2"
+    assert (
+        Launcher(UNREACHABLE, workers=2, env={"WEB_CONCURRENCY": "3"}).environment["WEB_CONCURRENCY"] == "3"
+    )
