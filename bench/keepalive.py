@@ -8,8 +8,10 @@ round-robin, its deadlines) sending a steady stream of inference requests. One s
 frozen with SIGSTOP: its kernel still holds the TCP connection open, so nothing but an
 HTTP/2 ping notices that the process no longer answers.
 
-Measured twice, in one run: with the gateway's channel as it is, and with the keepalive
-channel arguments of KEEPALIVE added to it (the change proposed for service/triton.py).
+Measured twice, in one run: with the gateway's keepalive as it ships
+(`GATEWAY_TRITON_KEEPALIVE_TIME_MS`, `..._TIMEOUT_MS`: a ping every 10 s, 5 s to answer),
+and with its pings pushed out of reach (an interval of gRPC's largest value, as the
+channel was before it had keepalive).
 For each, after the freeze: the seconds until no new request goes to the frozen server
 (a request that does not answer within HUNG_S went there), and how many failed.
 
@@ -20,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tritonclient.grpc.aio as grpcaio
 
 from embedded.tritonserver import TritonServer
 from service.errors import ApiError
@@ -43,15 +42,11 @@ from service.triton import TritonBackend
 ROOT = Path(__file__).resolve().parent.parent
 #: The cheapest network: a steady stream costs the two servers little.
 MODEL = "inception_resnet_v1"
-#: The gateway-side channel arguments proposed for service/triton.py: a ping every 10 s
-#: (with or without calls in flight, with no cap on pings without data), and a peer that
-#: does not answer one within 5 s is dropped. Triton's flags allow exactly this.
-KEEPALIVE = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+#: The variants: settings of the gateway's channel. gRPC's largest interval never pings.
+VARIANTS: dict[str, dict[str, int]] = {
+    "no_keepalive": {"triton_keepalive_time_ms": 2**31 - 1},
+    "keepalive_as_shipped": {},
+}
 #: Triton's side, as docker-compose.yml and deploy/k8s/triton.yaml start it.
 TRITON_KEEPALIVE = [
     "--grpc-max-connection-age=60000",
@@ -67,22 +62,6 @@ TRITON_KEEPALIVE = [
 #: answers the cheapest network within about a second here at the bench's rate, even on
 #: the loaded 2-core machine).
 HUNG_S = 3.0
-
-
-@contextlib.contextmanager
-def channel_args_added(extra: list[tuple[str, int]]) -> Iterator[None]:
-    """The gateway's client, created with `extra` after its own channel arguments."""
-    original = grpcaio.InferenceServerClient
-
-    class WithExtra(original):  # type: ignore[misc, valid-type]
-        def __init__(self, *args: Any, channel_args: list[tuple[str, Any]] | None = None, **kw: Any):
-            super().__init__(*args, channel_args=[*(channel_args or []), *extra], **kw)
-
-    grpcaio.InferenceServerClient = WithExtra
-    try:
-        yield
-    finally:
-        grpcaio.InferenceServerClient = original
 
 
 @dataclass
@@ -123,16 +102,17 @@ async def stream(
 
 
 def run_variant(
-    servers: list[TritonServer], extra: list[tuple[str, int]], args: argparse.Namespace
+    servers: list[TritonServer], overrides: dict[str, int], args: argparse.Namespace
 ) -> dict[str, Any]:
     target = "ipv4:" + ",".join(s.grpc_url for s in servers)
-    settings = Settings(
-        _env_file=None,
-        triton_grpc_url=target,
-        models=[MODEL],
-        default_model=MODEL,
-        triton_timeout_s=args.deadline_s,
-    )
+    fields: dict[str, Any] = {
+        "triton_grpc_url": target,
+        "models": [MODEL],
+        "default_model": MODEL,
+        "triton_timeout_s": args.deadline_s,
+        **overrides,
+    }
+    settings = Settings.model_validate(fields)
     victim = servers[1].process
     assert victim is not None
     frozen_at: list[float] = []
@@ -150,8 +130,7 @@ def run_variant(
             await backend.close()
 
     try:
-        with channel_args_added(extra):
-            calls = asyncio.run(main())
+        calls = asyncio.run(main())
     finally:
         os.kill(victim.pid, signal.SIGCONT)
     t0 = frozen_at[0]
@@ -159,7 +138,8 @@ def run_variant(
     hung = [c for c in after if not c.ok or c.seconds > HUNG_S]
     last = max((c.sent for c in hung), default=None)
     return {
-        "channel_args_added": [list(a) for a in extra],
+        "keepalive_time_ms": settings.triton_keepalive_time_ms,
+        "keepalive_timeout_ms": settings.triton_keepalive_timeout_ms,
         "requests_after_freeze": len(after),
         "went_to_frozen_server": len(hung),
         "failed": sum(not c.ok for c in after),
@@ -189,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     (repository / MODEL).symlink_to((args.repository / MODEL).resolve(), target_is_directory=True)
     flags = ["--model-control-mode=explicit", f"--load-model={MODEL}", *TRITON_KEEPALIVE]
     results = {}
-    for name, extra in (("gateway_as_is", []), ("with_keepalive", KEEPALIVE)):
+    for name, overrides in VARIANTS.items():
         # Fresh servers for each variant: the frozen one of the first is not reused.
         servers = [
             TritonServer(repository, log_path=work / f"{name}-triton-{i}.log", extra_args=flags)
@@ -200,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.start()
             for server in servers:
                 server.wait_ready(timeout=300)
-            results[name] = run_variant(servers, extra, args)
+            results[name] = run_variant(servers, overrides, args)
         finally:
             for server in servers:
                 server.stop()

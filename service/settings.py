@@ -142,6 +142,21 @@ class Settings(BaseSettings):
     triton_dns_min_interval_ms: int = Field(
         5000, ge=0, description="least time between two DNS resolutions of the Triton URL"
     )
+    triton_keepalive_time_ms: int = Field(
+        10_000,
+        ge=5000,
+        description="gRPC keepalive ping interval to Triton, so a frozen or vanished Triton node is "
+        "dropped in seconds (Triton refuses pings more often than every 5 s)",
+    )
+    triton_keepalive_timeout_ms: int = Field(
+        5000, ge=1000, description="a keepalive ping unanswered this long closes the connection"
+    )
+    config_max_age_s: float = Field(
+        10.0,
+        ge=0,
+        description="the model configs are read again this often, so new weights' provenance is "
+        "learned without a restart (0: only at start and after a failure)",
+    )
     config_refresh_interval_s: float = Field(
         1.0, ge=0, description="at most one refresh of the model configs per interval while any is missing"
     )

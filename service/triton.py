@@ -10,6 +10,7 @@ name no internals (addresses, stack traces and Triton's own words go to the log 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -111,6 +112,7 @@ class TritonBackend:
         self._refresh_lock = asyncio.Lock()
         self._last_refresh = float("-inf")
         self._stale = False
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
@@ -132,15 +134,43 @@ class TritonBackend:
                     # pods are found (docs/architecture.md, "Spreading requests over Triton").
                     ("grpc.lb_policy_name", self.settings.triton_lb_policy),
                     ("grpc.dns_min_time_between_resolutions_ms", self.settings.triton_dns_min_interval_ms),
+                    # A Triton that stops answering without closing its connections (a
+                    # frozen process, a node gone from the network) is found by its unanswered
+                    # pings, not by every request waiting out its deadline (bench/keepalive.py).
+                    # tritonclient's own keepalive options are ignored once channel_args are
+                    # given, so they are set here; Triton's --grpc-keepalive-* flags permit them.
+                    ("grpc.keepalive_time_ms", self.settings.triton_keepalive_time_ms),
+                    ("grpc.keepalive_timeout_ms", self.settings.triton_keepalive_timeout_ms),
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.max_pings_without_data", 0),
                 ],
             )
         return self._client
 
     async def start(self) -> None:
-        """Read the configs if Triton is up; never fail (the gateway must start regardless)."""
+        """Read the configs if Triton is up; never fail (the gateway must start regardless).
+        Then keep reading them every ``config_max_age_s``: Triton loads a new export without
+        a restart (poll model control), and the provenance the gateway publishes must follow
+        it even when no call fails."""
         await self.refresh(force=True)
+        if self.settings.config_max_age_s > 0 and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch_configs(), name="config-watcher")
+
+    async def _watch_configs(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.config_max_age_s)
+            try:
+                if await self.live():  # a Triton that is down is found by the requests
+                    await self.refresh(force=True)
+            except Exception:  # the watcher must outlive any one failure
+                log.exception("periodic config read failed")
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()

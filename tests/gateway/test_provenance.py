@@ -4,8 +4,10 @@ gateway say `unknown` and warn, as it does for random weights."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from embedded.tritonserver import TritonServer
@@ -48,3 +50,47 @@ def test_unrecorded_provenance_is_unknown_and_warned(tmp_path: Path) -> None:
         assert "unknown provenance" in body["warning"]
         listed = client.get("/v1/models").json()
         assert "unknown" in str(listed)
+
+
+def copied_repository(tmp_path: Path) -> Path:
+    """The exported model beside a copy of its CPU variant that the test may rewrite."""
+    source = ROOT / "model_repository" / MODEL
+    folder = tmp_path / "repository" / MODEL
+    (folder / "configs").mkdir(parents=True)
+    (folder / "1").mkdir()
+    (folder / "1" / "model.pt").symlink_to((source / "1" / "model.pt").resolve())
+    (folder / "labels.txt").symlink_to((source / "labels.txt").resolve())
+    variant = source / "configs" / f"{CPU_VARIANT}.pbtxt"
+    (folder / "configs" / f"{CPU_VARIANT}.pbtxt").write_text(variant.read_text())
+    return folder.parent
+
+
+def listed_sha256(client: httpx.Client) -> str | None:
+    models = client.get("/v1/models").json()["models"]
+    return next(m["weights_sha256"] for m in models if m["name"] == MODEL)
+
+
+def test_new_provenance_reaches_the_gateway_without_a_restart(tmp_path: Path) -> None:
+    """Triton polls its repository (as compose and Kubernetes run it) and loads what an export
+    rewrote; the gateway reads the configs again every GATEWAY_CONFIG_MAX_AGE_S, so the
+    provenance it publishes follows with no failed call to tell it."""
+    repository = copied_repository(tmp_path)
+    variant = repository / MODEL / "configs" / f"{CPU_VARIANT}.pbtxt"
+    env = {"GATEWAY_MODELS": MODEL, "GATEWAY_DEFAULT_MODEL": MODEL, "GATEWAY_CONFIG_MAX_AGE_S": "1"}
+    poll = ["--model-control-mode=poll", "--repository-poll-secs=1"]
+    with (
+        TritonServer(repository, log_path=tmp_path / "triton.log", extra_args=poll) as triton,
+        running_gateway(triton.grpc_url, tmp_path / "gateway.log", env=env) as gateway,
+        gateway.client() as client,
+    ):
+        before = listed_sha256(client)
+        new = "f" * 64
+        assert before != new
+        config = parse(variant.read_text())
+        config.parameters["weights_sha256"].string_value = new
+        variant.write_text(render(config))
+        deadline = time.monotonic() + 60
+        while listed_sha256(client) != new:
+            assert time.monotonic() < deadline, f"the gateway still lists {listed_sha256(client)}"
+            assert classify(client, photo("chelsea.png").read_bytes(), "image/png").status_code == 200
+            time.sleep(0.5)
