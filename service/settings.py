@@ -223,7 +223,7 @@ class Settings(BaseSettings):
             description="images one worker decodes or holds waiting for a decode thread; past it, or "
             "when the wait would pass the request's deadline, a request is refused before decoding",
         ),
-    ] = 8
+    ] = 32
     #: Per request (service/protocol.py): past a bound 431 or 408, and the connection closes.
     max_header_bytes: Annotated[int, Field(ge=1024, description="largest request line and headers")] = (
         32 * 1024

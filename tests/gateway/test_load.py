@@ -1,8 +1,9 @@
 """64 concurrent requests through the gateway, and Triton's statistics proving it batched.
 
-The gateway's latency objective is generous here (a batch client's, not an interactive
-one's): admission control admits the whole burst, which is what this test is about;
-test_overload.py tests what is refused past the objective."""
+The gateway's latency objective, decode queue and per-client cap are generous here (a
+batch client's, not an interactive one's): the gateway admits the whole burst of one
+client, which is what this test is about; test_overload.py tests what is refused past the
+objective, test_fair_admission.py and test_decode_bounds.py the other bounds."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ def gateway(
     gateway_triton: TritonEndpoint, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[GatewayProcess]:
     log = tmp_path_factory.mktemp("load") / "gateway.log"
-    env = {"GATEWAY_LATENCY_TARGET_S": "300", "GATEWAY_ADMISSION_INITIAL_LIMIT": "64"}
+    env = {
+        "GATEWAY_LATENCY_TARGET_S": "300",
+        "GATEWAY_ADMISSION_INITIAL_LIMIT": "64",
+        "GATEWAY_DECODE_QUEUE": "64",
+        "GATEWAY_MAX_CONCURRENCY_PER_CLIENT": "64",
+    }
     with running_gateway(gateway_triton.grpc_url, log, env=env) as process:
         yield process
 
