@@ -119,3 +119,23 @@ def test_a_greedy_client_leaves_another_its_answers(gateway_triton: TritonEndpoi
             for thread in attackers:
                 thread.join()
     assert statuses.count(200) >= 0.9 * len(statuses), statuses
+
+
+def test_a_client_is_its_key_or_else_its_address() -> None:
+    """Fair shares are per API key when keys are on (hashed: the key is never kept), else
+    per address, which uvicorn takes from X-Forwarded-For when the peer is trusted."""
+    from starlette.requests import Request
+
+    from service.deps import client_id
+
+    def request(headers: dict[str, str], host: str = "10.0.0.7") -> Request:
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        return Request({"type": "http", "headers": raw, "client": (host, 5000)})
+
+    open_gateway = Gateway(Settings())
+    assert client_id(request({}), open_gateway) == "addr:10.0.0.7"
+    keyed = Gateway(Settings(api_keys=["k1", "k2"]))
+    one = client_id(request({"Authorization": "Bearer k1"}), keyed)
+    assert one == client_id(request({"X-API-Key": "k1"}, host="10.9.9.9"), keyed)  # the key, not the address
+    assert one != client_id(request({"X-API-Key": "k2"}), keyed)
+    assert "k1" not in one
