@@ -20,7 +20,7 @@ preprocessing (docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 import numpy as np
@@ -36,24 +36,27 @@ from .triton import TritonBackend
 CROP_COPIES = 3
 
 
-def crops_buffer_bytes(crops: int, pres: Iterable[Preprocessing]) -> int:
-    """The memory a multi-crop request holds beyond its body: 144 crops of 299² RGB are
-    38.6 MB, three times that while they are sent (116 MB); 10 crops 8 MB per distinct
-    crop. A single crop (0.8 MB) is not counted, as before."""
-    if crops == 1:
+def crops_buffer_bytes(crops: int, pres: Iterable[Preprocessing], images: int = 1) -> int:
+    """The memory a multi-crop or multi-image request holds beyond its body: 144 crops of
+    299² RGB are 38.6 MB, three times that while they are sent (116 MB); 10 crops 8 MB per
+    distinct crop; a batch of images as many times its crops, one copy more for the
+    concatenation of its images. A single crop of a single image (0.8 MB) is not counted,
+    as before."""
+    if crops * images == 1:
         return 0
+    copies = CROP_COPIES + (images > 1)
     geometries = {(p.interpolation, p.input_size, p.crop_pct if uses_crop_pct(crops) else None) for p in pres}
-    return sum(crops * size * size * 3 * CROP_COPIES for _, size, _ in geometries)
+    return sum(images * crops * size * size * 3 * copies for _, size, _ in geometries)
 
 
 def crops_reservation(
-    gateway: Gateway, infos: list[ModelInfo], crops: int, held: int = 0, client: str = ""
+    gateway: Gateway, infos: list[ModelInfo], crops: int, held: int = 0, client: str = "", images: int = 1
 ) -> AbstractAsyncContextManager[None]:
     """The crops' memory taken from the worker's buffer budget (``Gateway.buffer``) once the
-    request's ``crops`` are known, i.e. after its body is read: over the budget, the
-    request is shed with 429 and Retry-After like a large body. ``held`` is the request's
-    own body reservation, which does not count against it."""
-    cost = crops_buffer_bytes(crops, (p for i in infos for p in i.preprocessings))
+    request's ``crops`` and images are known, i.e. after its body is read: over the budget,
+    the request is shed with 429 and Retry-After like a large body. ``held`` is the
+    request's own body reservation, which does not count against it."""
+    cost = crops_buffer_bytes(crops, (p for i in infos for p in i.preprocessings), images)
     return gateway.buffer(cost, held, client) if cost else contextlib.nullcontext()
 
 
@@ -74,19 +77,33 @@ def mean_probabilities(probabilities: np.ndarray) -> np.ndarray:
     return probabilities.astype(np.float64).mean(axis=0, keepdims=True)
 
 
-async def infer_crops(
-    backend: TritonBackend, info: ModelInfo, prepared: Prepared, request_id: str, batch_size: int = 0
-) -> np.ndarray:
-    """One model's probabilities ``[1, 1000]`` for the prepared crops: their mean. The
-    requests, of at most ``batch_size`` crops (0: the model's ``max_batch_size``), go one
-    after another (see the module's docstring)."""
-    tensors = model_inputs(info, prepared)
+async def infer_images(
+    backend: TritonBackend,
+    info: ModelInfo,
+    prepared: Sequence[Prepared],
+    request_id: str,
+    batch_size: int = 0,
+) -> list[np.ndarray]:
+    """One model's probabilities ``[1, 1000]`` for each prepared image: the mean of its
+    crops. The images' crops go together, one image after another, in requests of at most
+    ``batch_size`` crops (0: the model's ``max_batch_size``), sent one after another (see
+    the module's docstring): a batch of single crops is one Triton request."""
+    tensors = {
+        name: np.concatenate([p.batches[pre] for p in prepared])
+        if len(prepared) > 1
+        else prepared[0].batches[pre]
+        for name, pre in info.inputs
+    }
     count = next(iter(tensors.values())).shape[0]
     most = (
         min(b for b in (batch_size, info.max_batch_size) if b > 0) if batch_size or info.max_batch_size else 0
     )
-    outputs = [
-        await backend.infer(info.name, {k: v[part] for k, v in tensors.items()}, request_id)
-        for part in chunks(count, most)
-    ]
-    return mean_probabilities(np.concatenate(outputs))
+    outputs = np.concatenate(
+        [
+            await backend.infer(info.name, {k: v[part] for k, v in tensors.items()}, request_id)
+            for part in chunks(count, most)
+        ]
+    )
+    _, pre = info.inputs[0]
+    ends = np.cumsum([p.batches[pre].shape[0] for p in prepared])
+    return [mean_probabilities(rows) for rows in np.split(outputs, ends[:-1])]

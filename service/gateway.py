@@ -19,6 +19,7 @@ import numpy as np
 
 from . import deadlines, metrics
 from .admission import Admission, Ticket
+from .cache import AnswerCache
 from .deadlines import remaining_s
 from .errors import DeadlineExceeded, OverCapacity, Overloaded
 from .imaging import Prepared, Preprocessing, prepare
@@ -55,6 +56,8 @@ class Gateway:
         self.client_buffered: Counter[str] = Counter()  # buffer budget held by client
         self.buffered = 0  # bytes reserved by the bodies being read and decoded
         self.memory = MemoryAccount(settings.memory_budget_bytes)
+        # Answers by content (service/cache.py): held from the memory account, given back on demand.
+        self.cache = AnswerCache(settings.cache_bytes, self.memory)
         self.decoding = 0  # images decoding or waiting for a decode thread
         self.decode_s: float | None = None  # moving average of one image's decode and preprocessing
         self.admission = Admission(

@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from .errors import EmptyBody, InvalidRequest, PayloadTooLarge, TemporarilyUnavailable, UnsupportedMediaType
 from .options import (
     IMAGE_FIELD,
+    IMAGES_FIELD,
     OPTION_FIELDS,
     ClassifyJson,
     ClassifyOptions,
@@ -144,7 +146,29 @@ def _decode_base64(text: str, limit: int) -> bytes:
 MAX_JSON_VALUES = 256
 
 
-def parse_json_body(body: bytes, limit: int) -> tuple[dict[str, Any], bytes]:
+@dataclass(frozen=True)
+class Upload:
+    """What a classify request carries: its images' bytes and its options. ``batch`` says
+    the client sent several images (repeated multipart parts, or a JSON ``images`` array,
+    even of one): it is answered per image; a single image keeps the single answer."""
+
+    images: list[bytes]
+    options: ClassifyOptions
+    batch: bool
+
+
+def _decode_images(texts: list[str], limit: int) -> list[bytes]:
+    """Each base64 image, their bytes together at most ``limit`` (the body limit is the
+    request's, whatever it carries)."""
+    images, total = [], 0
+    for text in texts:
+        data = _decode_base64(text, limit - total)
+        total += len(data)
+        images.append(data)
+    return images
+
+
+def parse_json_body(body: bytes, limit: int) -> tuple[dict[str, Any], list[bytes], bool]:
     """The options and the image bytes of a JSON body (422 on anything wrong).
 
     Before parsing, the bytes must hold at most :data:`MAX_JSON_VALUES` values and, past the
@@ -170,13 +194,17 @@ def parse_json_body(body: bytes, limit: int) -> tuple[dict[str, Any], bytes]:
         # arrays or objects nested deeper than the parser's stack.
         raise InvalidRequest("the body is not valid JSON") from None
     if not isinstance(document, dict):
-        raise InvalidRequest('the JSON body must be an object {"image": "<base64>", ...}')
+        raise InvalidRequest(
+            'the JSON body must be an object {"image": "<base64>", ...} or {"images": [...], ...}'
+        )
     try:
         # As its schema says: `weights` numbers in an array (not "1"), or one string.
         fields = ClassifyJson.model_validate(document).model_dump(exclude_unset=True)
     except ValidationError as exc:
         raise InvalidRequest(describe(exc)) from None
-    return fields, _decode_base64(fields.pop(IMAGE_FIELD), limit)
+    if IMAGES_FIELD in fields:
+        return fields, _decode_images(fields.pop(IMAGES_FIELD), limit), True
+    return fields, [_decode_base64(fields.pop(IMAGE_FIELD), limit)], False
 
 
 def _check_text(fields: dict[str, Any]) -> None:
@@ -188,20 +216,22 @@ def _check_text(fields: dict[str, Any]) -> None:
         raise InvalidRequest(describe(exc)) from None
 
 
-async def read_request(request: Request, query: dict[str, Any], limit: int) -> tuple[bytes, ClassifyOptions]:
-    """The image bytes and the options; query parameters win over body fields.
+async def read_request(request: Request, query: dict[str, Any], limit: int, max_images: int = 1) -> Upload:
+    """The images' bytes and the options; query parameters win over body fields. ``limit``
+    bounds the request's images together; at most ``max_images`` of them.
 
-    Raises 413, 415, 400 (empty), 422 (bad options or JSON) or 503 (a multipart body that
-    cannot be buffered) as :mod:`service.errors`.
+    Raises 413, 415, 400 (empty), 422 (bad options or JSON, too many images) or 503 (a
+    multipart body that cannot be buffered) as :mod:`service.errors`.
     """
     media = media_type(request.headers)
     form = BodyForm.of(media)
     fields: dict[str, Any] = {}
+    batch = False
     if form is BodyForm.MULTIPART:
         _check_declared_length(request, limit + MULTIPART_OVERHEAD)
         bounded = Request(request.scope, bounded_receive(request.receive, limit + MULTIPART_OVERHEAD))
         parser = InMemoryMultiPartParser(
-            bounded.headers, bounded.stream(), max_files=1, max_fields=len(OPTION_FIELDS)
+            bounded.headers, bounded.stream(), max_files=max_images, max_fields=len(OPTION_FIELDS)
         )
         try:
             parts = await parser.parse()
@@ -215,10 +245,10 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
         except Exception as exc:  # starlette's MultiPartException and friends
             raise InvalidRequest(f"bad multipart body: {exc}") from None
         try:
-            upload = parts.get(IMAGE_FIELD)
-            if upload is None:
+            uploads = parts.getlist(IMAGE_FIELD)
+            if not uploads:
                 raise InvalidRequest(f"multipart body has no field named {IMAGE_FIELD!r}")
-            if not isinstance(upload, UploadFile):
+            if not all(isinstance(u, UploadFile) for u in uploads):
                 # A part without a filename is parsed as text: its bytes are already lost.
                 raise InvalidRequest(
                     f"the multipart field {IMAGE_FIELD!r} has no filename, so it arrived as text and its "
@@ -227,19 +257,20 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
             unknown = sorted(set(parts.keys()) - {IMAGE_FIELD, *OPTION_FIELDS})
             if unknown:  # as the JSON form forbids unknown keys: a typo must not pass unnoticed
                 raise InvalidRequest(f"unknown multipart fields: {', '.join(unknown)[:200]}")
-            data = await upload.read()
+            images = [await u.read() for u in uploads if isinstance(u, UploadFile)]
             fields = {k: parts.get(k) for k in OPTION_FIELDS if isinstance(parts.get(k), str)}
         finally:
             await parts.close()
-        if len(data) > limit:
+        if sum(map(len, images)) > limit:
             raise _too_large(limit)
+        batch = len(images) > 1
         _check_text(fields)
     elif form is BodyForm.JSON:
         body = await read_body(request, (limit + 2) // 3 * 4 + MULTIPART_OVERHEAD)
         # Parsed and validated in a thread: even bounded, a 21 MiB document takes tens of ms.
-        fields, data = await asyncio.to_thread(parse_json_body, body, limit)
+        fields, images, batch = await asyncio.to_thread(parse_json_body, body, limit)
     elif form is BodyForm.RAW_IMAGE:
-        data = await read_body(request, limit)
+        images = [await read_body(request, limit)]
     elif not media:
         raise UnsupportedMediaType(
             "no Content-Type: send multipart/form-data, an image/* body or application/json"
@@ -248,9 +279,11 @@ async def read_request(request: Request, query: dict[str, Any], limit: int) -> t
         raise UnsupportedMediaType(
             f"{media} is not accepted: send multipart/form-data, an image/* body or application/json"
         )
-    if not data:
+    if len(images) > max_images:
+        raise InvalidRequest(f"{len(images)} images in one request: at most {max_images}")
+    if not batch and not images[0]:
         raise EmptyBody("the request carries no image data")
     if fields:
         parse_options(fields)  # a bad body field is refused even where the query overrides it
     merged = {**fields, **{k: v for k, v in query.items() if v is not None}}
-    return data, parse_options(merged)
+    return Upload(images, parse_options(merged), batch)

@@ -24,7 +24,7 @@ import ctypes.util
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from .errors import ImageTooLarge, Overloaded
@@ -77,7 +77,10 @@ class MemoryAccount:
         self.capacity = capacity
         self.reserved = 0
         self.peak = 0
-        self._changed = threading.Condition()
+        self._changed = threading.Condition()  # its lock is reentrant: `reclaim` may release
+        #: Frees up to the bytes asked of what is held only to save work (the answer cache,
+        #: service/cache.py) and says how many it freed: requests come before it.
+        self.reclaim: Callable[[int], int] | None = None
 
     def _fits(self, cost: int) -> bool:
         if cost > self.capacity:
@@ -86,7 +89,19 @@ class MemoryAccount:
                 f"{self.capacity / MIB:.0f} MiB; send a smaller image",
                 limit=self.capacity,
             )
+        short = self.reserved + cost - self.capacity
+        if short > 0 and self.reclaim is not None:
+            self.reserved -= self.reclaim(short)
         return self.reserved + cost <= self.capacity
+
+    def try_reserve(self, cost: int) -> bool:
+        """Reserves ``cost`` bytes if they fit now, without reclaiming (what saves work
+        never displaces itself), and says whether it did."""
+        with self._changed:
+            if cost > self.capacity or self.reserved + cost > self.capacity:
+                return False
+            self._take(cost)
+            return True
 
     def _take(self, cost: int) -> None:
         self.reserved += cost

@@ -107,6 +107,18 @@ REQUEST_SIZE = Histogram(
     buckets=SIZE_BUCKETS,
 )
 
+#: The answer cache (service/cache.py), per image looked up: a request bypassing it
+#: (`Cache-Control: no-store`, the cache off, weights without a sha256) counts in neither.
+CACHE_HITS = Counter("inception_gateway_cache_hits", "Images answered from the answer cache", ["model"])
+CACHE_MISSES = Counter(
+    "inception_gateway_cache_misses", "Images looked up in the answer cache and not found", ["model"]
+)
+CACHE_BYTES = Gauge(
+    "inception_gateway_cache_bytes",
+    "Bytes the answer caches hold, summed over the workers",
+    multiprocess_mode="livesum",
+)
+
 #: Connections answered and closed by the connection itself (service/protocol.py), by why:
 #: headers_too_large, timeout, bad_http, connections, peer_connections.
 CONNECTIONS_REFUSED = Counter(

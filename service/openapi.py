@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import deadlines
-from .options import MULTIPART_SCHEMA, ClassifyJson
+from .options import MULTIPART_SCHEMA, json_body_schema
 from .schemas import ErrorResponse
 
 CLASSIFY_BODY: dict[str, Any] = {
@@ -17,7 +17,7 @@ CLASSIFY_BODY: dict[str, Any] = {
         "content": {
             "multipart/form-data": {"schema": MULTIPART_SCHEMA},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": ClassifyJson.model_json_schema()},
+            "application/json": {"schema": json_body_schema()},
         },
     },
 }

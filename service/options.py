@@ -29,6 +29,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     create_model,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 
@@ -45,8 +46,14 @@ MAX_MEMBERS = 16
 #: The longest model name the text forms make room for (Triton's names are far shorter): the
 #: text of `models` is at most 16 of them. A longer name is an unknown one (404).
 MAX_NAME_CHARS = 128
-#: The image's field, in a multipart body and in a JSON one.
+#: The image's field, in a multipart body (repeated for several) and in a JSON one.
 IMAGE_FIELD = "image"
+#: The JSON body's field for several images, an array of base64 strings.
+IMAGES_FIELD = "images"
+#: The most images one request may carry: Triton's ``max_batch_size`` in every model's
+#: config, so that the images of a request go to a model as one batch. The schema's bound;
+#: ``GATEWAY_MAX_IMAGES`` may set a lower one.
+MAX_IMAGES = 64
 
 
 def _supported(crops: int) -> int:
@@ -157,9 +164,19 @@ def query_model(options: type[BaseModel]) -> type[BaseModel]:
 
 
 def multipart_schema(options: type[BaseModel]) -> dict[str, Any]:
-    """The multipart body as OpenAPI describes it: the image file and each option as text.
+    """The multipart body as OpenAPI describes it: the image file (one part, or several
+    for a batch: OpenAPI's array of a multipart field is the part repeated) and each option as text.
     FastAPI cannot infer it, because the route reads the body itself to bound it."""
-    properties: dict[str, Any] = {IMAGE_FIELD: {"type": "string", "format": "binary"}}
+    properties: dict[str, Any] = {
+        IMAGE_FIELD: {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "minItems": 1,
+            "maxItems": MAX_IMAGES,
+            "description": f"the image file; repeat the part for a batch of at most {MAX_IMAGES}, "
+            "answered with one result per image, in order",
+        }
+    }
     for name, field in options.model_fields.items():
         text, description = as_text(name, field)
         schema = TypeAdapter(text).json_schema()
@@ -175,20 +192,44 @@ def multipart_schema(options: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+#: One image of a JSON body: the file's bytes in base64.
+Base64Image = Annotated[
+    str, Field(min_length=1, json_schema_extra={"format": "byte", "contentEncoding": "base64"})
+]
+
+
+def _one_image_field(values: Any) -> Any:
+    """A JSON body carries `image` (one) or `images` (several), never both nor neither."""
+    if isinstance(values, dict) and (values.get(IMAGE_FIELD) is None) == (values.get(IMAGES_FIELD) is None):
+        raise ValueError(f"give either {IMAGE_FIELD!r} (one image) or {IMAGES_FIELD!r} (an array), not both")
+    return values
+
+
+def json_body_schema() -> dict[str, Any]:
+    """The JSON body's schema, saying what :func:`_one_image_field` checks."""
+    schema = ClassifyJson.model_json_schema()
+    schema["oneOf"] = [{"required": [IMAGE_FIELD]}, {"required": [IMAGES_FIELD]}]
+    return schema
+
+
 def json_model(options: type[BaseModel]) -> type[BaseModel]:
     """The JSON body: the options as JSON values, each list as an array of strict JSON
     values (a weight is a number, not ``"1"``) or, as in the query, one comma-separated
-    string; and the image, base64."""
+    string; and the image, base64, or several images, an array of them (a batch)."""
     fields: dict[str, Any] = {
+        # Absent, not null, when not given (the schema says so): exactly one of the two.
         IMAGE_FIELD: (
-            str,
+            Base64Image,
+            Field(None, description="the image file's bytes, base64 (a `data:` URL prefix is accepted)"),
+        ),
+        IMAGES_FIELD: (
+            Annotated[list[Base64Image], Field(min_length=1, max_length=MAX_IMAGES)],
             Field(
-                ...,
-                min_length=1,
-                description="the image file's bytes, base64 (a `data:` URL prefix is accepted)",
-                json_schema_extra={"format": "byte", "contentEncoding": "base64"},
+                None,
+                description=f"several images (at most {MAX_IMAGES}), each as `image`: a batch, answered "
+                "with one result per image, in order",
             ),
-        )
+        ),
     }
     for name, field in options.model_fields.items():
         if _is_list(field):
@@ -201,6 +242,7 @@ def json_model(options: type[BaseModel]) -> type[BaseModel]:
     return create_model(
         options.__name__.removesuffix("Options") + "Json",
         __base__=options,
+        __validators__={"_one_image_field": model_validator(mode="before")(_one_image_field)},  # type: ignore[dict-item]
         __doc__=f"The JSON form of {options.__name__}: the options as JSON values, a list as an "
         "array or, as in the query string, one comma-separated string; and the image, base64.",
         **fields,

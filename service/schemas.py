@@ -22,13 +22,19 @@ class Member(BaseModel):
     weights: str = Field(description="weight provenance: `pretrained:<source>` or `random-init`")
 
 
-class ClassifyResponse(BaseModel):
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class Answer(BaseModel):
+    """What every classify answer says, of one image or of a batch: what served it."""
+
     model_config = ConfigDict(protected_namespaces=())
 
     model: str = Field(
         description="what served the request: a model, the Triton ensemble, or `ensemble(a,b)`"
     )
-    predictions: list[Prediction]
     weights: str = Field(
         description="weight provenance; `random-init` when any model involved is randomly initialised"
     )
@@ -38,6 +44,36 @@ class ClassifyResponse(BaseModel):
     crops: int = Field(1, description="how many crops were averaged (the `crops` option)")
     timing_ms: dict[str, float]
     request_id: str
+
+
+CACHED = Field(
+    False,
+    description="the answer came from the gateway's cache: the same image bytes, models, coefficients, "
+    "crops and weights (sha256) were answered before",
+)
+
+
+class ClassifyResponse(Answer):
+    """The answer to one image (a request that carries one, as every client sent before
+    batches existed)."""
+
+    predictions: list[Prediction]
+    cached: bool = CACHED
+
+
+class ImageResult(BaseModel):
+    """One image of a batch: its predictions, or its own error (the others are unaffected)."""
+
+    predictions: list[Prediction] | None = Field(None, description="null when the image has an error")
+    cached: bool = CACHED
+    error: ErrorDetail | None = Field(None, description="why this image has no answer; null when it has one")
+
+
+class BatchClassifyResponse(Answer):
+    """The answer to a batch (repeated multipart `image` parts, or a JSON `images` array):
+    one result per image, in the order sent."""
+
+    results: list[ImageResult]
 
 
 class Preprocess(BaseModel):
@@ -74,11 +110,6 @@ class ModelsResponse(BaseModel):
         default_factory=lambda: dict(PROTOCOLS),
         description="the multi-crop protocols POST /v1/classify?crops=N supports, with their source",
     )
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
 
 
 class ErrorResponse(BaseModel):

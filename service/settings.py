@@ -17,6 +17,25 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from inception import contract
 
+from .options import MAX_IMAGES
+
+KEEPALIVE_HELP = (
+    "gRPC keepalive ping interval to Triton, so a frozen or vanished Triton node is dropped in seconds "
+    "(Triton refuses pings more often than every 5 s)"
+)
+MAX_IMAGES_HELP = (
+    "most images one classify request may carry (repeated multipart `image` parts or a JSON `images` "
+    "array); they go to Triton as one batch, so at most its max_batch_size (64)"
+)
+CACHE_HELP = (
+    "answers cached by content (the image's bytes, the models, their coefficients, the crops and the "
+    "served weights' sha256); off: every image is decoded and run"
+)
+CACHE_BYTES_HELP = (
+    "most bytes of cached answers one worker holds (about 4.3 KiB each), taken from its memory account; "
+    "the least recently used go first"
+)
+
 
 def default_models() -> list[str]:
     """The models that may be routed to: the contract's networks and their Triton ensemble,
@@ -139,15 +158,10 @@ class Settings(BaseSettings):
         description="how requests spread over the addresses the Triton URL resolves to "
         "(round_robin: all of them, e.g. every pod behind a headless Service, `dns:///triton:8001`)",
     )
-    triton_dns_min_interval_ms: int = Field(
-        5000, ge=0, description="least time between two DNS resolutions of the Triton URL"
-    )
-    triton_keepalive_time_ms: int = Field(
-        10_000,
-        ge=5000,
-        description="gRPC keepalive ping interval to Triton, so a frozen or vanished Triton node is "
-        "dropped in seconds (Triton refuses pings more often than every 5 s)",
-    )
+    triton_dns_min_interval_ms: Annotated[
+        int, Field(ge=0, description="least time between two DNS resolutions of the Triton URL")
+    ] = 5000
+    triton_keepalive_time_ms: Annotated[int, Field(ge=5000, description=KEEPALIVE_HELP)] = 10_000
     triton_keepalive_timeout_ms: int = Field(
         5000, ge=1000, description="a keepalive ping unanswered this long closes the connection"
     )
@@ -178,7 +192,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         16 * 1024 * 1024,
         gt=0,
-        description="largest image (raw bytes) accepted; bodies are refused while streaming",
+        description="largest image, or images of a batch together (raw bytes), accepted; bodies are refused "
+        "while streaming",
     )
     buffer_budget_bytes: int = Field(
         default_factory=default_buffer_budget,
@@ -282,6 +297,11 @@ class Settings(BaseSettings):
         description="Retry-After of 503 answers, but those of admission control (the time the "
         "work in flight takes to drain) and of a failure to buffer an upload (1 s)",
     )
+
+    #: Batches and the answer cache (issue 21; service/cache.py).
+    max_images: Annotated[int, Field(ge=1, le=MAX_IMAGES, description=MAX_IMAGES_HELP)] = MAX_IMAGES
+    cache: bool = Field(True, description=CACHE_HELP)
+    cache_bytes: Annotated[int, Field(ge=0, description=CACHE_BYTES_HELP)] = 32 * 1024 * 1024
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="when set, /v1 needs `Authorization: Bearer <key>` or `X-API-Key`"

@@ -52,7 +52,7 @@ def test_one_failing_member_cancels_the_others() -> None:
     gateway = SimpleNamespace(backend=backend, settings=SETTINGS)
     started = time.monotonic()
     with pytest.raises(ModelUnavailable):
-        asyncio.run(infer_all(gateway, infos("slow", "broken"), PREPARED, "rid"))  # type: ignore[arg-type]
+        asyncio.run(infer_all(gateway, infos("slow", "broken"), [PREPARED], "rid"))  # type: ignore[arg-type]
     assert time.monotonic() - started < 2
     assert backend.cancelled == ["slow"]
 
@@ -64,6 +64,6 @@ def test_all_members_answer_in_order() -> None:
             return np.full((1, 1000), 1.0 if name == "a" else 2.0, np.float32)
 
     outputs = asyncio.run(
-        infer_all(SimpleNamespace(backend=Echo(), settings=SETTINGS), infos("a", "b"), PREPARED, "r")
+        infer_all(SimpleNamespace(backend=Echo(), settings=SETTINGS), infos("a", "b"), [PREPARED], "r")
     )  # type: ignore[arg-type]
-    assert [float(o[0, 0]) for o in outputs] == [1.0, 2.0]
+    assert [float(images[0][0, 0]) for images in outputs] == [1.0, 2.0]  # per model, per image

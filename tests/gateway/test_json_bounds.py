@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from service.errors import InvalidRequest
 from service.inputs import MAX_JSON_VALUES, parse_json_body
-from service.options import MAX_MEMBERS, ClassifyQuery, parse_options
+from service.options import MAX_IMAGES, MAX_MEMBERS, ClassifyQuery, parse_options
 from service.routes.classify import JSON_EXPANSION
 
 LIMIT = 16 * 1024 * 1024
@@ -67,24 +67,27 @@ def test_non_ascii_in_a_large_body_is_refused_before_parsing() -> None:
     ):
         with pytest.raises(InvalidRequest, match="ASCII"):
             parse_json_body(body, LIMIT)
-    fields, _ = parse_json_body('{"image": "AAAA", "model": "caf\u00e9"}'.encode(), LIMIT)
+    fields, _, _ = parse_json_body('{"image": "AAAA", "model": "caf\u00e9"}'.encode(), LIMIT)
     assert fields["model"] == "caf\u00e9"
 
 
-def test_the_worst_json_body_costs_within_its_charge() -> None:
-    """The largest image as wrapped base64 (whitespace costs a copy) with every option:
-    parsing it allocates less than the account charges beyond the body itself."""
-    wrapped = base64.encodebytes(os.urandom(LIMIT)).decode()
-    body = json.dumps(
-        {"image": wrapped, "models": "inception_v4,inception_resnet_v1", "weights": [1, 2]}
-    ).encode()
+@pytest.mark.parametrize("images", [1, MAX_IMAGES])
+def test_the_worst_json_body_costs_within_its_charge(images: int) -> None:
+    """The largest image as wrapped base64 (whitespace costs a copy) with every option, or
+    a batch of the most images that together are as large: parsing it allocates less than
+    the account charges beyond the body itself."""
+    wrapped = [base64.encodebytes(os.urandom(LIMIT // images)).decode() for _ in range(images)]
+    document: dict[str, object] = {"models": "inception_v4,inception_resnet_v1", "weights": [1, 2]}
+    document.update({"image": wrapped[0]} if images == 1 else {"images": wrapped})
+    body = json.dumps(document).encode()
     tracemalloc.start()
     try:
-        fields, data = parse_json_body(body, LIMIT)
+        fields, data, batch = parse_json_body(body, LIMIT)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(data) == LIMIT and fields["weights"] == [1, 2]
+    assert len(data) == images and batch is (images > 1)
+    assert sum(map(len, data)) == LIMIT // images * images and fields["weights"] == [1, 2]
     # The body itself is one of the charged copies (routes/classify.py's JSON_EXPANSION).
     assert peak <= (JSON_EXPANSION - 1) * len(body), peak / len(body)
 

@@ -19,6 +19,7 @@ from service.errors import InvalidRequest
 from service.inputs import BodyForm, media_type
 from service.options import (
     IMAGE_FIELD,
+    IMAGES_FIELD,
     MULTIPART_SCHEMA,
     OPTION_FIELDS,
     ClassifyJson,
@@ -59,7 +60,7 @@ def test_every_form_has_exactly_the_declared_options() -> None:
     assert set(OPTION_FIELDS) == declared
     assert set(ClassifyQuery.model_fields) == declared
     assert set(MULTIPART_SCHEMA["properties"]) == declared | {IMAGE_FIELD}
-    assert set(ClassifyJson.model_fields) == declared | {IMAGE_FIELD}
+    assert set(ClassifyJson.model_fields) == declared | {IMAGE_FIELD, IMAGES_FIELD}
 
 
 def test_a_new_option_shows_up_in_every_form() -> None:
