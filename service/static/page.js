@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "inception-api-key";
-let image = null; // the File or Blob to classify
+let images = []; // the Files or Blobs to classify: one is a raw body, several one batch
 let previewUrl = null;
 
 // ---- talking to the API -------------------------------------------------------------
@@ -105,16 +105,21 @@ function offerCrops(choices) {
 
 // ---- choosing an image: file, drop, paste ---------------------------------------------
 
-function choose(blob) {
-  if (!blob) return;
-  image = blob;
+/** One file or several (a batch): the first is previewed, all are sent. */
+function choose(blobs) {
+  blobs = [...(blobs || [])].filter(Boolean);
+  if (!blobs.length) return;
+  images = blobs;
+  const [blob] = blobs;
   if (previewUrl) URL.revokeObjectURL(previewUrl);
   previewUrl = URL.createObjectURL(blob);
   const preview = $("preview");
   preview.src = previewUrl;
   preview.alt = `Preview of ${blob.name || "the pasted image"}`;
   preview.hidden = false;
-  $("status").textContent = `${blob.name || "Pasted image"}: ${blob.size} bytes, ready to classify.`;
+  $("status").textContent = blobs.length === 1
+    ? `${blob.name || "Pasted image"}: ${blob.size} bytes, ready to classify.`
+    : `${blobs.length} images, ${blobs.reduce((n, b) => n + b.size, 0)} bytes, ready to classify as one batch.`;
 }
 
 // ---- the answer -------------------------------------------------------------------------
@@ -130,17 +135,9 @@ function pairs(target, entries) {
   }
 }
 
-function render(answer) {
-  const warning = $("warning");
-  warning.hidden = !answer.warning && !answer.random_init;
-  warning.querySelector("strong").textContent = answer.random_init
-    ? "Random initialisation: these predictions carry no meaning."
-    : "Warning:";
-  $("warning-text").textContent = answer.warning || "";
-
-  const list = $("predictions");
+function bars(list, predictions) {
   list.replaceChildren();
-  for (const p of answer.predictions) {
+  for (const p of predictions) {
     const percent = `${(p.score * 100).toFixed(2)} %`;
     const item = document.createElement("li");
     item.innerHTML = `<span class="label"></span><span class="pct"></span>
@@ -151,12 +148,50 @@ function render(answer) {
     item.title = `class ${p.class_id}`;
     list.append(item);
   }
+}
+
+function render(answer, sent = images) {
+  const warning = $("warning");
+  warning.hidden = !answer.warning && !answer.random_init;
+  warning.querySelector("strong").textContent = answer.random_init
+    ? "Random initialisation: these predictions carry no meaning."
+    : "Warning:";
+  $("warning-text").textContent = answer.warning || "";
+
+  // One image: its bars; a batch: one article per image, in the order sent, each its
+  // bars or its own error as the API words it.
+  const single = !answer.results;
+  $("predictions").hidden = !single;
+  bars($("predictions"), single ? answer.predictions : []);
+  const batch = $("batch");
+  batch.replaceChildren();
+  (answer.results || []).forEach((result, i) => {
+    const article = document.createElement("article");
+    article.className = "image-result";
+    const title = document.createElement("h3");
+    title.textContent = `${i + 1}. ${(sent[i] && sent[i].name) || "image"}`;
+    if (result.cached) title.append(Object.assign(document.createElement("span"), { className: "cached", textContent: " (cached)" }));
+    article.append(title);
+    if (result.error) {
+      const error = document.createElement("p");
+      error.className = "error";
+      error.textContent = `${result.error.code}: ${result.error.message}`;
+      article.append(error);
+    } else {
+      const list = document.createElement("ol");
+      list.className = "predictions";
+      bars(list, result.predictions);
+      article.append(list);
+    }
+    batch.append(article);
+  });
 
   const provenance = [["model", answer.model], ["weights", answer.weights]];
   for (const m of answer.members || []) {
     provenance.push([`member ${m.model}`, `× ${Number(m.weight.toPrecision(4))} · ${m.weights}`]);
   }
   if (answer.crops !== undefined) provenance.push(["crops", String(answer.crops)]);
+  if (answer.cached) provenance.push(["cached", "yes"]);
   provenance.push(["request id", answer.request_id]);
   pairs($("provenance"), provenance);
   pairs($("timings"), Object.entries(answer.timing_ms).map(([stage, ms]) => [stage, ms.toFixed(1)]));
@@ -168,7 +203,7 @@ function render(answer) {
 async function classify(event) {
   event.preventDefault();
   showError("");
-  if (!image) {
+  if (!images.length) {
     showError("Choose, drop or paste an image first.");
     $("file").focus();
     return;
@@ -187,9 +222,19 @@ async function classify(event) {
   $("result").setAttribute("aria-busy", "true");
   $("status").textContent = "Classifying…";
   try {
-    // The file as it is, with its own type: the API judges it (415 for a non-image).
-    const type = image.type || "application/octet-stream";
-    render(await api(`/v1/classify?${query}`, { method: "POST", body: image, headers: { "Content-Type": type } }));
+    const sent = images;
+    let init;
+    if (sent.length === 1) {
+      // The file as it is, with its own type: the API judges it (415 for a non-image).
+      const type = sent[0].type || "application/octet-stream";
+      init = { method: "POST", body: sent[0], headers: { "Content-Type": type } };
+    } else {
+      // A batch: the multipart field `image` repeated, one part per file, in order.
+      const form = new FormData();
+      for (const blob of sent) form.append("image", blob, blob.name || "pasted");
+      init = { method: "POST", body: form };
+    }
+    render(await api(`/v1/classify?${query}`, init), sent);
     $("status").textContent = "Done.";
   } catch (failure) {
     $("status").textContent = "";
@@ -207,7 +252,7 @@ $("key").addEventListener("change", () => {
   sessionStorage.setItem(KEY_STORE, $("key").value.trim());
   loadModels();
 });
-$("file").addEventListener("change", () => choose($("file").files[0]));
+$("file").addEventListener("change", () => choose($("file").files));
 $("model").addEventListener("change", showMembers);
 $("form").addEventListener("submit", classify);
 const drop = $("drop");
@@ -218,11 +263,11 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
-  choose(e.dataTransfer.files[0]);
+  choose(e.dataTransfer.files);
 });
 document.addEventListener("paste", (e) => {
   const item = [...e.clipboardData.items].find((i) => i.kind === "file");
-  if (item) choose(item.getAsFile());
+  if (item) choose([item.getAsFile()]);
 });
 loadModels();
 loadCrops();

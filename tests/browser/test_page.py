@@ -5,6 +5,7 @@ gateway asks for one."""
 from __future__ import annotations
 
 import base64
+import io
 
 import httpx
 import pytest
@@ -264,3 +265,44 @@ def test_the_key_field_unlocks_a_keyed_gateway(page: Page, keyed_gateway: Gatewa
     page.reload()
     expect(page.get_by_label("API key")).to_have_value(API_KEY)
     expect(page.get_by_label("Model").locator(f"option[value='{MODEL}']")).to_be_attached()
+
+
+def test_several_files_are_one_batch_with_a_result_per_image(
+    page: Page, page_gateway: GatewayProcess
+) -> None:
+    """Three files chosen at once go as one multipart batch; the page shows each image's
+    bars, or its own error as the API words it, in the order chosen."""
+    requested = open_page(page, page_gateway)
+    small = io.BytesIO()
+    Image.new("RGB", (64, 48), (30, 120, 200)).save(small, "JPEG")
+    files = [
+        {"name": "chelsea.png", "mimeType": "image/png", "buffer": PHOTO.read_bytes()},
+        {"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image, just notes\n"},
+        {"name": "blue.jpg", "mimeType": "image/jpeg", "buffer": small.getvalue()},
+    ]
+    page.get_by_label("Model").select_option(MODEL)
+    page.get_by_label("Image").set_input_files(files)
+    expect(page.locator("#status")).to_contain_text("3 images")
+    page.get_by_label("Top-k").fill("2")
+    submit(page)
+    result = page.get_by_role("region", name="Result")
+    expect(result).to_be_visible()
+    with page_gateway.client() as client:
+        parts = [("image", (f["name"], f["buffer"], f["mimeType"])) for f in files]
+        same = client.post("/v1/classify", files=parts, params={"model": MODEL, "top_k": 2})
+    assert same.status_code == 200, same.text
+    expected = same.json()["results"]
+    articles = result.locator("#batch article")
+    expect(articles).to_have_count(3)
+    expect(result.locator("#predictions")).to_be_hidden()
+    for article, file, answer in zip(articles.all(), files, expected, strict=True):
+        expect(article.locator("h3")).to_contain_text(file["name"])
+        if answer["error"]:
+            error = answer["error"]
+            expect(article.locator(".error")).to_have_text(f"{error['code']}: {error['message']}")
+        else:
+            labels = [p["label"] for p in answer["predictions"]]
+            expect(article.locator(".label")).to_have_text(labels)
+    assert [a["error"] is not None for a in expected] == [False, True, False]
+    posts = [url for url in requested if "/v1/classify" in url]
+    assert len(posts) == 1, posts  # one request for the three
