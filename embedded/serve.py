@@ -27,7 +27,7 @@ from types import FrameType
 
 from embedded.gateway import Gateway
 from embedded.processes import free_port
-from embedded.tritonserver import TritonError, TritonServer
+from embedded.tritonserver import TritonError, TritonServer, opentelemetry_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # SIGHUP too: a closed terminal must not leave Triton and the gateway running.
+    try:
+        # OTEL_EXPORTER_OTLP_ENDPOINT and its kin reach the gateway through the environment,
+        # and Triton as flags: one trace per request, in one backend.
+        tracing = opentelemetry_args(os.environ)
+    except ValueError as exc:
+        # Traces are never worth a server that does not start: Triton runs untraced.
+        print(f"warning: {exc}; Triton's spans are off", file=sys.stderr, flush=True)
+        tracing = []
+    if tracing:
+        print(f"traces: OTLP to {tracing[1].split('url=', 1)[1]} (gateway and Triton)", flush=True)
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, _on_signal)
     triton = TritonServer(
@@ -117,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         free_port(),
         log_path=args.log_dir / "tritonserver.log",
         config_name=args.config_name,
+        extra_args=tracing,
     )
     gateway: Gateway | None = None
     multiproc_dir = Path(tempfile.mkdtemp(prefix="gateway-metrics-")) if args.workers > 1 else None

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -64,6 +64,50 @@ def server_environment() -> dict[str, str]:
     libs = _package_dir("pytriton").parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     return env
+
+
+#: The trace protocol Triton 2.51 speaks: OTLP/HTTP (it posts JSON), never OTLP/gRPC.
+TRITON_OTLP_PROTOCOL = "http/protobuf"
+
+
+def opentelemetry_args(environ: Mapping[str, str]) -> list[str]:
+    """Triton's ``--trace-config`` flags for the OTLP endpoint that OpenTelemetry's standard
+    variables give the gateway, so that Triton's spans join the gateway's traces in the same
+    backend (docs/architecture.md, "Observability"); none when the variables ask for no
+    export (the same rules as service/tracing.py's ``enabled``).
+
+    ``rate=0``: Triton traces only the requests that carry a propagated context (Triton's
+    trace.md: such a request is traced whatever the rate), that is the ones the gateway
+    traces, and none of the others. Triton's resource gets its own service name, so that an
+    ``OTEL_SERVICE_NAME`` meant for the gateway does not name it. Raises ValueError for an
+    OTLP/gRPC endpoint, which Triton cannot post to (the launchers then run it untraced)."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    exporters = {e.strip().lower() for e in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()}
+    if "none" in exporters:
+        return []
+    traces_url = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    base = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if not traces_url and not base:
+        return []
+    protocol = (
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+        or TRITON_OTLP_PROTOCOL
+    )
+    if protocol.lower() != TRITON_OTLP_PROTOCOL:
+        raise ValueError(f"Triton 2.51 exports OTLP over HTTP only, not {protocol}")
+    # The specification's rule: the signal-specific variable is the URL as is, the generic
+    # one a base to which the signal's path is appended.
+    url = traces_url or base.rstrip("/") + "/v1/traces"
+    return [
+        "--trace-config=mode=opentelemetry",
+        f"--trace-config=opentelemetry,url={url}",
+        "--trace-config=opentelemetry,resource=service.name=triton-inference-server",
+        "--trace-config=level=TIMESTAMPS",
+        "--trace-config=rate=0",
+        "--trace-config=count=-1",
+    ]
 
 
 # Error lines every CPU-only start logs, which say nothing about the models.
@@ -208,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
+    try:
+        tracing = opentelemetry_args(os.environ)
+    except ValueError as exc:
+        # Traces are never worth a server that does not start: Triton runs untraced.
+        print(f"warning: {exc}; Triton's spans are off", file=sys.stderr, flush=True)
+        tracing = []
     server = TritonServer(
         args.repository,
         args.http_port,
@@ -216,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         args.log,
         config_name=args.config_name,
         backend_directory=args.backend_directory,
+        extra_args=tracing,
     )
     stopping = threading.Event()
     for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

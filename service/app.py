@@ -24,6 +24,7 @@ from .memory import configure_allocator
 from .middleware import RequestContextMiddleware
 from .routes import classify, health, models, page
 from .settings import Settings, get_settings
+from .tracing import TRACE_HEADERS, Tracing
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -35,11 +36,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Here, not in the factory: each uvicorn worker runs its own lifespan after the fork,
+        # and a provider's export thread does not survive one (service/tracing.py).
+        app.state.tracing = Tracing.from_environment()
         await gateway.start()
         try:
             yield
         finally:
             await gateway.stop()
+            tracing, app.state.tracing = app.state.tracing, None
+            if tracing is not None:
+                tracing.shutdown()
 
     app = FastAPI(
         title="Inception gateway",
@@ -52,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.gateway = gateway
+    app.state.tracing = None  # the lifespan's, once started
     install_error_handlers(app, settings.retry_after_s)
     app.include_router(classify.router)
     app.include_router(models.router)
@@ -72,7 +80,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=exact,
             allow_origin_regex="|".join(patterns) or None,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", HEADER],
+            # traceparent and tracestate: a browser's trace continues through the gateway.
+            allow_headers=[
+                "Authorization",
+                "X-API-Key",
+                "Content-Type",
+                "X-Request-ID",
+                HEADER,
+                *TRACE_HEADERS,
+            ],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,
         )

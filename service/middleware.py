@@ -1,5 +1,5 @@
-"""The request context: request id, access log, classify metrics, and the last guard
-against a leaked traceback.
+"""The request context: request id, access log, classify metrics, the request's trace
+(service/tracing.py), and the last guard against a leaked traceback.
 
 A plain ASGI middleware (not BaseHTTPMiddleware) so that the body streams through
 untouched and the request id context variable is visible to the handler.
@@ -17,7 +17,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import metrics
+from . import metrics, tracing
 from .errors import InternalError, internal_error_response
 from .logs import request_id_var
 
@@ -32,11 +32,14 @@ CLASSIFY_PATH = "/v1/classify"
 CLIENT_CLOSED_STATUS, CLIENT_CLOSED_CODE = 499, "client_disconnected"
 # Matched whole (`fullmatch`): `$` alone would let a trailing newline into the logs.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+#: The paths traced: the API, not the probes and scrapes that would bury its traces.
+TRACED_PREFIX = "/v1/"
 
 
 class RequestContextMiddleware:
     """Gives every request an id (the client's, when it is a sane one), echoes it, logs the
-    request, and records the classify metrics whatever the outcome."""
+    request, records the classify metrics whatever the outcome, and, while tracing is on,
+    makes the request's span and its stages' spans."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -49,7 +52,19 @@ class RequestContextMiddleware:
         request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         state: dict[str, Any] = scope.setdefault("state", {})
-        state.update(request_id=request_id, stages={}, error_code=None, size=None)
+        path = str(scope.get("path", ""))
+        # The worker's tracing, built by the app's lifespan (after the fork): None while off.
+        worker_tracing = tracing_of(scope) if path.startswith(TRACED_PREFIX) else None
+        request_trace = None
+        if worker_tracing is not None:
+            headers = Headers(scope=scope)
+            carrier = {k: headers[k] for k in tracing.TRACE_HEADERS if k in headers}
+            request_trace = tracing.RequestTrace.start(
+                worker_tracing, str(scope.get("method")), path, carrier
+            )
+        trace_token = tracing.active.set(worker_tracing)
+        stages: dict[str, float] = tracing.StageClock() if worker_tracing is not None else {}
+        state.update(request_id=request_id, stages=stages, error_code=None, size=None)
         is_classify = scope.get("path") == CLASSIFY_PATH and scope.get("method") == "POST"
         if is_classify:
             state["model_label"] = metrics.UNKNOWN_MODEL
@@ -102,4 +117,18 @@ class RequestContextMiddleware:
                     "error_code": state["error_code"],
                 },
             )
+            tracing.active.reset(trace_token)
+            if request_trace is not None:
+                attributes = {"request.id": request_id, "error.code": state["error_code"], "model": model}
+                try:
+                    request_trace.finish(status, state["stages"], attributes)
+                except Exception:  # a trace is never worth a failed request
+                    log.exception("request trace not recorded")
             request_id_var.reset(token)
+
+
+def tracing_of(scope: Scope) -> tracing.Tracing | None:
+    """The tracing of the app serving the request (``app.state.tracing``), if any."""
+    app = scope.get("app")
+    state = getattr(app, "state", None)
+    return getattr(state, "tracing", None)

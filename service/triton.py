@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from inception.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
 
-from . import metrics
+from . import metrics, tracing
 from .deadlines import deadline_var, remaining_s
 from .errors import (
     ApiError,
@@ -237,7 +237,11 @@ class TritonBackend:
 
         What remains of the request's deadline (service/deadlines.py) goes with the call
         twice: as its gRPC deadline, and as Triton's request timeout, so that Triton drops
-        the request from its queue instead of computing an answer nobody waits for."""
+        the request from its queue instead of computing an answer nobody waits for.
+
+        While tracing is on, the call is a client span under the request's, and its context
+        goes to Triton as the gRPC ``traceparent`` header, so that Triton's own spans (its
+        OpenTelemetry mode) join the request's trace."""
         remaining = remaining_s()
         budget = self.settings.triton_timeout_s if remaining is None else remaining
         if budget <= 0:
@@ -248,15 +252,24 @@ class TritonBackend:
             tensor = grpcclient.InferInput(input_name, list(array.shape), "UINT8")
             tensor.set_data_from_numpy(array)
             tensors.append(tensor)
+        attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": "inference.GRPCInferenceService",
+            "rpc.method": "ModelInfer",
+            "triton.model": name,
+            "triton.batch_size": int(next(iter(named.values())).shape[0]),
+        }
         try:
-            result = await self.client.infer(
-                name,
-                tensors,
-                outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
-                request_id=request_id[:128],
-                timeout=max(1, int(budget * 1e6)),
-                client_timeout=budget,
-            )
+            with tracing.client_span(f"triton ModelInfer {name}", attributes) as headers:
+                result = await self.client.infer(
+                    name,
+                    tensors,
+                    outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
+                    request_id=request_id[:128],
+                    timeout=max(1, int(budget * 1e6)),
+                    client_timeout=budget,
+                    headers=headers or None,
+                )
         except InferenceServerException as exc:
             error = map_triton_error(exc, name, self.settings)
             deadline = deadline_var.get()
