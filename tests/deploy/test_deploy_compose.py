@@ -59,6 +59,7 @@ def test_docker_compose_config_validates(resolved):
         "prometheus",
         "alertmanager",
         "grafana",
+        "jaeger",
     }
 
 
@@ -655,3 +656,44 @@ def test_base_images_are_tags_or_digests_and_the_readme_says_how_to_pin():
     for path in DEPLOY.glob("*.Dockerfile"):
         for image in re.findall(r"^ARG \w+_IMAGE=(\S+)", path.read_text(), re.M):
             assert re.fullmatch(r"[\w./-]+:[\w.-]*\d[\w.-]*(@sha256:[0-9a-f]{64})?", image), image
+
+
+# ------------------------------------------------------------------ traces
+
+
+def test_gateway_and_triton_trace_into_one_backend(resolved, raw):
+    """The gateway's OTEL_* variables and Triton's --trace-config flags name the same OTLP/HTTP
+    receiver, Jaeger's, and Triton's flags are the ones `make serve` derives from the
+    gateway's endpoint (so the two launchers cannot drift apart)."""
+    from embedded.tritonserver import opentelemetry_args
+
+    services = resolved["services"]
+    environment = services["gateway"]["environment"]
+    endpoint = environment["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    assert endpoint == "http://jaeger:4318"
+    assert environment["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"  # Triton's only protocol
+    assert environment["OTEL_SERVICE_NAME"]
+    triton_flags = [a for a in raw["services"]["triton"]["command"] if a.startswith("--trace-config")]
+    assert triton_flags == opentelemetry_args({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint})
+    jaeger = services["jaeger"]
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert {"4317", "4318", "16686"} <= set(jaeger["expose"])
+    assert not jaeger.get("ports"), "Jaeger is published: its API has no login"
+    assert services["gateway"]["depends_on"]["jaeger"]["condition"] == "service_started"
+    assert memory_bytes(jaeger["deploy"]["resources"]["limits"]["memory"]) <= 4 * 2**30
+
+
+def test_debug_override_publishes_the_trace_ui_on_loopback(docker_compose):
+    result = compose_config(docker_compose, COMPOSE, DEBUG_OVERRIDE)
+    assert result.returncode == 0, result.stderr
+    (port,) = yaml.safe_load(result.stdout)["services"]["jaeger"]["ports"]
+    if isinstance(port, dict):
+        assert port["host_ip"] == "127.0.0.1" and int(port["target"]) == 16686, port
+    else:  # docker-compose v1 writes the short syntax
+        assert re.fullmatch(r"127\.0\.0\.1:16686:16686(/tcp)?", str(port)), port
+
+
+def test_grafana_reads_the_traces():
+    source = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "jaeger.yml").read_text())
+    (jaeger,) = source["datasources"]
+    assert jaeger["type"] == "jaeger" and jaeger["url"] == "http://jaeger:16686"
