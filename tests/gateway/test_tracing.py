@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -334,3 +335,46 @@ def test_a_request_without_traceparent_starts_its_own_trace(
     assert mine[0].parent_span_id == ""  # a root: the malformed header is ignored
     spans = receiver.wait_for(gateway_complete, mine[0].trace_id)
     assert gateway_complete(spans)
+
+
+@pytest.mark.integration
+def test_make_serve_passes_the_endpoint_to_its_tritonserver(
+    one_model_repository: Path, tmp_path: Path
+) -> None:
+    """`python -m embedded.serve` with OTEL_EXPORTER_OTLP_ENDPOINT alone: the gateway and its
+    tritonserver both export to it, and one request is one trace across the two."""
+    from .test_serve import read_until_serving, start_serve
+
+    port = free_port()
+    with receiving() as receiver:
+        process = start_serve(
+            one_model_repository,
+            tmp_path,
+            port,
+            OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+            OTEL_SERVICE_NAME="inception-gateway",
+            **FAST_EXPORT,
+        )
+        try:
+            text = read_until_serving(process)
+            assert f"traces: OTLP to {receiver.endpoint}/v1/traces" in text, text
+            jpeg = photo("grace_hopper.jpg").read_bytes()
+            # Triton drops a few propagated traces (README, "Traces"): a few requests, one
+            # of which must come back whole.
+            ids = []
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+                for _ in range(REQUESTS):
+                    header, trace_id, _ = traceparent()
+                    answer = client.post(
+                        "/v1/classify",
+                        content=jpeg,
+                        headers={"Content-Type": "image/jpeg", "traceparent": header},
+                    )
+                    assert answer.status_code == 200, answer.text
+                    ids.append(trace_id)
+            receiver.wait_for(complete, ids[-1], timeout=15)
+            whole = [t for t in ids if complete(receiver.trace(t))]
+            assert whole, sorted({(s.service, s.name) for s in receiver.spans})
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
