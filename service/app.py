@@ -6,6 +6,7 @@ touches Triton, which the lifespan reaches and tolerates the absence of.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await gateway.stop()
             tracing, app.state.tracing = app.state.tracing, None
             if tracing is not None:
-                tracing.shutdown()
+                await asyncio.to_thread(tracing.shutdown)  # bounded, off the event loop
 
     app = FastAPI(
         title="Inception gateway",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 PROPAGATOR = TraceContextTextMapPropagator()
 #: The headers a browser must be allowed to send for its trace to continue here (CORS).
 TRACE_HEADERS = ("traceparent", "tracestate")
+#: How long a stopping worker waits for its last spans to be exported.
+SHUTDOWN_TIMEOUT_S = 2.0
 #: The instrumentation scope of every span the gateway makes.
 SCOPE = "service"
 
@@ -130,12 +133,22 @@ class Tracing:
         provider.add_span_processor(processor)
         return cls(provider, provider.get_tracer(SCOPE, __version__))
 
-    def shutdown(self) -> None:
-        """Export what is queued and stop the export thread (at the worker's end)."""
-        try:
-            self.provider.shutdown()
-        except Exception:  # an exporter's failure must not fail the worker's shutdown
-            log.exception("tracing shutdown failed")
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Export what is queued and stop the export thread (at the worker's end), for at
+        most ``timeout_s``: against a collector that refuses connections the exporter's
+        retries took 6.5 s, which a stopping worker must not wait. The rest is dropped."""
+
+        def stop() -> None:
+            try:
+                self.provider.shutdown()
+            except Exception:  # an exporter's failure must not fail the worker's shutdown
+                log.exception("tracing shutdown failed")
+
+        thread = threading.Thread(target=stop, name="tracing-shutdown", daemon=True)
+        thread.start()
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.warning("tracing shutdown timed out: queued spans dropped", extra={"timeout_s": timeout_s})
 
 
 #: The tracing of the request being served (None while tracing is off): the middleware sets
