@@ -110,7 +110,9 @@ async def classify(
         served = await served_by(gateway, plan, infos)
         keys = cache_keys(gateway, request.headers, plan, served, images, options.crops)
         found: list[np.ndarray | None] = (
-            [gateway.cache.get(k) for k in keys] if keys else [None] * len(images)
+            [gateway.cache.get(k) for k in keys]
+            if keys and not revalidates(request.headers)
+            else [None] * len(images)
         )
         todo = [i for i, hit in enumerate(found) if hit is None]
         count_lookups(plan.label, keys, len(todo))
@@ -329,6 +331,16 @@ async def served_by(gateway: Gateway, plan: Plan, infos: list[ModelInfo]) -> Ser
     return Served(members, involved, RANDOM_INIT if random else info.provenance)
 
 
+def cache_directives(headers: Headers) -> set[str]:
+    return {d.strip().lower() for d in headers.get("cache-control", "").split(",")}
+
+
+def revalidates(headers: Headers) -> bool:
+    """``Cache-Control: no-cache`` (what a browser's ``fetch(..., {cache: "no-store"})``
+    sends): no stored answer is used, as HTTP means it, but the computed one is stored."""
+    return "no-cache" in cache_directives(headers)
+
+
 def cache_keys(
     gateway: Gateway, headers: Headers, plan: Plan, served: Served, images: list[bytes], crops: int
 ) -> list[bytes]:
@@ -336,11 +348,10 @@ def cache_keys(
     is not to be cached: the cache is off, the client said ``Cache-Control: no-store``, or a
     network's weights have no sha256 to tell new weights from old. An ensemble's members
     are keyed with their weights (the Triton ensemble's from its config)."""
-    directives = {d.strip().lower() for d in headers.get("cache-control", "").split(",")}
     networks = [i for i in served.involved if not i.is_ensemble]
     if (
         not gateway.settings.cache
-        or "no-store" in directives
+        or "no-store" in cache_directives(headers)
         or not all(i.checkpoint_sha256 for i in networks)
     ):
         return []

@@ -132,6 +132,14 @@ def test_repeats_are_answered_from_the_cache_until_the_weights_change(tmp_path: 
             headers={"Content-Type": "image/png", "Cache-Control": "no-store"},
         )
         assert no_store.headers["X-Cache"] == "bypass" and no_store.json()["cached"] is False
+        # Asked to revalidate: computed again (a miss), and stored.
+        no_cache = client.post(
+            "/v1/classify",
+            content=chelsea,
+            headers={"Content-Type": "image/png", "Cache-Control": "no-cache"},
+        )
+        assert no_cache.headers["X-Cache"] == "miss" and no_cache.json()["cached"] is False
+        assert no_cache.json()["predictions"][:3] == hit.json()["predictions"]
         # A batch with the repeat and a new image: one from the cache, one computed.
         coffee = photo("coffee.png").read_bytes()
         images = [base64.b64encode(d).decode() for d in (chelsea, coffee)]
@@ -139,7 +147,7 @@ def test_repeats_are_answered_from_the_cache_until_the_weights_change(tmp_path: 
         assert batch.headers["X-Cache"] == "partial"
         assert [r["cached"] for r in batch.json()["results"]] == [True, False]
         assert _counter(client, "inception_gateway_cache_hits") == 2
-        assert _counter(client, "inception_gateway_cache_misses") == 2
+        assert _counter(client, "inception_gateway_cache_misses") == 3
         # New weights (their sha256 in the config Triton loads): never an old answer.
         _with_sha256(repository, "b" * 64)
         deadline = time.monotonic() + 60
