@@ -29,17 +29,18 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import __version__
+
+if TYPE_CHECKING:  # the SDK is imported only when tracing is on (Tracing.from_environment)
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +115,21 @@ class Tracing:
     def from_environment(cls, processor: SpanProcessor | None = None) -> Tracing | None:
         """The worker's tracing if the variables ask for it, else None. A protocol the
         gateway cannot speak is logged and leaves tracing off: traces are never worth a
-        gateway that does not start. ``processor`` replaces the OTLP export (tests)."""
-        if processor is None:
-            if not enabled():
-                return None
-            try:
+        gateway that does not start, nor is a missing SDK (the GPU kit carries only the API):
+        the SDK is imported here, once tracing is asked for. ``processor`` replaces the OTLP
+        export."""
+        if processor is None and not enabled():
+            return None
+        try:
+            from opentelemetry.sdk.resources import Resource
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            if processor is None:
                 processor = BatchSpanProcessor(make_exporter(protocol()))
-            except ValueError as exc:
-                log.error("tracing off", extra={"reason": str(exc)})
-                return None
+        except (ImportError, ValueError) as exc:
+            log.error("tracing off", extra={"reason": str(exc)})
+            return None
         # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the default
         # name is the gateway's rather than the SDK's `unknown_service`.
         # The worker, so that spans of several workers behind one port can be told apart.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -378,3 +379,18 @@ def test_make_serve_passes_the_endpoint_to_its_tritonserver(
         finally:
             process.send_signal(signal.SIGTERM)
             process.communicate(timeout=60)
+
+
+def test_without_the_sdk_the_gateway_serves_untraced(
+    no_otel_environment: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU kit carries OpenTelemetry's API, not its SDK: asked to trace there, the
+    gateway logs why it does not, and serves."""
+    for name in ("opentelemetry.sdk", "opentelemetry.sdk.resources", "opentelemetry.sdk.trace"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: ImportError
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with TestClient(create_app(Settings(triton_grpc_url=UNREACHABLE))) as client:
+        assert client.app.state.tracing is None  # type: ignore[attr-defined]
+        assert client.get("/healthz").status_code == 200
+        answer = client.post("/v1/classify", content=b"x", headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code < 500 or answer.status_code == 503, answer.text
