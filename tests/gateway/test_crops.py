@@ -164,6 +164,15 @@ def test_crops_memory_is_counted_against_the_buffer_budget() -> None:
     assert 115e6 < crops_buffer_bytes(144, [V4]) < 117e6
 
 
+def test_a_batch_counts_each_image_and_its_concatenation() -> None:
+    """A batch of images holds each one's crops and their concatenation into one Triton
+    input: counted as that many images, one copy more."""
+    one = 299 * 299 * 3
+    assert crops_buffer_bytes(1, [V4], images=8) == 8 * one * 4
+    assert crops_buffer_bytes(10, [V4], images=2) == 2 * 10 * one * 4
+    assert crops_buffer_bytes(1, [V4, IRV2], images=64) == 2 * 64 * one * 4  # two crop fractions
+
+
 def test_ensemble_inputs_are_filled_per_preprocessing() -> None:
     config = model_config_json(
         members="inception_v4,inception_resnet_v2",
