@@ -121,7 +121,8 @@ class RequestContextMiddleware:
             if request_trace is not None:
                 attributes = {"request.id": request_id, "error.code": state["error_code"], "model": model}
                 try:
-                    request_trace.finish(status, state["stages"], attributes)
+                    route = getattr(scope.get("route"), "path", None)  # set by the router
+                    request_trace.finish(status, state["stages"], attributes, route)
                 except Exception:  # a trace is never worth a failed request
                     log.exception("request trace not recorded")
             request_id_var.reset(token)

@@ -200,6 +200,7 @@ class RequestTrace:
     tracing: Tracing
     span: Span
     token: object
+    method: str
 
     @classmethod
     def start(cls, tracing: Tracing, method: str, path: str, headers: Mapping[str, str]) -> RequestTrace:
@@ -213,11 +214,22 @@ class RequestTrace:
             attributes={"http.request.method": method, "url.path": path},
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
-        return cls(tracing, span, token)
+        return cls(tracing, span, token, method)
 
-    def finish(self, status: int, stages: Mapping[str, float], attributes: Mapping[str, Any]) -> None:
-        """The stage spans, under the request's, then the request's own end."""
+    def finish(
+        self,
+        status: int,
+        stages: Mapping[str, float],
+        attributes: Mapping[str, Any],
+        route: str | None = None,
+    ) -> None:
+        """The stage spans, under the request's, then the request's own end, named by its
+        route's template once routing found one (the method alone otherwise: a name per
+        unknown path would make every typo a span name of its own)."""
         try:
+            self.span.update_name(f"{self.method} {route}" if route else self.method)
+            if route:
+                self.span.set_attribute("http.route", route)
             parent = trace.set_span_in_context(self.span)
             if isinstance(stages, StageClock):
                 for name, start, end in stages.intervals():

@@ -144,8 +144,14 @@ def test_spans_of_a_failed_request_reach_the_collector(
                 headers={"Content-Type": "image/png", "traceparent": header},
             )
             assert answer.status_code == 503
+            # A path no route matches is named by its method alone, not by the path.
+            header_404, trace_404, _ = traceparent()
+            assert client.get("/v1/no-such-thing", headers={"traceparent": header_404}).status_code == 404
         spans = receiver.wait_for(lambda s: bool(s), trace_id)
+        (unknown,) = receiver.wait_for(lambda s: bool(s), trace_404)
+    assert unknown.name == "GET" and unknown.attributes["http.response.status_code"] == 404
     server = by_name(spans, "gw-test")["POST /v1/classify"]
+    assert server.attributes["http.route"] == "/v1/classify"
     assert server.parent_span_id == span_id
     assert server.attributes["http.response.status_code"] == 503
     assert server.attributes["error.code"] == answer.json()["error"]["code"]
