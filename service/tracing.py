@@ -39,7 +39,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from . import __version__
 
 if TYPE_CHECKING:  # the SDK is imported only when tracing is on (Tracing.from_environment)
-    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
@@ -112,27 +112,25 @@ class Tracing:
     tracer: Tracer
 
     @classmethod
-    def from_environment(cls, processor: SpanProcessor | None = None) -> Tracing | None:
+    def from_environment(cls) -> Tracing | None:
         """The worker's tracing if the variables ask for it, else None. A protocol the
         gateway cannot speak is logged and leaves tracing off: traces are never worth a
         gateway that does not start, nor is a missing SDK (the GPU kit carries only the API):
-        the SDK is imported here, once tracing is asked for. ``processor`` replaces the OTLP
-        export."""
-        if processor is None and not enabled():
+        the SDK is imported here, once tracing is asked for."""
+        if not enabled():
             return None
         try:
             from opentelemetry.sdk.resources import Resource
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-            if processor is None:
-                processor = BatchSpanProcessor(make_exporter(protocol()))
+            processor = BatchSpanProcessor(make_exporter(protocol()))
         except (ImportError, ValueError) as exc:
             log.error("tracing off", extra={"reason": str(exc)})
             return None
         # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES; the default
-        # name is the gateway's rather than the SDK's `unknown_service`.
-        # The worker, so that spans of several workers behind one port can be told apart.
+        # name is the gateway's rather than the SDK's `unknown_service`, and the worker's pid
+        # tells apart the spans of several workers behind one port.
         attributes: dict[str, Any] = {"service.version": __version__, "process.pid": os.getpid()}
         if not _env("OTEL_SERVICE_NAME") and "service.name=" not in _env("OTEL_RESOURCE_ATTRIBUTES"):
             attributes["service.name"] = "inception-gateway"

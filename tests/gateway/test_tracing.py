@@ -400,3 +400,21 @@ def test_without_the_sdk_the_gateway_serves_untraced(
         assert client.get("/healthz").status_code == 200
         answer = client.post("/v1/classify", content=b"x", headers={"Content-Type": "image/jpeg"})
         assert answer.status_code < 500 or answer.status_code == 503, answer.text
+
+
+def test_the_protocol_variable_picks_the_exporter() -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    assert tracing.protocol({}) == "http/protobuf"  # the specification's default
+    assert tracing.protocol({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) == "grpc"
+    assert (
+        tracing.protocol(
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf"}
+        )
+        == "http/protobuf"
+    )
+    assert isinstance(tracing.make_exporter("grpc"), Grpc)
+    assert isinstance(tracing.make_exporter("http/protobuf"), Http)
+    with pytest.raises(ValueError, match="not supported"):
+        tracing.make_exporter("http/json")  # the Python SDK has no OTLP/JSON exporter
