@@ -18,7 +18,7 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all debian venv backend repository serve test compat check bench bench-gateway bench-overload bench-hostile gpu-kit clean
+.PHONY: all debian venv compat-prepare backend repository serve test compat check bench bench-gateway bench-overload bench-hostile gpu-kit clean
 
 all: test
 
@@ -65,13 +65,16 @@ serve: backend repository
 # .venv-compat, exports the repository into build/compat, Triton's PyTorch backend is built
 # against it (build/backends-compat), and the embedded tritonserver serves that export,
 # checked against the same torch in-process (tests/deploy/compat.py says what and why).
-# Each step is skipped while its inputs are unchanged.
-compat: $(STAMP)
+# Each step is skipped while its inputs are unchanged. `make test` prepares it and its
+# suite runs tests/deploy/test_compat.py with the rest; `make compat` is that test alone.
+compat-prepare: $(STAMP)
 	$(BIN)/python -m tests.deploy.compat
+
+compat: compat-prepare
 	$(BIN)/python -m pytest -q tests/deploy/test_compat.py
 
 # What CI runs: the same checks as `make check` (lint, format, types), then the whole suite.
-test: backend repository compat
+test: backend repository compat-prepare
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
 	$(BIN)/python -m mypy
