@@ -81,16 +81,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_origins=exact,
             allow_origin_regex="|".join(patterns) or None,
             allow_methods=["GET", "POST"],
-            # traceparent and tracestate: a browser's trace continues through the gateway.
+            # traceparent and tracestate: a browser's trace continues through the gateway;
+            # Cache-Control: a web app may ask for no cached answer (`no-store`, `no-cache`).
             allow_headers=[
                 "Authorization",
                 "X-API-Key",
                 "Content-Type",
+                "Cache-Control",
                 "X-Request-ID",
                 HEADER,
                 *TRACE_HEADERS,
             ],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            # X-Cache: a web app on another origin can tell a cached answer from a new one.
+            expose_headers=["X-Request-ID", "Retry-After", classify.CACHE_HEADER],
             max_age=600,
         )
     return app

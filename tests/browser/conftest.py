@@ -10,7 +10,6 @@ the gateways and the second origins live as long as this folder's tests, not the
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import select
 import shutil
@@ -18,7 +17,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -27,7 +25,8 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from ..gateway.helpers import MODEL, GatewayProcess, classify, running_gateway
-from ..helpers import ROOT, TritonEndpoint
+from ..helpers import TritonEndpoint
+from .helpers import API_KEY, MAX_BODY_BYTES, Origin
 
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -38,25 +37,9 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
 #: Where the screenshots go (git-ignored); docs/page.png is a committed copy of one.
-SCREENSHOTS = ROOT / "build" / "browser"
-#: The page gateway's body limit: a packaged photo fits (chelsea.png, 240 KB), another does
-#: not (astronaut.png, 792 KB).
-MAX_BODY_BYTES = 500_000
-API_KEY = "browser-test-key"
-
-
-@dataclass(frozen=True)
-class Origin:
-    """A page on another local origin, from which a web app calls the gateway."""
-
-    url: str
-
-    @property
-    def app(self) -> str:
-        return self.url + "/app.html"
-
-
 @pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium")
@@ -191,19 +174,3 @@ def _wait_for(condition: Callable[[], bool], failure: str, timeout: float = 30.0
     while not condition():
         assert time.monotonic() < deadline, failure
         time.sleep(0.1)
-
-
-@contextlib.contextmanager
-def console_errors(page: Page) -> Iterator[list[str]]:
-    """The console errors the page logs meanwhile (chromium reports CORS refusals there)."""
-    messages: list[str] = []
-
-    def keep(message: object) -> None:
-        if getattr(message, "type", "") == "error":
-            messages.append(str(getattr(message, "text", "")))
-
-    page.on("console", keep)
-    try:
-        yield messages
-    finally:
-        page.remove_listener("console", keep)

@@ -13,7 +13,7 @@ from PIL import Image
 from playwright.sync_api import Page, expect
 
 from ..gateway.helpers import MODEL, GatewayProcess, classify, photo
-from .conftest import API_KEY, MAX_BODY_BYTES, SCREENSHOTS
+from .helpers import API_KEY, MAX_BODY_BYTES, SCREENSHOTS
 
 pytestmark = pytest.mark.integration
 

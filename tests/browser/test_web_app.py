@@ -14,7 +14,7 @@ from playwright.sync_api import Page
 
 from ..gateway.helpers import MODEL, GatewayProcess, classify, photo
 from ..helpers import ROOT
-from .conftest import API_KEY, Origin, console_errors
+from .helpers import API_KEY, Origin, console_errors
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,6 +22,9 @@ import httpx
 from PIL import Image
 
 from embedded.gateway import Gateway, serving
+from inception.contract import CPU_VARIANT
+
+from ..helpers import ROOT
 
 #: The cheapest model on 2 CPU cores, for tests that need one model, not a given one.
 MODEL = "inception_resnet_v1"
@@ -285,3 +290,47 @@ def scan_bomb(size: int, repeats: int) -> bytes:
             scans.append(data[at:end])
         at = end
     return data[:at] + min(scans, key=len) * repeats + data[at:]
+
+
+def copied_repository(tmp_path: Path) -> Path:
+    """The exported model beside a copy of its CPU variant that the test may rewrite."""
+    source = ROOT / "model_repository" / MODEL
+    folder = tmp_path / "repository" / MODEL
+    (folder / "configs").mkdir(parents=True)
+    (folder / "1").mkdir()
+    (folder / "1" / "model.pt").symlink_to((source / "1" / "model.pt").resolve())
+    (folder / "labels.txt").symlink_to((source / "labels.txt").resolve())
+    variant = source / "configs" / f"{CPU_VARIANT}.pbtxt"
+    (folder / "configs" / f"{CPU_VARIANT}.pbtxt").write_text(variant.read_text())
+    return folder.parent
+
+
+def start_serve(repository: Path, tmp_path: Path, port: int, **env: str) -> subprocess.Popen[str]:
+    """`python -m embedded.serve` on one model, its output readable line by line."""
+    environment = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+        "PORT": str(port),
+        "GATEWAY_MODELS": MODEL,
+        "GATEWAY_DEFAULT_MODEL": MODEL,
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "embedded.serve", "--repository", str(repository),
+         "--log-dir", str(tmp_path / "logs")],
+        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def read_until_serving(process: subprocess.Popen[str], timeout: float = 300) -> str:
+    """Its output up to the line that says it serves (or to its end)."""
+    assert process.stdout is not None
+    output: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if line.startswith("Ctrl-C stops"):
+            break
+    return "".join(output)

@@ -20,8 +20,7 @@ from service.cache import ENTRY_OVERHEAD, AnswerCache, cache_key
 from service.errors import Overloaded
 from service.memory import MemoryAccount
 
-from .helpers import MODEL, classify, photo, running_gateway
-from .test_provenance import copied_repository
+from .helpers import MODEL, classify, copied_repository, photo, running_gateway
 
 ENTRY = 1000 * 4 + ENTRY_OVERHEAD
 

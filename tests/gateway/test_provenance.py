@@ -15,7 +15,7 @@ from inception.contract import CPU_VARIANT, GENERATED_PARAMS
 from inception.repository import parse, render
 
 from ..helpers import ROOT
-from .helpers import MODEL, classify, photo, running_gateway
+from .helpers import MODEL, classify, copied_repository, photo, running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -50,19 +50,6 @@ def test_unrecorded_provenance_is_unknown_and_warned(tmp_path: Path) -> None:
         assert "unknown provenance" in body["warning"]
         listed = client.get("/v1/models").json()
         assert "unknown" in str(listed)
-
-
-def copied_repository(tmp_path: Path) -> Path:
-    """The exported model beside a copy of its CPU variant that the test may rewrite."""
-    source = ROOT / "model_repository" / MODEL
-    folder = tmp_path / "repository" / MODEL
-    (folder / "configs").mkdir(parents=True)
-    (folder / "1").mkdir()
-    (folder / "1" / "model.pt").symlink_to((source / "1" / "model.pt").resolve())
-    (folder / "labels.txt").symlink_to((source / "labels.txt").resolve())
-    variant = source / "configs" / f"{CPU_VARIANT}.pbtxt"
-    (folder / "configs" / f"{CPU_VARIANT}.pbtxt").write_text(variant.read_text())
-    return folder.parent
 
 
 def listed_sha256(client: httpx.Client) -> str | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,8 +15,7 @@ import pytest
 
 from embedded.processes import free_port
 
-from ..helpers import ROOT
-from .helpers import MODEL, classify, photo
+from .helpers import classify, photo, read_until_serving, start_serve
 
 pytestmark = pytest.mark.integration
 
@@ -53,37 +51,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def start_serve(repository: Path, tmp_path: Path, port: int, **env: str) -> subprocess.Popen[str]:
-    """`python -m embedded.serve` on one model, its output readable line by line."""
-    environment = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
-        "PORT": str(port),
-        "GATEWAY_MODELS": MODEL,
-        "GATEWAY_DEFAULT_MODEL": MODEL,
-        **env,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "embedded.serve", "--repository", str(repository),
-         "--log-dir", str(tmp_path / "logs")],
-        cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-
-def read_until_serving(process: subprocess.Popen[str], timeout: float = 300) -> str:
-    """Its output up to the line that says it serves (or to its end)."""
-    assert process.stdout is not None
-    output: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        output.append(line)
-        if line.startswith("Ctrl-C stops"):
-            break
-    return "".join(output)
 
 
 def read_until_line(process: subprocess.Popen[str], text: str, timeout: float) -> str:

@@ -49,6 +49,16 @@ def test_a_preflight_may_name_the_deadline_header(cors_client: TestClient) -> No
     assert "x-request-timeout" in allowed["access-control-allow-headers"].lower()
 
 
+def test_a_web_app_may_refuse_cached_answers_and_see_which_it_got(cors_client: TestClient) -> None:
+    """A page on another origin sends `Cache-Control: no-store` (a preflighted header) and
+    reads `X-Cache` (exposed), or it could neither bypass the cache nor tell a hit."""
+    allowed = preflight(cors_client, "https://app.example", "content-type,cache-control")
+    assert allowed["status"] == "200", allowed
+    assert "cache-control" in allowed["access-control-allow-headers"].lower()
+    answer = cors_client.get("/healthz", headers={"Origin": "https://app.example"})
+    assert "x-cache" in answer.headers["access-control-expose-headers"].lower()
+
+
 @pytest.mark.parametrize(
     ("origin", "allowed"),
     [

@@ -350,7 +350,7 @@ def test_make_serve_passes_the_endpoint_to_its_tritonserver(
 ) -> None:
     """`python -m embedded.serve` with OTEL_EXPORTER_OTLP_ENDPOINT alone: the gateway and its
     tritonserver both export to it, and one request is one trace across the two."""
-    from .test_serve import read_until_serving, start_serve
+    from .helpers import read_until_serving, start_serve
 
     port = free_port()
     with receiving() as receiver:
