@@ -14,13 +14,14 @@ gateway.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -230,8 +231,22 @@ class TritonServer:
         process, self.process = self.process, None
         stop_group(process, timeout)
 
+    @contextlib.contextmanager
+    def running(self, timeout: float = 300.0) -> Iterator[TritonServer]:
+        """Started and ready within `timeout`, and stopped on exit whatever happened in
+        between, a server that never became ready included."""
+        try:
+            yield self.start().wait_ready(timeout)
+        finally:
+            self.stop()
+
     def __enter__(self) -> TritonServer:
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()  # __exit__ does not run when __enter__ raises
+            raise
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -35,13 +35,8 @@ def repository() -> Path:
 @pytest.fixture(scope="session")
 def triton(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     log = tmp_path_factory.mktemp("triton") / "tritonserver.log"
-    server = TritonServer(repository, log_path=log)
-    server.start()
-    try:
-        server.wait_ready(timeout=600)
+    with TritonServer(repository, log_path=log).running(timeout=600) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -66,12 +66,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     require_prepared()
     log = tmp_path_factory.mktemp("compat") / "tritonserver.log"
     server = TritonServer(compat.REPOSITORY, log_path=log, backend_directory=compat.BACKENDS / "current")
-    server.start()
-    try:
-        server.wait_ready(timeout=600)
+    with server.running(timeout=600):
         yield server
-    finally:
-        server.stop()
 
 
 def in_process(inputs: Path, outputs: Path) -> None:

@@ -14,7 +14,6 @@ from embedded.tritonserver import TritonServer
 from inception.contract import CPU_VARIANT, GENERATED_PARAMS
 from inception.repository import parse, render
 
-from ..helpers import ROOT
 from .helpers import MODEL, classify, copied_repository, photo, running_gateway
 
 pytestmark = pytest.mark.integration
@@ -22,17 +21,13 @@ pytestmark = pytest.mark.integration
 
 def unexported_repository(tmp_path: Path) -> Path:
     """The CPU variant stripped of what an export records, beside the real model file."""
-    source = ROOT / "model_repository" / MODEL
-    folder = tmp_path / "repository" / MODEL
-    (folder / "configs").mkdir(parents=True)
-    (folder / "1").mkdir()
-    (folder / "1" / "model.pt").symlink_to((source / "1" / "model.pt").resolve())
-    (folder / "labels.txt").symlink_to((source / "labels.txt").resolve())
-    config = parse((source / "configs" / f"{CPU_VARIANT}.pbtxt").read_text())
+    repository = copied_repository(tmp_path)
+    variant = repository / MODEL / "configs" / f"{CPU_VARIANT}.pbtxt"
+    config = parse(variant.read_text())
     for key in GENERATED_PARAMS:
         del config.parameters[key]
-    (folder / "configs" / f"{CPU_VARIANT}.pbtxt").write_text(render(config))
-    return folder.parent
+    variant.write_text(render(config))
+    return repository
 
 
 def test_unrecorded_provenance_is_unknown_and_warned(tmp_path: Path) -> None:
