@@ -32,13 +32,22 @@ def require_prepared() -> None:
 
 
 def test_make_test_runs_compat_from_the_dockerfile_pin():
-    """`make test` runs `make compat`, which prepares what the Dockerfile pins."""
+    """`make test` prepares what the Dockerfile pins (`compat-prepare`) before its suite,
+    which holds this file; `make compat` is the preparation and this file alone."""
     makefile = (ROOT / "Makefile").read_text()
-    test_rule = re.search(r"^test:([^\n]*)$", makefile, re.M)
-    assert test_rule and "compat" in test_rule.group(1).split(), "make test does not run compat"
-    compat_rule = re.search(r"^compat:[^\n]*\n((?:\t[^\n]*\n)+)", makefile, re.M)
-    assert compat_rule and "tests.deploy.compat" in compat_rule.group(1)
-    assert "tests/deploy/test_compat.py" in compat_rule.group(1)
+
+    def rule(name: str) -> tuple[list[str], str]:
+        found = re.search(rf"^{name}:([^\n]*)\n((?:\t[^\n]*\n)*)", makefile, re.M)
+        assert found, f"the Makefile has no {name} target"
+        return found.group(1).split(), found.group(2)
+
+    test_prerequisites, test_recipe = rule("test")
+    assert "compat-prepare" in test_prerequisites, "make test does not prepare compat"
+    assert re.search(r"-m pytest\s*$", test_recipe, re.M), "make test's suite is not the whole suite"
+    _, prepare_recipe = rule("compat-prepare")
+    assert "tests.deploy.compat" in prepare_recipe
+    compat_prerequisites, compat_recipe = rule("compat")
+    assert "compat-prepare" in compat_prerequisites and "tests/deploy/test_compat.py" in compat_recipe
     assert compat.pinned_torch() == re.search(
         r"^ARG TORCH_VERSION=(\S+)$", compat.DOCKERFILE.read_text(), re.M
     ).group(1)
