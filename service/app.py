@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
 from .deadlines import HEADER
+from .deps import hold_error
 from .errors import install_error_handlers
 from .gateway import Gateway
 from .imaging import configure_pillow
@@ -61,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.gateway = gateway
     app.state.tracing = None  # the lifespan's, once started
-    install_error_handlers(app, settings.retry_after_s)
+    install_error_handlers(app, settings.retry_after_s, hold_error)
     app.include_router(classify.router)
     app.include_router(models.router)
     app.include_router(health.router)

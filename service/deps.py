@@ -8,7 +8,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from .errors import Unauthorized
+from . import metrics
+from .errors import ApiError, OverCapacity, Unauthorized
 from .gateway import Gateway
 
 
@@ -59,3 +60,25 @@ def require_metrics_key(
     open by default, so that the shipped Prometheus configurations scrape it."""
     if gateway.settings.metrics_require_key:
         require_api_key(gateway, authorization, x_api_key)
+
+
+#: Paths whose errors are never held: the probes and the scrape, whose callers (a kubelet,
+#: Prometheus) must hear at once that the gateway is not ready.
+UNPACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def paced(exc: ApiError, path: str) -> bool:
+    """The errors a client's own traffic causes: every 4xx, and the 503 of admission control
+    (load the client adds); not the faults of the server or Triton, which are no one's loop."""
+    if path in UNPACED_PATHS:
+        return False
+    return 400 <= exc.status < 500 or exc.code == OverCapacity.code
+
+
+async def hold_error(request: Request, exc: ApiError) -> None:
+    """Holds an error answer while its client is past its error budget (service/pacing.py)."""
+    if not paced(exc, request.url.path):
+        return
+    gateway = get_gateway(request)
+    if await gateway.pacer.hold(client_id(request, gateway)):
+        metrics.ERRORS_HELD.inc()

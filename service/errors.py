@@ -12,7 +12,7 @@ refusal) and else the operator's setting for its status.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -221,13 +221,21 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install_error_handlers(app: FastAPI, retry_after_s: Mapping[int, int]) -> None:
+def install_error_handlers(
+    app: FastAPI,
+    retry_after_s: Mapping[int, int],
+    hold: Callable[[Request, ApiError], Awaitable[object]] | None = None,
+) -> None:
     """Route every error FastAPI or the handlers raise through :func:`error_response`;
-    ``retry_after_s`` is the operator's Retry-After by status (429 and 503)."""
+    ``retry_after_s`` is the operator's Retry-After by status (429 and 503). ``hold`` may
+    delay an answer before it is sent (service/pacing.py): here, once the route has given
+    back every slot and budget it held."""
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         request.state.error_code = exc.code
+        if hold is not None:
+            await hold(request, exc)
         return error_response(exc, retry_after_s)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -24,6 +24,7 @@ from .deadlines import remaining_s
 from .errors import DeadlineExceeded, OverCapacity, Overloaded
 from .imaging import Prepared, Preprocessing, prepare
 from .memory import MemoryAccount
+from .pacing import ErrorPacer
 from .schemas import Prediction
 from .settings import Settings
 from .triton import TritonBackend
@@ -63,6 +64,8 @@ class Gateway:
         self.admission = Admission(
             settings.latency_target_s, settings.admission_initial_limit, settings.admission_min_limit
         )
+        # Error answers past a client's budget are held before they are sent (service/pacing.py).
+        self.pacer = ErrorPacer(settings.error_rate_per_s, settings.error_burst, settings.error_pause_s)
 
     async def start(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.settings.decode_threads, thread_name_prefix="decode")

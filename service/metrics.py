@@ -88,6 +88,10 @@ SHED = Counter(
     "Classify requests refused by admission control (reason: capacity or deadline)",
     ["model", "reason"],
 )
+ERRORS_HELD = Counter(
+    "inception_gateway_errors_held",
+    "Error answers held before they were sent, their client being past its error budget (service/pacing.py)",
+)
 ADMISSION_LIMIT = Gauge(
     "inception_gateway_admission_limit_images",
     "Images in flight admitted per model (AIMD on latency against the objective)",

@@ -275,6 +275,18 @@ class Settings(BaseSettings):
         2.0, ge=0, description="how long a request waits for a free slot before 429"
     )
     retry_after_overloaded_s: int = Field(1, ge=0, description="Retry-After of 429 answers (all of them)")
+    error_rate_per_s: float = Field(
+        2.0,
+        ge=0,
+        description="error answers (4xx, and 503 refusals of load) a client may cause per second, "
+        "after a burst of `error_burst`; past it each is held before it is sent (0: never held)",
+    )
+    error_burst: int = Field(
+        20, ge=1, description="error answers a client may cause at once before they are held"
+    )
+    error_pause_s: float = Field(
+        2.0, ge=0, description="the most an error answer past the client's budget is held"
+    )
     admission: bool = Field(
         True, description="admission control on (off: every request queues, as before it existed)"
     )

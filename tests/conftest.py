@@ -14,6 +14,14 @@ from embedded.tritonserver import TritonServer
 
 from .helpers import REPOSITORY, ROOT, TritonEndpoint
 
+# Error pacing (service/pacing.py) holds a client's error answers once it has had its burst
+# of them: that is its point against a client that loops on refusals, and the tests that
+# send hundreds of bad requests from one address (schemathesis, the overload and admission
+# tests) would wait seconds for each. It is off for the suite's gateways, in process here and
+# in subprocesses by GatewayProcess; tests/gateway/test_error_pacing.py and
+# `make bench-hostile` run it on.
+os.environ.setdefault("GATEWAY_ERROR_RATE_PER_S", "0")
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -52,7 +52,12 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
 
 
 class GatewayProcess(Gateway):
-    """The one launcher (`embedded.gateway`), with an HTTP client for the tests."""
+    """The one launcher (`embedded.gateway`), with an HTTP client for the tests, and error
+    pacing off unless a test's settings turn it on (tests/conftest.py says why)."""
+
+    def __init__(self, grpc_url: str, log_path: Path | None = None, **kwargs: Any) -> None:
+        kwargs["env"] = {"GATEWAY_ERROR_RATE_PER_S": "0", **(kwargs.get("env") or {})}
+        super().__init__(grpc_url, log_path, **kwargs)
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
