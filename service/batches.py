@@ -10,7 +10,13 @@ queue while the first runs: its queue policy drops a request queued longer than 
 default timeout (30 s, which a request may shorten but not lengthen). Small batches let
 other clients' images into Triton's queue between them: in batches of 64, a client
 sending one photo behind a 144-crop request waited a whole 64-crop batch (6 s on two CPU
-cores; issue 19), in batches of 8 it waits one of 8.
+cores; issue 19), in batches of 8 it waits one of 8. And while other clients send to the
+model, the batches shrink to what the model computes in a quarter of the latency
+objective at its measured rate (``Gateway.crop_batch``): a batch of 8 takes a second on
+two CPU cores, so there a photo beside a 144-crop request waited that second; in slices of
+one crop it waits one crop's time. A GPU computes 8 crops well within the slice, and a
+request alone on its model keeps the full batches, whose throughput on a CPU is 1.6 times
+that of single crops.
 
 The Triton ensemble with members that crop differently takes one input per distinct
 preprocessing (``image__0``, ``image__1``, ...), each filled with the crops of its own
@@ -20,7 +26,7 @@ preprocessing (docs/architecture.md).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 
 import numpy as np
@@ -82,12 +88,13 @@ async def infer_images(
     info: ModelInfo,
     prepared: Sequence[Prepared],
     request_id: str,
-    batch_size: int = 0,
+    batch_size: int | Callable[[], int] = 0,
 ) -> list[np.ndarray]:
     """One model's probabilities ``[1, 1000]`` for each prepared image: the mean of its
     crops. The images' crops go together, one image after another, in requests of at most
-    ``batch_size`` crops (0: the model's ``max_batch_size``), sent one after another (see
-    the module's docstring): a batch of single crops is one Triton request."""
+    ``batch_size`` crops (0: the model's ``max_batch_size``; a function: asked before each
+    request, so that the batches follow the model's load), sent one after another (see the
+    module's docstring): a batch of single crops is one Triton request."""
     tensors = {
         name: np.concatenate([p.batches[pre] for p in prepared])
         if len(prepared) > 1
@@ -95,15 +102,15 @@ async def infer_images(
         for name, pre in info.inputs
     }
     count = next(iter(tensors.values())).shape[0]
-    most = (
-        min(b for b in (batch_size, info.max_batch_size) if b > 0) if batch_size or info.max_batch_size else 0
-    )
-    outputs = np.concatenate(
-        [
-            await backend.infer(info.name, {k: v[part] for k, v in tensors.items()}, request_id)
-            for part in chunks(count, most)
-        ]
-    )
+    parts, start = [], 0
+    while start < count:
+        wanted = batch_size() if callable(batch_size) else batch_size
+        limits = [b for b in (wanted, info.max_batch_size) if b > 0]
+        (part,) = chunks(count - start, min(limits) if limits else 0)[:1]
+        part = slice(start + part.start, start + part.stop)
+        parts.append(await backend.infer(info.name, {k: v[part] for k, v in tensors.items()}, request_id))
+        start = part.stop
+    outputs = np.concatenate(parts)
     _, pre = info.inputs[0]
     ends = np.cumsum([p.batches[pre].shape[0] for p in prepared])
     return [mean_probabilities(rows) for rows in np.split(outputs, ends[:-1])]

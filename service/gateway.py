@@ -32,6 +32,9 @@ from .triton import TritonBackend
 log = logging.getLogger(__name__)
 #: Weight of the newest decode in the moving average of decode times.
 DECODE_SMOOTHING = 0.2
+#: The share of the latency objective one multi-crop request's Triton call may take while
+#: other clients send to its model: what a photo arriving beside it waits (service/batches.py).
+CROP_SLICE_OF_OBJECTIVE = 0.25
 
 
 def load_labels(path: Path | None) -> list[str]:
@@ -158,6 +161,20 @@ class Gateway:
             if info is not None and info.is_ensemble:
                 names += [m for m in info.members if m not in names]
         return names
+
+    def crop_batch(self, models: Sequence[str], client: str) -> int:
+        """Crops per Triton call of ``client``'s multi-crop request now: the setting's batch
+        while the client is alone on its models, and while others send to them, what the
+        slowest computes in :data:`CROP_SLICE_OF_OBJECTIVE` of the objective at its measured
+        rate, at least one (service/batches.py says why)."""
+        size = self.settings.crop_batch_size
+        for model in self.charged(models):
+            load = self.admission.loads.get(model)
+            if load is None or not load.rate or load.active(client) <= 1:
+                continue
+            in_slice = math.floor(load.rate * self.settings.latency_target_s * CROP_SLICE_OF_OBJECTIVE)
+            size = max(1, min(size, in_slice))
+        return size
 
     def refuse_if_over_capacity(self, models: Sequence[str], images: int, client: str = "") -> None:
         """503 at once if these models cannot take the request now (service/admission.py)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -142,7 +143,7 @@ async def classify(
                     try:
                         outputs = await deadlines.unless_disconnected(
                             request.receive,
-                            infer_all(gateway, infos, list(prepared.values()), state.request_id),
+                            infer_all(gateway, infos, list(prepared.values()), state.request_id, client),
                         )
                     except (BackendTimeout, DeadlineExceeded):
                         ticket.time_out()  # a miss: it lowers the limit, as a late answer would
@@ -230,18 +231,25 @@ def shed_before_reading(gateway: Gateway, headers: Headers, query: dict[str, Any
 
 
 async def infer_all(
-    gateway: Gateway, infos: list[ModelInfo], prepared: list[Prepared], request_id: str
+    gateway: Gateway, infos: list[ModelInfo], prepared: list[Prepared], request_id: str, client: str = ""
 ) -> list[list[np.ndarray]]:
     """Every member of a request at once, each with all the images; per model, each
     image's probabilities ``[1, 1000]``. The first failure cancels the others (a half
     answer is no answer, and Triton should not compute what nobody will read). Single
     crops go as one batch of every image (at most ``max_batch_size``, which bounds the
-    images of a request); several crops in batches of ``GATEWAY_CROP_BATCH_SIZE``."""
-    size = gateway.settings.crop_batch_size if prepared[0].crops > 1 else 0
+    images of a request); several crops in batches of ``GATEWAY_CROP_BATCH_SIZE``, smaller
+    while ``client`` shares the model with others (``Gateway.crop_batch``)."""
+
+    def batch_size(info: ModelInfo) -> int | Callable[[], int]:
+        if prepared[0].crops == 1:
+            return 0
+        return lambda: gateway.crop_batch([info.name], client)
+
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(infer_images(gateway.backend, i, prepared, request_id, size)) for i in infos
+                group.create_task(infer_images(gateway.backend, i, prepared, request_id, batch_size(i)))
+                for i in infos
             ]
     except* ApiError as failed:
         raise failed.exceptions[0] from None
