@@ -5,6 +5,7 @@ to each Triton model)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -67,12 +68,16 @@ class Gateway:
         self.admission = Admission(
             settings.latency_target_s, settings.admission_initial_limit, settings.admission_min_limit
         )
+        self._seeder: asyncio.Task[None] | None = None
         # Error answers past a client's budget are held before they are sent (service/pacing.py).
         self.pacer = ErrorPacer(settings.error_rate_per_s, settings.error_burst, settings.error_pause_s)
 
     async def start(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.settings.decode_threads, thread_name_prefix="decode")
         await self.backend.start()
+        await self.seed_rates()
+        if self.settings.config_max_age_s > 0:
+            self._seeder = asyncio.create_task(self._seed_rates_every(self.settings.config_max_age_s))
         log.info(
             "gateway started",
             extra={
@@ -84,10 +89,39 @@ class Gateway:
         )
 
     async def stop(self) -> None:
+        if self._seeder is not None:
+            seeder, self._seeder = self._seeder, None
+            seeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await seeder
         await self.backend.close()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         metrics.mark_process_dead(os.getpid())
+
+    async def seed_rates(self) -> None:
+        """Gives each network this worker has not measured yet Triton's own service rate
+        (``TritonBackend.service_rate``). A worker learns a model's rate from the requests it
+        completes, and until then admits any request whatever its deadline: one that sees
+        only requests that time out (10 crops with a 0.4 s deadline, issue 19 finding 9)
+        would never measure one, and would send every such request to run for nothing,
+        while the worker beside it, which had measured the rate, refused them at once."""
+        for name, info in list(self.backend.models.items()):
+            load = self.admission.load(name)
+            if load.rate is not None or info.is_ensemble:
+                continue
+            rate = await self.backend.service_rate(name)
+            if rate is not None and load.rate is None:
+                load.rate = rate
+                metrics.SERVICE_RATE.labels(name).set(rate)
+
+    async def _seed_rates_every(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.seed_rates()
+            except Exception:  # the seeder must outlive any one failure
+                log.exception("service rates not read")
 
     @asynccontextmanager
     async def slot(self, client: str = "") -> AsyncIterator[None]:

@@ -290,6 +290,26 @@ class TritonBackend:
             probabilities = None
         return checked_output(probabilities, next(iter(named.values())).shape[0], name)
 
+    async def service_rate(self, name: str) -> float | None:
+        """Images ``name`` computed per second of compute since Triton started (its
+        statistics: inference count over the time spent in input, inference and output), or
+        None where it has none (no inference yet, Triton unreachable). The same
+        figure for every worker and replica: what a worker that has measured nothing of its
+        own yet knows of the model's speed (service/gateway.py)."""
+        try:
+            stats = await self.client.get_inference_statistics(
+                name, as_json=True, client_timeout=self.settings.triton_probe_timeout_s
+            )
+        except InferenceServerException:
+            return None
+        images, compute_ns = 0, 0
+        for model in stats.get("model_stats", []):
+            images += int(model.get("inference_count", 0))
+            inference = model.get("inference_stats", {})
+            for stage in ("compute_input", "compute_infer", "compute_output"):
+                compute_ns += int(inference.get(stage, {}).get("ns", 0))
+        return images / (compute_ns / 1e9) if images and compute_ns else None
+
     async def _probe(self, check: Callable[..., Awaitable[object]], *args: str) -> bool:
         """One of Triton's health checks, within the probe deadline; no answer is a no."""
         try:
