@@ -27,9 +27,12 @@ with a 503 that says so, instead of running until it ends in 504.
 
 Fair shares: each model's places are shared between the clients (API key, or address)
 that hold some. While several do, a client may hold at most its share of the limit
-(``limit // clients``), and a client holding none is admitted within its share even
-when the model is full, overshooting the limit until the greedy client's requests drain:
-one client cannot keep another out by holding every place. A timeout counts as a miss
+(``limit // clients``), and no more than the model computes in a quarter of the objective
+at its measured rate, and a client holding none is admitted within its share even when
+the model is full, overshooting the limit until the greedy client's requests drain: one
+client cannot keep another out by holding every place, nor fill the batch another's
+photo waits for. The clients counted are those of every worker of the gateway
+(service/board.py), not this worker's alone. A timeout counts as a miss
 (the limit is cut), and a ticket's latency counts from the moment it is sent to Triton,
 so that slow uploads and decodes lower no one's limit.
 """
@@ -43,6 +46,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from .board import ACTIVE_S, Board, hashes
+
 #: Completions and busy time that make one measurement of the service rate: enough to
 #: average over a few batches, few enough to follow a change within seconds.
 SAMPLE_COMPLETIONS, SAMPLE_BUSY_S = 4, 0.5
@@ -50,8 +55,9 @@ SAMPLE_COMPLETIONS, SAMPLE_BUSY_S = 4, 0.5
 SMOOTHING = 0.3
 #: The multiplicative decrease of the limit when an answer misses the objective.
 BACKOFF = 0.8
-#: How long a client that held places still counts as sharing the model.
-ACTIVE_S = 2.0
+#: The share of the latency objective that one client's images in flight may take to compute
+#: while other clients send to the model (and one multi-crop call, service/batches.py).
+SLICE_OF_OBJECTIVE = 0.25
 
 
 @dataclass
@@ -72,6 +78,8 @@ class ModelLoad:
     _completed: int = field(default=0, repr=False)
     clients: Counter[str] = field(default_factory=Counter, repr=False)  # images in flight by client
     seen: dict[str, float] = field(default_factory=dict, repr=False)  # client -> when it last left
+    name: str = ""
+    board: Board | None = field(default=None, repr=False)  # the other workers' clients
 
     def __post_init__(self) -> None:
         self._limit = float(max(self.min_limit, self.initial_limit))
@@ -110,17 +118,31 @@ class ModelLoad:
         for name, left in list(self.seen.items()):
             if now - left > ACTIVE_S:
                 del self.seen[name]
-        return len(set(self.clients) | set(self.seen) | {client})
+        here = set(self.clients) | set(self.seen) | {client}
+        if self.board is None:
+            return len(here)
+        return len(hashes(here) | self.board.clients(self.name))
 
     def share(self, client: str) -> int:
-        """The images ``client`` may hold while the others active hold theirs."""
-        return max(1, self.limit // self.active(client))
+        """The images ``client`` may hold while the others active hold theirs: its part of the
+        limit, and no more than the model computes in :data:`SLICE_OF_OBJECTIVE` of the
+        objective at its measured rate (at least one). Triton runs what is queued in one
+        batch it cannot stop, and a newcomer waits for that batch: four images of another
+        client are half a second on two CPU cores, beside a photo's own tenth; on a GPU the
+        slice holds hundreds, and only the limit counts."""
+        sharing = self.active(client)
+        share = max(1, self.limit // sharing)
+        if sharing > 1 and self.rate:
+            share = min(share, max(1, math.floor(self.rate * self.objective_s * SLICE_OF_OBJECTIVE)))
+        return share
 
     def enter(self, images: int, client: str = "") -> None:
         if self.in_flight == 0:
             self._busy_since = self.clock()
         self.in_flight += images
         self.clients[client] += images
+        if self.board is not None:
+            self.board.note(self.name, client)
 
     def miss(self) -> None:
         """A request that ran out of time: the limit is cut as for an answer past the
@@ -139,6 +161,8 @@ class ModelLoad:
         if self.clients[client] <= 0:
             del self.clients[client]
             self.seen[client] = self.clock()
+        if self.board is not None:
+            self.board.note(self.name, client)
         now = self.clock()
         if self._busy_since is not None:
             self._busy_s += now - self._busy_since
@@ -212,11 +236,25 @@ class Admission:
         self.initial_limit = initial_limit
         self.min_limit = min_limit
         self.loads: dict[str, ModelLoad] = {}
+        self._board: Board | None = None
+
+    @property
+    def board(self) -> Board | None:
+        """The workers' shared board of clients (service/board.py); None: this worker's own."""
+        return self._board
+
+    @board.setter
+    def board(self, board: Board | None) -> None:
+        self._board = board
+        for load in self.loads.values():
+            load.board = board
 
     def load(self, model: str) -> ModelLoad:
         load = self.loads.get(model)
         if load is None:
-            load = self.loads[model] = ModelLoad(self.objective_s, self.initial_limit, self.min_limit)
+            load = self.loads[model] = ModelLoad(
+                self.objective_s, self.initial_limit, self.min_limit, name=model, board=self._board
+            )
         return load
 
     def refusal(

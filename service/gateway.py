@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from . import deadlines, metrics
-from .admission import Admission, Ticket
+from .admission import SLICE_OF_OBJECTIVE, Admission, Ticket
+from .board import Board
 from .cache import AnswerCache
 from .deadlines import remaining_s
 from .errors import DeadlineExceeded, OverCapacity, Overloaded
@@ -27,15 +28,12 @@ from .imaging import Prepared, Preprocessing, prepare
 from .memory import MemoryAccount
 from .pacing import ErrorPacer
 from .schemas import Prediction
-from .settings import Settings
+from .settings import Settings, worker_count
 from .triton import TritonBackend
 
 log = logging.getLogger(__name__)
 #: Weight of the newest decode in the moving average of decode times.
 DECODE_SMOOTHING = 0.2
-#: The share of the latency objective one multi-crop request's Triton call may take while
-#: other clients send to its model: what a photo arriving beside it waits (service/batches.py).
-CROP_SLICE_OF_OBJECTIVE = 0.25
 
 
 def load_labels(path: Path | None) -> list[str]:
@@ -74,6 +72,8 @@ class Gateway:
 
     async def start(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.settings.decode_threads, thread_name_prefix="decode")
+        # Each worker's clients, seen by the others (service/board.py): after the fork.
+        self.admission.board = Board.for_workers(worker_count())
         await self.backend.start()
         await self.seed_rates()
         if self.settings.config_max_age_s > 0:
@@ -95,6 +95,9 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await seeder
         await self.backend.close()
+        board, self.admission.board = self.admission.board, None
+        if board is not None:
+            board.close()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
         metrics.mark_process_dead(os.getpid())
@@ -199,14 +202,14 @@ class Gateway:
     def crop_batch(self, models: Sequence[str], client: str) -> int:
         """Crops per Triton call of ``client``'s multi-crop request now: the setting's batch
         while the client is alone on its models, and while others send to them, what the
-        slowest computes in :data:`CROP_SLICE_OF_OBJECTIVE` of the objective at its measured
+        slowest computes in :data:`SLICE_OF_OBJECTIVE` of the objective at its measured
         rate, at least one (service/batches.py says why)."""
         size = self.settings.crop_batch_size
         for model in self.charged(models):
             load = self.admission.loads.get(model)
             if load is None or not load.rate or load.active(client) <= 1:
                 continue
-            in_slice = math.floor(load.rate * self.settings.latency_target_s * CROP_SLICE_OF_OBJECTIVE)
+            in_slice = math.floor(load.rate * self.settings.latency_target_s * SLICE_OF_OBJECTIVE)
             size = max(1, min(size, in_slice))
         return size
 

@@ -92,11 +92,16 @@ def worker_memory_bytes() -> int:
     own = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # a container's
     container = next((v for v in map(_limit_in, own) if v is not None), machine)
     limit = min([machine, container, *(v for v in map(_limit_in, _cgroup_limit_files()) if v is not None)])
+    return limit // worker_count()
+
+
+def worker_count() -> int:
+    """The uvicorn workers of this gateway (`WEB_CONCURRENCY`, set by every launcher that
+    runs several): 1 when unset or not a number."""
     try:
-        workers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
+        return max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
     except ValueError:
-        workers = 1
-    return limit // workers
+        return 1
 
 
 def resident_bytes() -> int:

@@ -305,11 +305,29 @@ def test_latency_counts_from_the_triton_call_not_the_upload_or_decode() -> None:
 
 def test_a_photo_beside_a_144_crop_request_waits_a_share_not_all_144() -> None:
     """At 10 images/s, 144 crops in flight would be 14.5 s ahead of a photo in a FIFO; sent
-    in small batches, served in turn, the photo waits for the other client's share (4 of
-    the limit of 8): it is admitted against a 5 s deadline, not refused."""
+    in time slices (one crop a call at that rate beside another client), served in turn,
+    the photo waits for the other client's share, what the model computes in a quarter of
+    the objective (1 image): it is admitted against a 5 s deadline, not refused."""
     admission = Admission(objective_s=0.5, initial_limit=8)
     load = measured(admission, "m", 10.0)
     with admission.admitted(["m"], 144, "crops"):
-        assert load.fair_wait_s("victim", 1) == pytest.approx(0.5)
+        assert load.share("victim") == 1
+        assert load.fair_wait_s("victim", 1) == pytest.approx(0.2)
         assert admission.refusal(["m"], 1, budget_s=5.0, client="victim") is None
-        assert admission.refusal(["m"], 1, budget_s=0.2, client="victim") is not None
+        assert admission.refusal(["m"], 1, budget_s=0.1, client="victim") is not None
+
+
+def test_beside_another_client_a_share_is_what_the_model_computes_in_a_slice() -> None:
+    """At 8 images/s a quarter of the 0.5 s objective computes one image: a client sharing
+    the model holds one, whatever its part of the limit; at 2,000 images/s (a GPU) the
+    slice holds 250 and its part of the limit (16 // 2) is the bound."""
+    for rate, expected in ((8.0, 1), (40.0, 5), (2000.0, 8)):
+        admission = Admission(objective_s=0.5, initial_limit=16)
+        load = measured(admission, "m", rate)
+        load._limit = 16.0
+        with admission.admitted(["m"], 1, "other"):
+            assert load.share("greedy") == expected, rate
+        assert load.share("greedy") == expected  # the other client left just now: still sharing
+    alone = measured(Admission(objective_s=0.5, initial_limit=16), "m", 8.0)
+    alone._limit = 16.0
+    assert alone.share("greedy") == 16

@@ -9,8 +9,9 @@ import asyncio
 
 import numpy as np
 
+from service.admission import SLICE_OF_OBJECTIVE
 from service.batches import infer_images
-from service.gateway import CROP_SLICE_OF_OBJECTIVE, Gateway
+from service.gateway import Gateway
 from service.imaging import Prepared
 from service.model_config import parse_model_config
 from service.settings import Settings
@@ -56,7 +57,7 @@ def test_a_client_that_just_left_still_counts() -> None:
 
 
 def test_the_slice_is_a_quarter_of_the_objective() -> None:
-    assert CROP_SLICE_OF_OBJECTIVE == 0.25
+    assert SLICE_OF_OBJECTIVE == 0.25
 
 
 class Recorder:
