@@ -12,8 +12,10 @@ latency against its unloaded p99, the cgroup's peak memory and its OOM kills.
 
 "Before" runs the same attack with the protection turned off by its setting where one
 exists (`--http httptools` for the headers, a memory budget of 64 GiB, no scan limit, no
-per-client slot cap); where none exists (fair shares, the ensemble's charge, JSON's bounds,
-timeouts as misses) the review's figures are quoted in bench/README.md instead.
+per-client slot cap, no error pacing for the greedy client); where none exists (fair
+shares, the ensemble's charge, JSON's bounds, timeouts as misses) the review's figures are
+quoted in bench/README.md instead. The attackers' answers are counted too: a client that
+resends at once whatever it gets is slowed to its error budget (service/pacing.py).
 
     python -m bench.hostile --repository model_repository
     python -m bench.hostile --triton 127.0.0.1:8001 --seconds 15 --only headers,memory
@@ -35,6 +37,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,16 +108,22 @@ def connect(port: int) -> socket.socket:
     return sock
 
 
-def repeat(stop: threading.Event, action: Callable[[], object]) -> None:
+def repeat(stop: threading.Event, action: Callable[[], object], tally: Counter[str] | None = None) -> None:
+    """``action`` again and again until stopped, at once whatever it got (an attacker does
+    not wait for Retry-After); the statuses of its answers counted in ``tally``."""
     while not stop.is_set():
-        with contextlib.suppress(Exception):
-            action()
+        try:
+            answer = action()
+        except Exception:
+            answer = None
+        if tally is not None:
+            tally[str(getattr(answer, "status_code", "no answer"))] += 1
 
 
 # The attacks: each takes the gateway and a stop event and runs until it is set.
 
 
-def headers_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def headers_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 1: 64 MiB headers sent again and again, and 1,000 connections each holding
     1 MiB of an unfinished header."""
     big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (64 * MIB)
@@ -146,7 +155,13 @@ def headers_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Th
 
 
 def streaming(
-    gateway: Gateway, stop: threading.Event, threads: int, body: bytes, media: str, **params: str | int
+    gateway: Gateway,
+    stop: threading.Event,
+    tally: Counter[str],
+    threads: int,
+    body: bytes,
+    media: str,
+    **params: str | int,
 ) -> list[threading.Thread]:
     def loop() -> None:
         with attacker_client(gateway.url) as client:
@@ -155,46 +170,51 @@ def streaming(
                 lambda: client.post(
                     "/v1/classify", content=body, params=params, headers={"Content-Type": media}
                 ),
+                tally,
             )
 
     return [threading.Thread(target=loop) for _ in range(threads)]
 
 
-def memory_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def memory_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 2: 8 concurrent 47 KiB palette PNGs of 7071² with transparency."""
-    return streaming(gateway, stop, 8, palette_bomb(7071, 7071), "image/png")
+    return streaming(gateway, stop, tally, 8, palette_bomb(7071, 7071), "image/png")
 
 
-def json_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def json_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 3: 21 MiB JSON bodies holding a 10.5 M-item `weights` array, 4 at once."""
     body = b'{"image": "' + base64.b64encode(photo("chelsea.png").read_bytes()[:1000]) + b'", "weights": ['
     body += b"1," * 10_500_000 + b"1]}"
-    return streaming(gateway, stop, 4, body, "application/json")
+    return streaming(gateway, stop, tally, 4, body, "application/json")
 
 
-def scans_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def scans_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 4: progressive JPEGs of 6,000 repeated scans, two at a time."""
-    return streaming(gateway, stop, 2, scan_bomb(7000, 6000), "image/jpeg")
+    return streaming(gateway, stop, tally, 2, scan_bomb(7000, 6000), "image/jpeg")
 
 
-def crops_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def crops_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 5: two clients streaming crops=144 to the victim's model."""
     return streaming(
-        gateway, stop, 2, photo("chelsea.png").read_bytes(), "image/png", model=VICTIM_MODEL, crops=144
+        gateway, stop, tally, 2, photo("chelsea.png").read_bytes(), "image/png", model=VICTIM_MODEL, crops=144
     )
 
 
-def greedy_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def greedy_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 6: one client holding 16 requests in flight on the victim's model."""
-    return streaming(gateway, stop, 16, photo("chelsea.png").read_bytes(), "image/png", model=VICTIM_MODEL)
+    return streaming(
+        gateway, stop, tally, 16, photo("chelsea.png").read_bytes(), "image/png", model=VICTIM_MODEL
+    )
 
 
-def ensemble_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def ensemble_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 7: the Triton ensemble (whose members include the victim's model), 4 at once."""
-    return streaming(gateway, stop, 4, photo("chelsea.png").read_bytes(), "image/png", model="ensemble")
+    return streaming(
+        gateway, stop, tally, 4, photo("chelsea.png").read_bytes(), "image/png", model="ensemble"
+    )
 
 
-def stalled_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def stalled_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 8: stalled uploads reopened as they close, 800 at a time (two workers have 512
     slots)."""
     head = (
@@ -227,7 +247,7 @@ def stalled_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Th
     return [threading.Thread(target=keeper)]
 
 
-def timeouts_attack(gateway: Gateway, stop: threading.Event) -> list[threading.Thread]:
+def timeouts_attack(gateway: Gateway, stop: threading.Event, tally: Counter[str]) -> list[threading.Thread]:
     """Finding 9: requests whose every answer is a timeout (10 crops with a 0.4 s deadline),
     and slow uploads (1 MiB at about 200 KiB/s), 4 of each."""
     image = photo("chelsea.png").read_bytes()
@@ -242,6 +262,7 @@ def timeouts_attack(gateway: Gateway, stop: threading.Event) -> list[threading.T
                     params={"model": VICTIM_MODEL, "crops": 10},
                     headers={"Content-Type": "image/png", "X-Request-Timeout": "0.4"},
                 ),
+                tally,
             )
 
     def slow_upload() -> None:
@@ -261,6 +282,7 @@ def timeouts_attack(gateway: Gateway, stop: threading.Event) -> list[threading.T
                     params={"model": VICTIM_MODEL},
                     headers={"Content-Type": "image/png"},
                 ),
+                tally,
             )
 
     return [threading.Thread(target=late) for _ in range(4)] + [
@@ -272,7 +294,7 @@ def timeouts_attack(gateway: Gateway, stop: threading.Event) -> list[threading.T
 class Scenario:
     finding: int
     name: str
-    attack: Callable[[Gateway, threading.Event], list[threading.Thread]]
+    attack: Callable[[Gateway, threading.Event, Counter[str]], list[threading.Thread]]
     #: Settings (or "httptools") that turn the protection off, None where none can.
     before: dict[str, str] | None
     victim_headers: dict[str, str] = field(default_factory=dict)
@@ -290,7 +312,7 @@ SCENARIOS = [
         {"X-Request-Timeout": "5"},
     ),
     Scenario(5, "crops", crops_attack, None),
-    Scenario(6, "greedy", greedy_attack, None),
+    Scenario(6, "greedy", greedy_attack, {"GATEWAY_ERROR_RATE_PER_S": "0"}),
     Scenario(7, "ensemble", ensemble_attack, None),
     Scenario(8, "stalled", stalled_attack, {"GATEWAY_MAX_CONCURRENCY_PER_CLIENT": "0"}),
     Scenario(9, "timeouts", timeouts_attack, None),
@@ -355,12 +377,14 @@ def run(grpc_url: str, scenario: Scenario | None, variant: str, seconds: float, 
         stop = threading.Event()
         victim = Victim(gateway.url, interval, image, scenario.victim_headers if scenario else {})
         threads = [threading.Thread(target=victim.run, args=(stop,))]
+        tally: Counter[str] = Counter()
         if scenario is not None:
-            threads += scenario.attack(gateway, stop)
+            threads += scenario.attack(gateway, stop, tally)
         for thread in threads:
             thread.daemon = True
             thread.start()
         time.sleep(seconds)
+        attacked = dict(tally)  # what the attackers got while the victim was measured
         limit = admission_limit(gateway.url)
         stop.set()
         for thread in threads:
@@ -372,6 +396,10 @@ def run(grpc_url: str, scenario: Scenario | None, variant: str, seconds: float, 
             "variant": variant,
             **victim.summary(),
             "admission_limit": limit,
+            # Answers the attackers got, by status, and per second (HTTP attacks; the raw
+            # socket ones, headers and stalled uploads, count none).
+            "attacker_answers": attacked,
+            "attacker_answers_per_s": round(sum(attacked.values()) / seconds, 1),
             "peak_mib": round(cgroup.peak_bytes() / MIB) if cgroup else None,
             "oom_kills": cgroup.oom_kills() if cgroup else None,
             "gateway_alive": alive,
@@ -451,13 +479,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     unloaded = results[0]["p99_s"]
-    print("\n| # | attack | run | victim 200s | p50 s | p99 s (x unloaded) | peak MiB | OOM kills |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| # | attack | run | victim 200s | p50 s | p99 s (x unloaded) | attacker answers/s "
+        "(statuses) | peak MiB | OOM kills |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         ratio = r["p99_s"] / unloaded if unloaded else float("nan")
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r["attacker_answers"].items()))
         print(
             f"| {r['finding'] or '-'} | {r['scenario']} | {r['variant']} | {r['ok_share']:.0%} | "
-            f"{r['p50_s']:.2f} | {r['p99_s']:.2f} ({ratio:.1f}x) | {r['peak_mib']} | {r['oom_kills']} |"
+            f"{r['p50_s']:.2f} | {r['p99_s']:.2f} ({ratio:.1f}x) | {r['attacker_answers_per_s']} "
+            f"({statuses or '-'}) | {r['peak_mib']} | {r['oom_kills']} |"
         )
     return 0
 
