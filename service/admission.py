@@ -123,6 +123,14 @@ class ModelLoad:
             return len(here)
         return len(hashes(here) | self.board.clients(self.name))
 
+    def held(self, client: str) -> int:
+        """The images ``client`` holds here, or one if it holds none here but some in
+        another worker (the board knows that it holds, not how many)."""
+        mine = self.clients[client]
+        if mine == 0 and self.board is not None and self.board.holding(self.name, client):
+            return 1
+        return mine
+
     def share(self, client: str) -> int:
         """The images ``client`` may hold while the others active hold theirs: its part of the
         limit, and no more than the model computes in :data:`SLICE_OF_OBJECTIVE` of the
@@ -142,7 +150,7 @@ class ModelLoad:
         self.in_flight += images
         self.clients[client] += images
         if self.board is not None:
-            self.board.note(self.name, client)
+            self.board.note(self.name, client, holding=True)
 
     def miss(self) -> None:
         """A request that ran out of time: the limit is cut as for an answer past the
@@ -162,7 +170,7 @@ class ModelLoad:
             del self.clients[client]
             self.seen[client] = self.clock()
         if self.board is not None:
-            self.board.note(self.name, client)
+            self.board.note(self.name, client, holding=client in self.clients)
         now = self.clock()
         if self._busy_since is not None:
             self._busy_s += now - self._busy_since
@@ -278,9 +286,10 @@ class Admission:
                     f"{images} image(s) behind those in flight at {model}'s measured {load.rate:.3g} "
                     f"images/s take {need:.3g} s, more than the {budget_s:.3g} s left",
                 )
-            if load.in_flight == 0:
+            mine = load.held(client)
+            if load.in_flight == 0 and mine == 0:
                 continue
-            mine, share = load.clients[client], load.share(client)
+            share = load.share(client)
             others = load.active(client) - 1
             if load.in_flight + images <= load.limit and (others == 0 or mine + images <= share):
                 continue

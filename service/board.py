@@ -35,6 +35,10 @@ PROBES = 16
 #: How long a client that held places still counts as sharing the model, in this worker
 #: (service/admission.py) and on the board.
 ACTIVE_S = 2.0
+#: How long a client noted as holding places counts as holding them, unless noted again:
+#: longer than any request runs, so that only a worker that died holding them leaves a
+#: mark, and that for no longer than this.
+HOLD_S = 120.0
 _ENTRY = np.dtype([("key", "<u8"), ("seen", "<f8")])
 
 
@@ -82,23 +86,38 @@ class Board:
         except OSError:
             return None  # no shared memory: each worker sees its own clients, as before
 
-    def note(self, model: str, client: str) -> None:
-        """``client`` is served by ``model`` now."""
+    def note(self, model: str, client: str, holding: bool = False) -> None:
+        """``client`` is served by ``model`` now, and holds places there (in this worker)
+        or not. A hold is marked as a time :data:`HOLD_S` ahead; the workers share one entry
+        per model and client, so a worker that ends its hold ends another's too, which then
+        shows again at that worker's next request."""
         key = key_of(model, client)
         now = self.clock()
+        mark = now + HOLD_S if holding else now
         keys, seen = self.table["key"], self.table["seen"]
         home = key % SLOTS
         free = None
         for step in range(PROBES):
             at = (home + step) % SLOTS
             if keys[at] == key:
-                seen[at] = now
+                seen[at] = mark
                 return
             if free is None and (keys[at] == 0 or now - seen[at] > ACTIVE_S):
                 free = at
         if free is not None:
-            seen[free] = now
+            seen[free] = mark
             keys[free] = key
+
+    def holding(self, model: str, client: str) -> bool:
+        """Whether a worker noted ``client`` as holding places at ``model`` (this one too)."""
+        key = key_of(model, client)
+        keys, seen = self.table["key"], self.table["seen"]
+        home = key % SLOTS
+        for step in range(PROBES):
+            at = (home + step) % SLOTS
+            if keys[at] == key:
+                return bool(seen[at] > self.clock())
+        return False
 
     def clients(self, model: str) -> set[int]:
         """The hashes of the clients any worker served ``model`` within :data:`ACTIVE_S`."""

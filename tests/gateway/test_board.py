@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service.admission import Admission
-from service.board import ACTIVE_S, SLOTS, Board, client_hash, default_path
+from service.board import ACTIVE_S, HOLD_S, SLOTS, Board, client_hash, default_path
 
 
 class Clock:
@@ -101,3 +101,28 @@ def test_admission_shares_a_model_with_the_other_workers_clients(
     assert load.active("greedy") == 2 and load.share("greedy") == 4
     with admission.admitted(["m"], 1, "greedy"):
         assert worker_a.clients("m") == {client_hash("victim"), client_hash("greedy")}
+
+
+def test_a_hold_in_one_worker_counts_in_the_other(two_workers: tuple[Board, Board, Clock]) -> None:
+    """A greedy client holding an image in worker A counts as holding one in worker B, so
+    that while it shares the model it holds its share across the workers, not in each."""
+    worker_a, worker_b, clock = two_workers
+    in_a, in_b = Admission(objective_s=0.5, initial_limit=8), Admission(objective_s=0.5, initial_limit=8)
+    in_a.board, in_b.board = worker_a, worker_b
+    for admission in (in_a, in_b):
+        load = admission.load("m")
+        load.clock = clock
+        load.rate = 8.0  # a slice of the objective computes one image: a share of one
+    worker_b.note("m", "victim")
+    with in_a.admitted(["m"], 1, "greedy"):
+        assert worker_b.holding("m", "greedy")
+        assert in_b.load("m").held("greedy") == 1
+        refusal = in_b.refusal(["m"], 1, None, "greedy")
+        assert refusal is not None and refusal.reason == "share"
+        assert in_b.refusal(["m"], 1, None, "victim") is None
+    assert not worker_b.holding("m", "greedy")  # given back: B admits it again
+    assert in_b.refusal(["m"], 1, None, "greedy") is None
+    clock.now += 1000
+    worker_a.note("m", "crashed", holding=True)
+    clock.now += HOLD_S + 1  # a worker that died holding places leaves its mark for HOLD_S at most
+    assert not worker_b.holding("m", "crashed")
