@@ -310,11 +310,13 @@ def test_structured_logs_carry_the_request_id(client: httpx.Client, gateway: Gat
 def test_deadline_passed_is_504(
     gateway_triton: TritonEndpoint, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """A live Triton slower than the deadline (50 ms for a 150 ms forward pass): 504."""
+    """A live Triton slower than the deadline (50 ms for a 150 ms forward pass): 504. With
+    admission control off: on, it knows Triton's rate from its statistics and refuses the
+    request at once (503, tests/gateway/test_rate_seed.py), never reaching the timeout."""
     from .helpers import running_gateway
 
     log = tmp_path_factory.mktemp("deadline") / "gateway.log"
-    env = {"GATEWAY_TRITON_TIMEOUT_S": "0.05"}
+    env = {"GATEWAY_TRITON_TIMEOUT_S": "0.05", "GATEWAY_ADMISSION": "false"}
     with running_gateway(gateway_triton.grpc_url, log, env=env) as slow, slow.client() as http:
         answer = classify(http, photo("grace_hopper.jpg").read_bytes(), model="inception_resnet_v2")
         assert answer.status_code == 504, answer.text
