@@ -4,7 +4,10 @@ Security first: Pillow is only ever allowed to open JPEG, PNG, WebP, GIF, BMP an
 (``Image.open(..., formats=...)``), so no other plugin's parser runs on client bytes (EPS
 above all, which hands the data to Ghostscript). The pixel count is checked before any pixel
 is decoded, by Pillow's own decompression-bomb guard set from our settings (and turned from
-a warning into an error) and by our check of the header's size.
+a warning into an error) and by our check of the header's size. What else costs CPU per
+element rather than per pixel (JPEG marker segments and scans, PNG chunks, TIFF strips, the
+rows of a thin image, RLE BMPs decoded in Python) is counted from the bytes or the header
+first and bounded; `bench/fuzz_decode.py` searches for what is not.
 
 Everything here is synchronous and CPU-bound; the app runs it in a bounded thread pool
 (Pillow releases the GIL while decoding and resampling).
@@ -25,7 +28,14 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from . import crops as geometry
 from .errors import ApiError, EmptyBody, ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from .pixels import BYTES_PER_PIXEL_BUDGET, check_tiles, orientation, to_rgb
+from .pixels import (
+    BYTES_PER_PIXEL_BUDGET,
+    TIFF_PREFIXES,
+    check_tiff_directory,
+    check_tiles,
+    orientation,
+    to_rgb,
+)
 
 #: The Pillow plugins that may open client data.
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -33,6 +43,8 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 #: "MPO" for multi-picture JPEGs from phones).
 OPENED_FORMATS = frozenset({*ALLOWED_FORMATS, "MPO"})
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+#: What Pillow's JPEG plugin accepts: SOI, then the first marker.
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -126,6 +138,11 @@ def _unsupported_format(prefix: bytes) -> str | None:
     return None
 
 
+#: The longest side an image may have. Part of a decode's cost is per row (Pillow's decoders
+#: and its images hold rows), and a thin image has many: the decode fuzzer's 97 KiB grey PNG
+#: of 1 x 50,000,000 pixels took 3.1 s of CPU, twice a square one; turned by its EXIF
+#: orientation a wide image becomes as tall. No JPEG or GIF can be longer than this.
+MAX_IMAGE_SIDE = 65_535
 #: The most scans a JPEG may have. Every scan of a progressive JPEG is a pass over the whole
 #: image's coefficients, so the decode's CPU grows with the scans times the pixels, and the
 #: bytes say nothing of it: 6,000 near-empty scans in 762 KiB held a decode thread 30 s.
@@ -137,31 +154,138 @@ MAX_JPEG_SCANS = 32
 #: restart marker (0xD0-0xD7) nor a fill byte.
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _SOS, _EOI = 0xDA, 0xD9
+#: The most marker segments other than scans a JPEG may have, fill bytes included. Pillow
+#: reads those before the first scan in Python, about 1.5 µs each: 16 MiB of empty COM and
+#: APP segments before a 64 x 64 image took 5 to 8 s of CPU (1.6 s after its first scan, to
+#: count them; tried beside the decode fuzzer's PNG chunks, issue 19). Encoders write a few
+#: dozen: APP, DQT, DHT (one a scan in progressive files), SOF, an ICC profile in at most 255
+#: APP2 pieces.
+MAX_JPEG_MARKERS = 1000
 
 
-def jpeg_scans(data: bytes, stop_after: int) -> int:
-    """The scans (SOS markers) of the first image of a JPEG, counted from its bytes without
-    decoding anything: marker segments are skipped by their length and each scan's
-    entropy-coded data by a search for the next marker, so the count costs a few ms even
-    for the largest body. Stops counting past ``stop_after``."""
-    scans, at, size = 0, 2, len(data)
-    while at + 4 <= size and scans <= stop_after:
+#: The most pixels of a run-length-encoded BMP. Pillow decodes RLE BMPs in Python, up to
+#: 460 ns a pixel (runs of one 4-bit pixel; 120 ns for a row of one pixel that the
+#: end-of-line escape pads, byte by byte): the decode fuzzer's 1 KiB RLE8 BMP of
+#: 43,256,739 x 1 pixels took 3.1 s of CPU. A 1920 x 1080 screen bounds one to about 1 s;
+#: RLE bitmaps are icons and old screenshots. Its data is bounded too, by what its pixels
+#: can need (two bytes a pixel, runs of one, and an end of line a row): each two bytes are
+#: a round of that Python, and the fuzzer's 5 MiB of escapes that draw nothing before a
+#: 146 x 130 image took 2.3 s (16 MiB, 3 s).
+MAX_RLE_BMP_PIXELS = 1920 * 1080
+
+
+def check_bmp_rle(image: ImageFile.ImageFile, size: int) -> None:
+    """Refuse an RLE-compressed BMP past :data:`MAX_RLE_BMP_PIXELS`, or with more data than
+    its pixels need, from its header and the body's ``size``."""
+    rle = [tile for tile in image.tile if tile[0] == "bmp_rle"]
+    if not rle:
+        return
+    width, height = image.size
+    if width * height > MAX_RLE_BMP_PIXELS:
+        raise ImageTooLarge(
+            f"the BMP is run-length encoded with {width}x{height} pixels, more than the "
+            f"{MAX_RLE_BMP_PIXELS} such a BMP may have; send it uncompressed or as PNG"
+        )
+    needed = 2 * width * height + 2 * height + 64
+    if size - rle[0][2] > needed:
+        raise InvalidImage(
+            f"the BMP's run-length encoded data has {size - rle[0][2]} bytes, more than its "
+            f"{width}x{height} pixels can need ({needed})"
+        )
+
+
+#: The most chunks a PNG may have. Pillow reads each chunk in Python, about 2.5 µs whatever
+#: its size, so the bytes bound their cost poorly: the decode fuzzer's 16 MiB PNG of
+#: 1,242,820 one-byte IDAT chunks took 2.7 s of CPU, 16 MiB of empty unknown chunks 3.5 s.
+#: Encoders write IDAT chunks of 8 KiB (libpng) or more: 2,048 for the largest body.
+MAX_PNG_CHUNKS = 20_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The most bytes a PNG's image data may inflate to, per pixel of the pixel limit: 8-bit
+#: RGBA's 4. A PNG's decode is paid per inflated byte (inflate, unfilter, unpack), and 16-bit
+#: colour has twice 8-bit's: measured beside the decode fuzzer's thin PNGs, a 16-bit RGBA
+#: PNG at 50,000,000 pixels took 1.8 s of CPU, 7 pixels wide 2.4 s; at this bound it has 25,000,000 pixels
+#: (a 6000 x 4000 16-bit photo still passes).
+PNG_BYTES_PER_PIXEL = 4
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def png_chunk_count(data: bytes, stop_after: int) -> int:
+    """The chunks of a PNG, counted from their length fields without reading them (a few
+    ms at most); stops counting past ``stop_after``."""
+    count, at, size = 0, len(PNG_SIGNATURE), len(data)
+    while at + 8 <= size and count <= stop_after:
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+        count += 1
+    return count
+
+
+def check_png_bytes(data: bytes, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse a PNG whose rows inflate past :data:`PNG_BYTES_PER_PIXEL` bytes a pixel of the
+    limit, from its header: the depth and colour type of its IHDR chunk, the size Pillow read."""
+    at = len(PNG_SIGNATURE)
+    while at + 26 <= len(data) and data[at + 4 : at + 8] != b"IHDR":
+        at += 12 + int.from_bytes(data[at : at + 4], "big")
+    if at + 26 > len(data):
+        return  # no IHDR where Pillow found a size: nothing to add to the pixel limit
+    depth, colour = data[at + 16], data[at + 17]
+    width, height = size
+    inflated = height * -(-width * _PNG_CHANNELS.get(colour, 4) * depth // 8)
+    if inflated > PNG_BYTES_PER_PIXEL * max_pixels:
+        raise ImageTooLarge(
+            f"the PNG's {width}x{height} {depth}-bit pixels inflate to {inflated} bytes, more than "
+            f"{PNG_BYTES_PER_PIXEL} bytes a pixel of the limit of {max_pixels} pixels; send it with "
+            "8 bits a channel or fewer pixels"
+        )
+
+
+def jpeg_structure(data: bytes, max_scans: int, max_markers: int | None = None) -> tuple[int, int]:
+    """The scans (SOS markers) and the other marker segments (fill bytes included) of the
+    first image of a JPEG, counted from its bytes without decoding anything: marker segments
+    are skipped by their length and each scan's entropy-coded data by a search for the next
+    marker. Stops counting past either bound, so it costs a few ms even for the largest body."""
+    max_markers = MAX_JPEG_MARKERS if max_markers is None else max_markers
+    scans, markers, at, size = 0, 0, 2, len(data)
+    while at + 4 <= size and scans <= max_scans and markers <= max_markers:
         if data[at] != 0xFF:
             break  # not a marker where one must be: the decoder will say what is wrong
         marker = data[at + 1]
+        if marker == _EOI:
+            break
+        markers += 1
         if marker == 0xFF:  # a fill byte before the marker
             at += 1
             continue
-        if marker == _EOI:
-            break
         at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
         if marker == _SOS:
+            markers -= 1
             scans += 1
             found = _JPEG_MARKER.search(data, at)
             if found is None:
                 break
             at = found.start()
-    return scans
+    return scans, markers
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """The scans of the first image of a JPEG (see :func:`jpeg_structure`), counted up to
+    ``stop_after`` and one more."""
+    return jpeg_structure(data, stop_after)[0]
+
+
+def check_jpeg_structure(data: bytes, max_scans: int) -> None:
+    """Refuse a JPEG of more scans or marker segments than any encoder writes, from its bytes
+    and before Pillow reads its markers (in Python, one by one, up to the first scan)."""
+    scans, markers = jpeg_structure(data, max_scans)
+    if scans > max_scans:
+        raise InvalidImage(
+            f"the JPEG has more than {max_scans} scans, more than any encoder writes; "
+            "re-encode it (a progressive JPEG has about 10)"
+        )
+    if markers > MAX_JPEG_MARKERS:
+        raise InvalidImage(
+            f"the JPEG has more than {MAX_JPEG_MARKERS} marker segments (tables, comments, "
+            "application data), more than any encoder writes; re-encode it"
+        )
 
 
 def decode(
@@ -187,6 +311,14 @@ def decode(
     """
     if not data:
         raise EmptyBody("the request carries no image data")
+    if data.startswith(JPEG_SIGNATURE):
+        check_jpeg_structure(data, max_jpeg_scans)
+    if data.startswith(TIFF_PREFIXES):
+        check_tiff_directory(data)  # before Image.open, which reads the directory and strips
+    if data.startswith(PNG_SIGNATURE) and png_chunk_count(data, MAX_PNG_CHUNKS) > MAX_PNG_CHUNKS:
+        raise InvalidImage(  # before Image.open, which reads the chunks up to the first IDAT
+            f"the PNG has more than {MAX_PNG_CHUNKS} chunks, more than any encoder writes; re-encode it"
+        )
     try:
         image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -211,13 +343,16 @@ def decode(
             raise InvalidImage("the image has no pixels")
         if width * height > max_pixels:
             raise ImageTooLarge(f"the image has {width}x{height} pixels, more than the limit of {max_pixels}")
+        if max(width, height) > MAX_IMAGE_SIDE:
+            raise ImageTooLarge(
+                f"the image is {width}x{height} pixels; neither side may be longer than {MAX_IMAGE_SIDE}"
+            )
         if fmt == "TIFF":
             check_tiles(image)
-        if fmt in JPEG_FORMATS and jpeg_scans(data, max_jpeg_scans) > max_jpeg_scans:
-            raise InvalidImage(
-                f"the JPEG has more than {max_jpeg_scans} scans, more than any encoder writes; "
-                "re-encode it (a progressive JPEG has about 10)"
-            )
+        if fmt == "BMP":
+            check_bmp_rle(image, len(data))
+        if fmt == "PNG":
+            check_png_bytes(data, (width, height), max_pixels)
         scale = 1
         if draft_short_side and fmt in JPEG_FORMATS:
             image.draft(None, (draft_short_side, draft_short_side))

@@ -1,8 +1,12 @@
-"""Decoded images to RGB within a memory budget: conversions a strip of rows at a time in
+"""Decoded images to RGB within a memory budget: conversions a tile of pixels at a time in
 integer or float32 arithmetic, integer reductions before converting, the EXIF orientation,
-and the TIFF tiles libtiff would inflate whole. `imaging.decode` uses them."""
+the TIFF tiles libtiff would inflate whole and the TIFF directories Pillow would read entry by
+entry. `imaging.decode` uses them."""
 
 from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -21,8 +25,14 @@ def memory_budget(max_pixels: int) -> int:
     return BYTES_PER_PIXEL_BUDGET * max_pixels + FIXED_BUDGET_BYTES
 
 
-#: Rows converted at a time: the conversion's temporaries stay a few MiB whatever the size.
+#: Rows converted at a time in an image of ordinary width.
 STRIP_ROWS = 256
+#: Most pixels converted at a time, whatever the image's shape: the conversion's temporaries
+#: stay a few MiB, and a thin image still takes few rounds. Strips of rows alone failed both
+#: ways (the decode fuzzer, issue 19): 256 rows of a 3,125,000 x 16 palette PNG were the whole
+#: image at once (4.0 s of CPU, hundreds of MiB of temporaries), and a 7 x 7,142,857 one took
+#: 27,902 strips of 1,792 pixels (4.8 s, most of it the interpreter's rounds).
+TILE_PIXELS = 1 << 20
 #: Modes whose `reduce` averages meaningful values (not palette indices, not 16-bit).
 REDUCIBLE_MODES = {"L", "LA", "La", "RGB", "RGBA", "RGBa", "I", "F", "CMYK", "YCbCr"}
 ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -45,10 +55,23 @@ def _grey_strip(strip: Image.Image, low: float, high: float) -> np.ndarray:
     return ((values + 128) // 257).astype(np.uint8)  # rint(v / 257) for 0 <= v <= 65535
 
 
-def _composite_on_white(strip: Image.Image) -> np.ndarray:
-    rgba = np.asarray(strip if strip.mode == "RGBA" else strip.convert("RGBA")).astype(np.uint16)
-    alpha = rgba[..., 3:4]
-    return ((rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+def _composite_on_white(strip: Image.Image) -> Image.Image:
+    """``strip`` over opaque white, as RGB: ``(c * a + 255 * (255 - a) + 127) // 255`` for each
+    colour ``c`` and alpha ``a``. Pillow's alpha compositing in C gives exactly that on an
+    opaque background (tests/gateway/test_decode_fuzz.py checks all 65,536 pairs) at a third
+    of numpy's cost: that arithmetic was half the CPU of a thin image at the pixel limit."""
+    rgba = strip if strip.mode == "RGBA" else strip.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _lookup_on_white(image: Image.Image) -> np.ndarray:
+    """The RGB on white of each of the 256 values of a palette or grey image with
+    transparency, converted as its pixels would be (the same palette and transparency): a
+    pixel's conversion is then a table lookup, not arithmetic."""
+    values = image.crop((0, 0, 1, 1)).resize((256, 1), Image.Resampling.NEAREST)
+    values.putdata(range(256))
+    return np.asarray(_composite_on_white(values))[0]
 
 
 def to_rgb(image: Image.Image, reduce_to: int | None = None) -> tuple[Image.Image, int]:
@@ -72,17 +95,32 @@ def to_rgb(image: Image.Image, reduce_to: int | None = None) -> tuple[Image.Imag
     converted = Image.new("L" if grey else "RGB", (width, height))
     low, high = image.getextrema() if grey else (0, 0)
     alpha = mode in ALPHA_MODES or "transparency" in image.info
-    for top in range(0, height, STRIP_ROWS):
-        strip = image.crop((0, top, width, min(height, top + STRIP_ROWS)))
+    table = _lookup_on_white(image) if alpha and mode in ("P", "L") else None
+    for box in tiles(width, height):
+        strip = image.crop(box)
         if grey:
             rows = Image.fromarray(_grey_strip(strip, float(low), float(high)), "L")  # type: ignore[arg-type]
+        elif table is not None:
+            rows = Image.fromarray(table[np.asarray(strip)], "RGB")
         elif alpha:
-            rows = Image.fromarray(_composite_on_white(strip), "RGB")
+            rows = _composite_on_white(strip)
         else:
             rows = strip.convert("RGB")
-        converted.paste(rows, (0, top))
+        converted.paste(rows, box[:2])
     converted, more = reduce(converted, reduce_to)  # what could not be reduced before
     return (converted.convert("RGB") if grey else converted), factor * more
+
+
+def tiles(width: int, height: int) -> Iterator[tuple[int, int, int, int]]:
+    """Boxes (left, top, right, bottom) of at most :data:`TILE_PIXELS` that cover the image
+    row by row: :data:`STRIP_ROWS` rows (fewer in a shorter image) as wide as that allows,
+    then, in an image narrower than that, as many more rows as fit."""
+    rows = min(height, STRIP_ROWS)
+    tile_width = min(width, max(1, TILE_PIXELS // rows))
+    rows = min(height, max(rows, TILE_PIXELS // tile_width))
+    for top in range(0, height, rows):
+        for left in range(0, width, tile_width):
+            yield left, top, min(width, left + tile_width), min(height, top + rows)
 
 
 #: libtiff inflates a whole tile whatever the image's size: one 16384² tile on a 64×64
@@ -107,6 +145,47 @@ def check_tiles(image: Image.Image) -> None:
         raise InvalidImage(
             f"the TIFF's {tile_w}x{tile_h} tiles are larger than its {width}x{height} image allows"
         )
+
+
+#: What Pillow's TIFF plugin accepts: byte order, then 42 (classic) or 43 (BigTIFF).
+TIFF_PREFIXES = (b"MM\x00\x2a", b"II\x2a\x00", b"MM\x2a\x00", b"II\x00\x2a", b"MM\x00\x2b", b"II\x2b\x00")
+#: The most entries a TIFF's first directory may have, and the most strips or tiles. Pillow
+#: reads each entry in Python, and sets up each strip of an uncompressed image in Python
+#: (about 6 µs each) when the file is opened: the decode fuzzer's 16 MB TIFF of a 64 x 64
+#: image in 2,000,000 strips took 11.5 s of CPU. Real directories have a few dozen entries;
+#: one strip a row of the tallest image allowed is 65,535 strips (0.4 s at most).
+MAX_TIFF_ENTRIES = 1000
+MAX_TIFF_STRIPS = 65_536
+_STRIP_OFFSETS, _TILE_OFFSETS = 273, 324
+
+
+def check_tiff_directory(data: bytes) -> None:
+    """Refuse a TIFF whose first directory has more entries, or more strips or tiles, than
+    those bounds, from the directory's counts alone and before Pillow reads it."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"\x00\x2b", b"\x2b\x00")
+    # Classic: a 4-byte directory offset at 4, 2-byte entry count, 12-byte entries with a
+    # 4-byte count at 4; BigTIFF: 8 bytes at 8, 8 bytes, 20-byte entries, 8 bytes at 4.
+    word, number, entry_size, offset_at = ("Q", "Q", 20, 8) if big else ("I", "H", 12, 4)
+    word_size, number_size = struct.calcsize(word), struct.calcsize(number)
+    if len(data) < offset_at + word_size:
+        return
+    at = struct.unpack(order + word, data[offset_at : offset_at + word_size])[0]
+    if at + number_size > len(data):
+        return  # the parser will say what is wrong
+    entries = struct.unpack(order + number, data[at : at + number_size])[0]
+    if entries > MAX_TIFF_ENTRIES:
+        raise InvalidImage(f"the TIFF's directory has {entries} entries, more than {MAX_TIFF_ENTRIES}")
+    for start in range(at + number_size, at + number_size + entries * entry_size, entry_size):
+        if start + 4 + word_size > len(data):
+            break
+        if struct.unpack(order + "H", data[start : start + 2])[0] in (_STRIP_OFFSETS, _TILE_OFFSETS):
+            count = struct.unpack(order + word, data[start + 4 : start + 4 + word_size])[0]
+            if count > MAX_TIFF_STRIPS:
+                raise InvalidImage(
+                    f"the TIFF is stored in {count} strips or tiles, more than {MAX_TIFF_STRIPS}; "
+                    "re-encode it"
+                )
 
 
 _ORIENTATION_TAG = 0x0112
@@ -142,7 +221,7 @@ def reduce(image: Image.Image, short_side: int | None) -> tuple[Image.Image, int
         return image, 1
     width, height = image.size
     reduced = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
-    rows = factor * max(1, STRIP_ROWS // factor)
+    rows = factor * max(1, min(STRIP_ROWS, TILE_PIXELS // width) // factor)
     for top in range(0, height, rows):
         part = image.crop((0, top, width, min(height, top + rows))).reduce(factor)
         reduced.paste(part, (0, top // factor))
