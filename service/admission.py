@@ -69,7 +69,8 @@ class ModelLoad:
     initial_limit: int
     min_limit: int = 1
     in_flight: int = 0
-    rate: float | None = None  # completions per busy second, once measured
+    rate: float | None = None  # completions per busy second, once measured (or Triton's)
+    measured: bool = False  # the rate is this worker's own measurement, not Triton's figure
     clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     _limit: float = field(init=False)
     _last_cut: float = field(default=float("-inf"), repr=False)
@@ -180,7 +181,9 @@ class ModelLoad:
         self._completed += images
         if self._completed >= SAMPLE_COMPLETIONS and self._busy_s >= SAMPLE_BUSY_S:
             sample = self._completed / self._busy_s
-            self.rate = sample if self.rate is None else (1 - SMOOTHING) * self.rate + SMOOTHING * sample
+            mixed = (1 - SMOOTHING) * self.rate + SMOOTHING * sample if self.rate and self.measured else None
+            self.rate = mixed or sample  # the first of its own replaces Triton's figure
+            self.measured = True
             self._completed, self._busy_s = 0, 0.0
         if latency_s > self.objective_s:
             if now - self._last_cut >= latency_s:  # once per round trip

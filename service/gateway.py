@@ -104,17 +104,19 @@ class Gateway:
 
     async def seed_rates(self) -> None:
         """Gives each network this worker has not measured yet Triton's own service rate
-        (``TritonBackend.service_rate``). A worker learns a model's rate from the requests it
-        completes, and until then admits any request whatever its deadline: one that sees
-        only requests that time out (10 crops with a 0.4 s deadline, issue 19 finding 9)
-        would never measure one, and would send every such request to run for nothing,
-        while the worker beside it, which had measured the rate, refused them at once."""
+        (``TritonBackend.service_rate``), again at every call until the worker measures its
+        own. A worker learns a model's rate from the requests it completes, and until then
+        admits any request whatever its deadline: one that sees only requests that time out
+        (10 crops with a 0.4 s deadline, issue 19 finding 9) would never measure one, and
+        would send every such request to run for nothing, while the worker beside it, which
+        had measured the rate, refused them at once. Kept up to date, Triton's figure
+        cannot hold a worker that refuses everything it sees at a rate of long ago."""
         for name, info in list(self.backend.models.items()):
             load = self.admission.load(name)
-            if load.rate is not None or info.is_ensemble:
+            if load.measured or info.is_ensemble:
                 continue
             rate = await self.backend.service_rate(name)
-            if rate is not None and load.rate is None:
+            if rate is not None and not load.measured:
                 load.rate = rate
                 metrics.SERVICE_RATE.labels(name).set(rate)
 

@@ -101,6 +101,11 @@ class Readiness:
         return self.server and all(self.models.values())
 
 
+#: Images Triton must have computed since the previous read of its statistics for the rate
+#: between the two reads to stand for the model's speed (fewer: the rate since its start).
+RATE_SAMPLE_IMAGES = 8
+
+
 class TritonBackend:
     """One gRPC channel to Triton for the process, and the routable models' configs."""
 
@@ -113,6 +118,7 @@ class TritonBackend:
         self._last_refresh = float("-inf")
         self._stale = False
         self._watcher: asyncio.Task[None] | None = None
+        self._rate_counts: dict[str, tuple[int, int]] = {}  # model -> (images, compute ns) last read
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
@@ -291,11 +297,12 @@ class TritonBackend:
         return checked_output(probabilities, next(iter(named.values())).shape[0], name)
 
     async def service_rate(self, name: str) -> float | None:
-        """Images ``name`` computed per second of compute since Triton started (its
-        statistics: inference count over the time spent in input, inference and output), or
-        None where it has none (no inference yet, Triton unreachable). The same
-        figure for every worker and replica: what a worker that has measured nothing of its
-        own yet knows of the model's speed (service/gateway.py)."""
+        """Images ``name`` computed per second of compute (Triton's statistics: inference
+        count over the time spent in input, inference and output), since the previous call
+        when Triton computed at least :data:`RATE_SAMPLE_IMAGES` images in between, else
+        since Triton started; None where it has none (no inference yet, Triton
+        unreachable). The same figure for every worker and replica: what a worker that has
+        measured nothing of its own knows of the model's speed (service/gateway.py)."""
         try:
             stats = await self.client.get_inference_statistics(
                 name, as_json=True, client_timeout=self.settings.triton_probe_timeout_s
@@ -308,6 +315,10 @@ class TritonBackend:
             inference = model.get("inference_stats", {})
             for stage in ("compute_input", "compute_infer", "compute_output"):
                 compute_ns += int(inference.get(stage, {}).get("ns", 0))
+        before = self._rate_counts.get(name)
+        self._rate_counts[name] = (images, compute_ns)
+        if before is not None and images - before[0] >= RATE_SAMPLE_IMAGES and compute_ns > before[1]:
+            return (images - before[0]) / ((compute_ns - before[1]) / 1e9)  # the recent rate
         return images / (compute_ns / 1e9) if images and compute_ns else None
 
     async def _probe(self, check: Callable[..., Awaitable[object]], *args: str) -> bool:

@@ -9,8 +9,10 @@ import asyncio
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
+from service.admission import SAMPLE_COMPLETIONS, ModelLoad
 from service.gateway import Gateway
 from service.model_config import parse_model_config
 from service.settings import Settings
@@ -45,7 +47,8 @@ def gateway_knowing(rates: Rates) -> Gateway:
         "ens": replace(ENSEMBLE, name="ens"),
     }
     gateway.backend.service_rate = rates  # type: ignore[method-assign]
-    gateway.admission.load("measured").rate = 50.0
+    measured = gateway.admission.load("measured")
+    measured.rate, measured.measured = 50.0, True
     return gateway
 
 
@@ -94,3 +97,51 @@ def test_tritons_statistics_give_images_per_compute_second(gateway_triton: Trito
     # At least what had been computed when the statistics were read (more since, at its rate).
     assert rate > 0
     assert abs(rate - int(stats["inference_count"]) / compute_s) / rate < 0.5
+
+
+def test_a_seeded_rate_is_read_again_until_the_worker_measures_its_own() -> None:
+    rates = Rates({"net": 2.0})
+    gateway = gateway_knowing(rates)
+    asyncio.run(gateway.seed_rates())
+    rates.rates["net"] = 8.0  # Triton got faster (or the slow history is behind it)
+    asyncio.run(gateway.seed_rates())
+    load = gateway.admission.load("net")
+    assert load.rate == 8.0 and not load.measured
+    load.rate, load.measured = 5.0, True
+    rates.rates["net"] = 1.0
+    asyncio.run(gateway.seed_rates())
+    assert load.rate == 5.0
+
+
+def test_the_first_own_measurement_replaces_tritons_figure() -> None:
+    clock = [0.0]
+    load = ModelLoad(objective_s=0.5, initial_limit=8, clock=lambda: clock[0])
+    load.rate = 1.0  # Triton's, from a slow past
+    for _ in range(SAMPLE_COMPLETIONS):
+        load.enter(1)
+        clock[0] += 0.25
+        load.leave(1, 0.25)
+    assert load.measured and load.rate == pytest.approx(4.0)  # its own, not a mix with 1.0
+
+
+class Statistics:
+    """Triton's cumulative statistics, as the gRPC client returns them, one snapshot a call."""
+
+    def __init__(self, snapshots: list[tuple[int, float]]) -> None:
+        self.snapshots = iter(snapshots)
+
+    async def get_inference_statistics(self, name: str, **kwargs: object) -> dict:
+        images, compute_s = next(self.snapshots)
+        ns = str(int(compute_s * 1e9))
+        stats = {k: {"ns": "0"} for k in ("compute_input", "compute_output")} | {"compute_infer": {"ns": ns}}
+        return {"model_stats": [{"inference_count": str(images), "inference_stats": stats}]}
+
+
+def test_tritons_rate_is_the_recent_one_when_enough_was_computed() -> None:
+    backend = TritonBackend(Settings(triton_grpc_url=UNREACHABLE))
+    # 100 images in 100 s since its start; then 40 more in 4 s; then 2 more in 1 s.
+    backend._client = Statistics([(100, 100.0), (140, 104.0), (142, 105.0)])  # type: ignore[assignment]
+    rates = [asyncio.run(backend.service_rate("m")) for _ in range(3)]
+    assert rates[0] == pytest.approx(1.0)  # since its start: nothing to compare with yet
+    assert rates[1] == pytest.approx(10.0)  # since the last read
+    assert rates[2] == pytest.approx(142 / 105.0)  # too few since: since its start again
