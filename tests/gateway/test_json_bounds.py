@@ -7,18 +7,22 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import threading
 import time
 import tracemalloc
+from pathlib import Path
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
 from service.errors import InvalidRequest
-from service.inputs import MAX_JSON_VALUES, parse_json_body
+from service.inputs import MAX_JSON_VALUES, MULTIPART_OVERHEAD, JsonBytesCheck, parse_json_body
 from service.options import MAX_IMAGES, MAX_MEMBERS, ClassifyQuery, parse_options
 from service.routes.classify import JSON_EXPANSION
+
+from .helpers import UNREACHABLE, GatewayProcess
 
 LIMIT = 16 * 1024 * 1024
 
@@ -120,3 +124,43 @@ def test_a_json_bomb_gets_422_and_holds_no_one(client: httpx.Client) -> None:
         stop.set()
         prober.join()
     assert max(latencies) < 0.25, max(latencies)
+
+
+def test_the_byte_checks_refuse_at_the_chunk_that_breaks_them() -> None:
+    """The body's checks made as it arrives: refused at the chunk where the values pass the
+    bound, whatever follows; ASCII enforced once past the options' size."""
+    check = JsonBytesCheck()
+    check(b'{"image": "AAAA", ')
+    with pytest.raises(InvalidRequest, match="values"):
+        for _ in range(1000):
+            check(b"1," * 16)
+    assert check.size < 2 * 16 * MAX_JSON_VALUES  # stopped within a chunk of the bound
+    wide = JsonBytesCheck()
+    wide("é".encode())  # a small body may carry a mistyped name
+    with pytest.raises(InvalidRequest, match="ASCII"):
+        wide(b"A" * (MULTIPART_OVERHEAD + 1))
+
+
+def test_a_huge_json_body_is_refused_before_it_is_all_sent(tmp_path: Path) -> None:
+    """A real worker answers 422 for a 21 MiB body of ten million values once its first
+    chunks arrive: the client has sent 1 MiB and is still connected, waiting."""
+    gateway = GatewayProcess(UNREACHABLE, tmp_path / "gateway.log")
+    try:
+        gateway.start().wait("/healthz")
+        declared = 21 * 1024 * 1024
+        head = (
+            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {declared}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+            sock.sendall(head + b'{"image": "AAAA", "weights": [' + b"1," * (512 * 1024))
+            answer = b""
+            while b"}}" not in answer:  # the end of the error body
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        assert answer.startswith(b"HTTP/1.1 422"), answer[:200]
+        assert b"values" in answer
+    finally:
+        gateway.stop()
