@@ -290,7 +290,10 @@ class Settings(BaseSettings):
         20, ge=1, description="error answers a client may cause at once before they are held"
     )
     error_pause_s: float = Field(
-        2.0, ge=0, description="the most an error answer past the client's budget is held"
+        5.0,
+        ge=0,
+        description="the most an error answer past the client's budget is held, and a connection "
+        "refused for the connection limits before it is answered",
     )
     admission: bool = Field(
         True, description="admission control on (off: every request queues, as before it existed)"

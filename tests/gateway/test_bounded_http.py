@@ -13,6 +13,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -197,3 +198,34 @@ def test_a_good_keep_alive_client_is_never_timed_out_between_requests(gateway: G
         for _ in range(4):
             assert client.get("/healthz").status_code == 200
             time.sleep(0.6)
+
+
+def test_with_pacing_on_a_refused_connection_is_answered_after_the_pause(tmp_path: Path) -> None:
+    """Error pacing on (as shipped): a connection past its address's share waits the pause
+    before its 503, with nothing read from it, so that a client reopening refused
+    connections at once gets them back at that pace; the held ones are not counted in the
+    worker's connections (another address still gets in at once, though the worker's
+    whole count is taken by the held ones)."""
+    env = {
+        "GATEWAY_ERROR_RATE_PER_S": "2",
+        "GATEWAY_ERROR_PAUSE_S": "1.5",
+        "GATEWAY_MAX_CONNECTIONS_PER_PEER": "2",
+        "GATEWAY_MAX_CONNECTIONS": "6",
+    }
+    process = GatewayProcess(UNREACHABLE, tmp_path / "gateway.log", env=env)
+    with contextlib.ExitStack() as stack:
+        stack.callback(process.stop)
+        process.start().wait("/healthz")
+        held = [connect(process.port) for _ in range(2)]
+        stack.callback(lambda: [sock.close() for sock in held])
+        time.sleep(0.3)
+        started = time.perf_counter()
+        refused = [connect(process.port) for _ in range(6)]  # past the share, and the worker's 6
+        with httpx.Client(base_url=process.url, timeout=10) as client:  # from 127.0.0.1
+            assert client.get("/healthz").status_code == 200
+        assert time.perf_counter() - started < 1.0
+        for sock in refused:
+            status, _, body = answer_of(sock)
+            sock.close()
+            assert (status, body["error"]["code"]) == (503, "too_many_connections")
+        assert time.perf_counter() - started >= 1.4
