@@ -338,6 +338,7 @@ def warm_up_gateway(url: str, model: str, photo: Path) -> None:
 def gateway(run: Run, stack: Stack) -> list[dict[str, Any]]:
     """The real path: JPEGs over HTTP through uvicorn workers to Triton, for one network
     and the ensemble; admission off (capacity), then on (goodput and sheds)."""
+    from bench.gateway import LOAD_GENERATOR_SETTINGS
     from embedded.gateway import Gateway, serving
 
     rows: list[dict[str, Any]] = []
@@ -353,6 +354,7 @@ def gateway(run: Run, stack: Stack) -> list[dict[str, Any]]:
             "GATEWAY_DEFAULT_MODEL": run.plan.gateway_model,
             "GATEWAY_ADMISSION": "true" if admission else "false",
             "WEB_CONCURRENCY": str(workers),
+            **LOAD_GENERATOR_SETTINGS,
             # One JSON line per request from 16 workers would be tens of MB per run.
             "GATEWAY_LOG_LEVEL": "WARNING",
         }

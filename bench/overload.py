@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.gateway import percentile, photos
+from bench.gateway import LOAD_GENERATOR_SETTINGS, percentile, photos
 from embedded.gateway import Gateway
 from embedded.tritonserver import TritonServer
 
@@ -152,9 +152,10 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 def run(args: argparse.Namespace, grpc_url: str, metrics_url: str) -> dict:
     image = photos()["small: grace_hopper.jpg 512x600"]
     model = args.model
-    objective = {"GATEWAY_LATENCY_TARGET_S": str(args.objective)}
+    objective = {"GATEWAY_LATENCY_TARGET_S": str(args.objective), **LOAD_GENERATOR_SETTINGS}
     admitted = Gateway(grpc_url, env=objective).start().wait("/readyz")
-    unlimited = Gateway(grpc_url, env={"GATEWAY_ADMISSION": "false"}).start().wait("/readyz")
+    unlimited = Gateway(grpc_url, env={"GATEWAY_ADMISSION": "false", **LOAD_GENERATOR_SETTINGS})
+    unlimited.start().wait("/readyz")
     rows: list[dict] = []
     try:
         asyncio.run(closed_loop(admitted.url, image, model, 2, 3))  # warm
