@@ -95,14 +95,15 @@ class ModelLoad:
             return 0.0
         return (self.in_flight + extra) / self.rate
 
-    def fair_wait_s(self, client: str, images: int) -> float:
+    def fair_wait_s(self, client: str, images: int, sharing: int | None = None) -> float:
         """Time until ``client``'s ``images`` would be answered when the model serves its
         clients in turn (multi-crop requests go to Triton in small batches, one after
         another, so the others' images ahead of these are at most a share each, not all
-        they hold: a photo arriving beside a 144-crop request waits for a batch, not 144)."""
+        they hold: a photo arriving beside a 144-crop request waits for a batch, not 144).
+        ``sharing``: :meth:`active`, where the caller has it already."""
         if self.rate is None or self.rate <= 0:
             return 0.0
-        share = self.share(client)
+        share = self.share(client, sharing)
         ahead = sum(min(held, share) for name, held in self.clients.items() if name != client)
         return (ahead + self.clients[client] + images) / self.rate
 
@@ -132,17 +133,26 @@ class ModelLoad:
             return 1
         return mine
 
-    def share(self, client: str) -> int:
+    def in_slice(self) -> int | None:
+        """The images the model computes in :data:`SLICE_OF_OBJECTIVE` of the objective at its
+        measured rate, at least one (None before a rate is known): what one client may hold
+        while it shares the model, and one multi-crop call's crops (``Gateway.crop_batch``)."""
+        if not self.rate:
+            return None
+        return max(1, math.floor(self.rate * self.objective_s * SLICE_OF_OBJECTIVE))
+
+    def share(self, client: str, sharing: int | None = None) -> int:
         """The images ``client`` may hold while the others active hold theirs: its part of the
-        limit, and no more than the model computes in :data:`SLICE_OF_OBJECTIVE` of the
-        objective at its measured rate (at least one). Triton runs what is queued in one
-        batch it cannot stop, and a newcomer waits for that batch: four images of another
-        client are half a second on two CPU cores, beside a photo's own tenth; on a GPU the
-        slice holds hundreds, and only the limit counts."""
-        sharing = self.active(client)
+        limit, and no more than :meth:`in_slice`. Triton runs what is queued in one batch it
+        cannot stop, and a newcomer waits for that batch: four images of another client are
+        half a second on two CPU cores, beside a photo's own tenth; on a GPU the slice holds
+        hundreds, and only the limit counts. ``sharing``: :meth:`active`, where the caller
+        has it already (it reads the workers' board)."""
+        sharing = self.active(client) if sharing is None else sharing
         share = max(1, self.limit // sharing)
-        if sharing > 1 and self.rate:
-            share = min(share, max(1, math.floor(self.rate * self.objective_s * SLICE_OF_OBJECTIVE)))
+        in_slice = self.in_slice()
+        if sharing > 1 and in_slice is not None:
+            share = min(share, in_slice)
         return share
 
     def enter(self, images: int, client: str = "") -> None:
@@ -280,7 +290,8 @@ class Admission:
         for model in models:
             load = self.load(model)
             retry = max(1, math.ceil(load.drain_s()))
-            need = load.fair_wait_s(client, images)
+            sharing = load.active(client)
+            need = load.fair_wait_s(client, images, sharing)
             if budget_s is not None and load.rate and need > budget_s:
                 return Refusal(
                     model,
@@ -292,8 +303,8 @@ class Admission:
             mine = load.held(client)
             if load.in_flight == 0 and mine == 0:
                 continue
-            share = load.share(client)
-            others = load.active(client) - 1
+            share = load.share(client, sharing)
+            others = sharing - 1
             if load.in_flight + images <= load.limit and (others == 0 or mine + images <= share):
                 continue
             if mine == 0 and images <= share:

@@ -71,12 +71,6 @@ def model_inputs(info: ModelInfo, prepared: Prepared) -> dict[str, np.ndarray]:
     return {name: prepared.batches[pre] for name, pre in info.inputs}
 
 
-def chunks(count: int, max_batch_size: int) -> list[slice]:
-    """Requests of at most ``max_batch_size`` crops (all of them when there is no limit)."""
-    step = max_batch_size if max_batch_size > 0 else max(count, 1)
-    return [slice(start, min(start + step, count)) for start in range(0, count, step)]
-
-
 def mean_probabilities(probabilities: np.ndarray) -> np.ndarray:
     """The multi-crop answer: the mean of the crops' probabilities ``[n, 1000]`` as
     ``[1, 1000]``, summed in float64 so that 144 crops lose no precision."""
@@ -106,10 +100,11 @@ async def infer_images(
     while start < count:
         wanted = batch_size() if callable(batch_size) else batch_size
         limits = [b for b in (wanted, info.max_batch_size) if b > 0]
-        (part,) = chunks(count - start, min(limits) if limits else 0)[:1]
-        part = slice(start + part.start, start + part.stop)
-        parts.append(await backend.infer(info.name, {k: v[part] for k, v in tensors.items()}, request_id))
-        start = part.stop
+        stop = min(count, start + min(limits)) if limits else count  # no limit: all of them
+        parts.append(
+            await backend.infer(info.name, {k: v[start:stop] for k, v in tensors.items()}, request_id)
+        )
+        start = stop
     outputs = np.concatenate(parts)
     _, pre = info.inputs[0]
     ends = np.cumsum([p.batches[pre].shape[0] for p in prepared])

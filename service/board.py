@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +45,14 @@ _ENTRY = np.dtype([("key", "<u8"), ("seen", "<f8")])
 
 def key_of(model: str, client: str) -> int:
     """A nonzero 64-bit key: the model's hash in the high half, the client's in the low."""
-    model_half = int.from_bytes(hashlib.blake2b(model.encode(), digest_size=4).digest(), "little")
-    return (model_half << 32) | client_hash(client) or 1
+    return (client_hash(model) << 32) | client_hash(client)
 
 
-def client_hash(client: str) -> int:
-    """A client's 32-bit hash, never zero (zero marks a free slot)."""
-    return int.from_bytes(hashlib.blake2b(client.encode(), digest_size=4).digest(), "little") or 1
+@lru_cache(maxsize=4096)
+def client_hash(name: str) -> int:
+    """A client's (or a model's) 32-bit hash, never zero (zero marks a free slot); kept,
+    since admission asks for its clients' at every request."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") or 1
 
 
 def default_path() -> Path:
@@ -121,7 +123,7 @@ class Board:
 
     def clients(self, model: str) -> set[int]:
         """The hashes of the clients any worker served ``model`` within :data:`ACTIVE_S`."""
-        model_half = key_of(model, "") >> 32
+        model_half = client_hash(model)
         keys, seen = self.table["key"], self.table["seen"]
         recent = (keys >> np.uint64(32) == np.uint64(model_half)) & (self.clock() - seen <= ACTIVE_S)
         return {int(k) & 0xFFFFFFFF for k in keys[recent]}

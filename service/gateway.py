@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import deadlines, metrics
-from .admission import SLICE_OF_OBJECTIVE, Admission, Ticket
+from .admission import Admission, Ticket
 from .board import Board
 from .cache import AnswerCache
 from .deadlines import remaining_s
@@ -204,15 +204,14 @@ class Gateway:
     def crop_batch(self, models: Sequence[str], client: str) -> int:
         """Crops per Triton call of ``client``'s multi-crop request now: the setting's batch
         while the client is alone on its models, and while others send to them, what the
-        slowest computes in :data:`SLICE_OF_OBJECTIVE` of the objective at its measured
-        rate, at least one (service/batches.py says why)."""
+        slowest computes in a slice of the objective (``ModelLoad.in_slice``;
+        service/batches.py says why)."""
         size = self.settings.crop_batch_size
         for model in self.charged(models):
             load = self.admission.loads.get(model)
-            if load is None or not load.rate or load.active(client) <= 1:
-                continue
-            in_slice = math.floor(load.rate * self.settings.latency_target_s * SLICE_OF_OBJECTIVE)
-            size = max(1, min(size, in_slice))
+            in_slice = load.in_slice() if load is not None else None
+            if in_slice is not None and load is not None and load.active(client) > 1:
+                size = min(size, in_slice)
         return size
 
     def refuse_if_over_capacity(self, models: Sequence[str], images: int, client: str = "") -> None:

@@ -6,10 +6,10 @@ beside a 144-crop request waits one slice, not a batch of 8 (a second on two CPU
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import numpy as np
 
-from service.admission import SLICE_OF_OBJECTIVE
 from service.batches import infer_images
 from service.gateway import Gateway
 from service.imaging import Prepared
@@ -56,10 +56,6 @@ def test_a_client_that_just_left_still_counts() -> None:
     assert gateway.crop_batch([MODEL], "me") == 1
 
 
-def test_the_slice_is_a_quarter_of_the_objective() -> None:
-    assert SLICE_OF_OBJECTIVE == 0.25
-
-
 class Recorder:
     """A stand-in Triton that records the batch of each call (the function under test is
     the cutting of crops into calls)."""
@@ -71,6 +67,21 @@ class Recorder:
         size = next(iter(batch.values())).shape[0]
         self.batches.append(size)
         return np.full((size, 1000), 1e-3, np.float32)
+
+
+def batches_sent(crops: int, batch_size: int, max_batch_size: int = 64) -> list[int]:
+    info = replace(parse_model_config(model_config_json()), max_batch_size=max_batch_size)
+    prepared = Prepared(batches={info.preprocessing: np.zeros((crops, 8, 8, 3), np.uint8)}, size=(8, 8))
+    backend = Recorder()
+    asyncio.run(infer_images(backend, info, [prepared], "rid", batch_size))  # type: ignore[arg-type]
+    return backend.batches
+
+
+def test_a_fixed_batch_size_and_the_models_limit() -> None:
+    assert batches_sent(1, 64) == [1]
+    assert batches_sent(144, 64) == [64, 64, 16]
+    assert batches_sent(144, 0) == [64, 64, 16]  # 0: the model's max_batch_size
+    assert batches_sent(10, 0, max_batch_size=0) == [10]  # no limit at all: one call
 
 
 def test_the_batch_size_is_asked_before_each_call() -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.batches import chunks, crops_buffer_bytes, mean_probabilities, model_inputs
+from service.batches import crops_buffer_bytes, mean_probabilities, model_inputs
 from service.crops import (
     Region,
     centre_crop,
@@ -147,10 +147,7 @@ def test_draft_keeps_enough_pixels_for_the_largest_googlenet_scale() -> None:
     assert prepare(data, [V4], max_pixels=LIMIT, crops=144, oversample=2.2).draft_scale == 1
 
 
-def test_chunks_and_mean() -> None:
-    assert chunks(1, 64) == [slice(0, 1)]
-    assert chunks(144, 64) == [slice(0, 64), slice(64, 128), slice(128, 144)]
-    assert chunks(10, 0) == [slice(0, 10)]
+def test_mean() -> None:
     probabilities = np.array([[0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
     assert mean_probabilities(probabilities).shape == (1, 2)
     assert mean_probabilities(probabilities)[0].tolist() == pytest.approx([0.4, 0.6])
