@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from . import metrics
-from .errors import ApiError, OverCapacity, Unauthorized
+from .errors import ApiError, Unauthorized
 from .gateway import Gateway
 
 
@@ -68,11 +68,13 @@ UNPACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def paced(exc: ApiError, path: str) -> bool:
-    """The errors a client's own traffic causes: every 4xx, and the 503 of admission control
-    (load the client adds); not the faults of the server or Triton, which are no one's loop."""
+    """The errors a client's own traffic causes: its mistakes, and its excess (its most
+    requests in flight, more than its fair share: 429); never a 5xx, the service's state
+    (over capacity, Triton down or slow), which a client that honours Retry-After meets too
+    and must hear at once."""
     if path in UNPACED_PATHS:
         return False
-    return 400 <= exc.status < 500 or exc.code == OverCapacity.code
+    return exc.clients_own
 
 
 async def hold_error(request: Request, exc: ApiError) -> None:

@@ -27,6 +27,15 @@ class ApiError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    #: The error is about the service (it ran out of something of its own), though its
+    #: status is a 4xx: error pacing (service/pacing.py) holds only what the client's own
+    #: traffic causes, its mistakes and its excess, never the service's state.
+    service_side: bool = False
+
+    @property
+    def clients_own(self) -> bool:
+        """A client mistake or the client's own excess: every 4xx but the service's own."""
+        return 400 <= self.status < 500 and not self.service_side
 
     def __init__(
         self,
@@ -115,7 +124,29 @@ class HeadersTooLarge(ApiError):
 
 
 class Overloaded(ApiError):
+    """The worker as a whole is at a limit of its own (its slots, its buffer or memory
+    budget, its decode queue) or Triton's queue is full: the service's state, not the
+    client's doing, so never paced; 429 with the operator's Retry-After (see README, "429 or
+    503")."""
+
     status, code = 429, "overloaded"
+    service_side = True
+
+
+class ClientOverloaded(Overloaded):
+    """This client holds its most requests in flight (``GATEWAY_MAX_CONCURRENCY_PER_CLIENT``):
+    its own excess, paced like its mistakes."""
+
+    service_side = False
+
+
+class OverShare(ApiError):
+    """Admission control refused a client that would hold more than its fair share of a
+    model while other clients are served: 429, the client's own excess (paced when it
+    resends without waiting), as against 503 ``over_capacity``, the service over capacity
+    for everyone (never paced, so that a polite client at any load is refused at once)."""
+
+    status, code = 429, "over_share"
 
 
 class BackendError(ApiError):

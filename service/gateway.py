@@ -23,7 +23,7 @@ from .admission import Admission, Ticket
 from .board import Board
 from .cache import AnswerCache
 from .deadlines import remaining_s
-from .errors import DeadlineExceeded, OverCapacity, Overloaded
+from .errors import ClientOverloaded, DeadlineExceeded, OverCapacity, Overloaded, OverShare
 from .imaging import Prepared, Preprocessing, prepare
 from .memory import MemoryAccount
 from .pacing import ErrorPacer
@@ -138,7 +138,7 @@ class Gateway:
         acquire before it ran, refusing every request when ``queue_timeout_s`` is 0."""
         cap = self.settings.max_concurrency_per_client
         if cap and self.client_slots[client] >= cap:
-            raise Overloaded(f"this client has {cap} requests in flight, its most; retry later")
+            raise ClientOverloaded(f"this client has {cap} requests in flight, its most; retry later")
         self.client_slots[client] += 1
         try:
             async with self._slot():
@@ -215,7 +215,9 @@ class Gateway:
         return size
 
     def refuse_if_over_capacity(self, models: Sequence[str], images: int, client: str = "") -> None:
-        """503 at once if these models cannot take the request now (service/admission.py)."""
+        """Refused at once if these models cannot take the request now (service/admission.py):
+        429 ``over_share`` when the client would hold more than its fair share beside other
+        clients, else 503 ``over_capacity``."""
         refusal = (
             self.admission.refusal(self.charged(models), images, remaining_s(), client)
             if self.settings.admission
@@ -223,10 +225,14 @@ class Gateway:
         )
         if refusal is not None:
             metrics.SHED.labels(refusal.model, refusal.reason).inc()
+            if refusal.reason == "share":
+                raise OverShare(
+                    f"this client is over its fair share and could not be answered now ({refusal.detail}); "
+                    "retry later",
+                    retry_after_s=refusal.retry_after_s,
+                )
             if refusal.reason == "deadline":
                 why = f"within its deadline ({refusal.detail})"
-            elif refusal.reason == "share":
-                why = f"now ({refusal.detail})"
             else:
                 why = f"within the latency objective of {self.settings.latency_target_s:g} s"
             raise OverCapacity(

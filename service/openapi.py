@@ -32,8 +32,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         413: "body or pixel count over the limit",
         415: "unsupported media type or image format",
         422: "bad options",
-        429: "overloaded: this worker's requests or buffered bytes at their limit, or Triton's queue "
-        "full (Retry-After)",
+        429: "this client over its fair share of a model (over_share) or at its most requests in "
+        "flight, this worker's requests or buffered bytes at their limit, or Triton's queue full "
+        "(overloaded) (Retry-After)",
         502: "Triton failed the request",
         503: "over capacity (refused at once by admission control), Triton or the model unavailable, "
         "or the upload cannot be buffered (Retry-After)",

@@ -20,6 +20,18 @@ class Member(BaseModel):
     model: str
     weight: float
     weights: str = Field(description="weight provenance: `pretrained:<source>` or `random-init`")
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the member's weights (null when its config records none)"
+    )
+
+
+#: What ``weights_sha256`` says, in the answer and in /docs.
+WEIGHTS_SHA256 = Field(
+    None,
+    description="sha256 of the weights that computed the answer: the network's checkpoint, or for "
+    "an ensemble the sha256 of its members' `name:sha256` lines; it changes with every rollout of "
+    "new weights, whatever the file is named (null when a network's config records none)",
+)
 
 
 class ErrorDetail(BaseModel):
@@ -38,6 +50,7 @@ class Answer(BaseModel):
     weights: str = Field(
         description="weight provenance; `random-init` when any model involved is randomly initialised"
     )
+    weights_sha256: str | None = WEIGHTS_SHA256
     members: list[Member] | None = Field(None, description="the members of an ensemble and their weights")
     random_init: bool = Field(description="true when any model involved has random weights")
     warning: str | None = None

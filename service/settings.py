@@ -283,8 +283,9 @@ class Settings(BaseSettings):
     error_rate_per_s: float = Field(
         2.0,
         ge=0,
-        description="error answers (4xx, and 503 refusals of load) a client may cause per second, "
-        "after a burst of `error_burst`; past it each is held before it is sent (0: never held)",
+        description="error answers of a client's own making (its 4xx: mistakes, and its excess "
+        "over its share or its slots) a client may cause per second, after a burst of "
+        "`error_burst`; past it each is held before it is sent (0: never held; a 503 never is)",
     )
     error_burst: int = Field(
         20, ge=1, description="error answers a client may cause at once before they are held"

@@ -14,6 +14,7 @@ is timed into the answer and the metrics.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,19 +139,23 @@ async def classify(
                     decode_s, preprocess_s = decode_split(prepared, time.perf_counter() - decode_started)
                     stages["decode"] = decode_s
                     stages["preprocess"] = preprocess_s
-                    triton_started = time.perf_counter()
-                    ticket.begin()
-                    try:
-                        outputs = await deadlines.unless_disconnected(
-                            request.receive,
-                            infer_all(gateway, infos, list(prepared.values()), state.request_id, client),
-                        )
-                    except (BackendTimeout, DeadlineExceeded):
-                        ticket.time_out()  # a miss: it lowers the limit, as a late answer would
-                        raise
-                    ticket.complete()
-                    post_started = time.perf_counter()
-                    stages["triton"] = post_started - triton_started
+                    # A batch whose every image failed to decode has nothing to send:
+                    # each image's error is its answer, and Triton is not called.
+                    outputs: list[list[np.ndarray]] = []
+                    if prepared:
+                        triton_started = time.perf_counter()
+                        ticket.begin()
+                        try:
+                            outputs = await deadlines.unless_disconnected(
+                                request.receive,
+                                infer_all(gateway, infos, list(prepared.values()), state.request_id, client),
+                            )
+                        except (BackendTimeout, DeadlineExceeded):
+                            ticket.time_out()  # a miss: it lowers the limit, as a late answer would
+                            raise
+                        ticket.complete()
+                        post_started = time.perf_counter()
+                        stages["triton"] = post_started - triton_started
             for position, index in enumerate(prepared):
                 computed[index] = combine(plan, [output[position] for output in outputs])
                 if keys:
@@ -314,6 +319,19 @@ class Served:
     members: list[Member] | None
     involved: list[ModelInfo]
     provenance: str
+    weights_sha256: str | None = None
+
+
+def weights_digest(networks: list[ModelInfo]) -> str | None:
+    """The answer's ``weights_sha256``: one network's own checkpoint sha256; for several
+    (an ensemble), the sha256 of their ``name:sha256`` lines in name order, so that a client
+    sees any member's rollout; None when a network's config records no sha256."""
+    if not networks or not all(i.checkpoint_sha256 for i in networks):
+        return None
+    if len(networks) == 1:
+        return networks[0].checkpoint_sha256
+    lines = "".join(f"{i.name}:{i.checkpoint_sha256}\n" for i in sorted(networks, key=lambda i: i.name))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 async def served_by(gateway: Gateway, plan: Plan, infos: list[ModelInfo]) -> Served:
@@ -321,22 +339,23 @@ async def served_by(gateway: Gateway, plan: Plan, infos: list[ModelInfo]) -> Ser
     for the Triton ensemble, its members (the conservative reading of provenance)."""
     if plan.custom:
         own = [
-            Member(model=i.name, weight=w, weights=i.provenance)
+            Member(model=i.name, weight=w, weights=i.provenance, weights_sha256=i.checkpoint_sha256 or None)
             for i, w in zip(infos, plan.coefficients, strict=True)
         ]
-        return Served(own, infos, combined_provenance(infos))
+        return Served(own, infos, combined_provenance(infos), weights_digest(infos))
     info = infos[0]
     members: list[Member] | None = None
     involved = [info]
     if info.is_ensemble:
         member_infos = list(await asyncio.gather(*(gateway.backend.model(m) for m in info.members)))
         members = [
-            Member(model=m.name, weight=w, weights=m.provenance)
+            Member(model=m.name, weight=w, weights=m.provenance, weights_sha256=m.checkpoint_sha256 or None)
             for m, w in zip(member_infos, info.member_weights, strict=True)
         ]
         involved = [info, *member_infos]
     random = any(i.random_init for i in involved)
-    return Served(members, involved, RANDOM_INIT if random else info.provenance)
+    networks = [i for i in involved if not i.is_ensemble]
+    return Served(members, involved, RANDOM_INIT if random else info.provenance, weights_digest(networks))
 
 
 def cache_directives(headers: Headers) -> set[str]:
@@ -409,6 +428,7 @@ def build_answer(
     common: dict[str, Any] = {
         "model": plan.name,
         "weights": served.provenance,
+        "weights_sha256": served.weights_sha256,
         "members": served.members,
         "random_init": any(i.random_init for i in served.involved),
         "warning": provenance_warning(served.involved),

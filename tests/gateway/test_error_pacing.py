@@ -16,7 +16,14 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.deps import paced
-from service.errors import BackendUnavailable, InvalidRequest, OverCapacity, Overloaded
+from service.errors import (
+    BackendUnavailable,
+    ClientOverloaded,
+    InvalidRequest,
+    OverCapacity,
+    Overloaded,
+    OverShare,
+)
 from service.pacing import PRUNE_AT, ErrorPacer
 from service.settings import Settings
 
@@ -91,9 +98,13 @@ async def hold_many(errors: ErrorPacer, n: int) -> list[float]:
 
 
 def test_what_is_paced() -> None:
+    """The client's own making, a 4xx: its mistakes and its excess; never the service's
+    state, whatever its status (issue 25, item 2)."""
     assert paced(InvalidRequest("bad"), "/v1/classify")
-    assert paced(Overloaded("full"), "/v1/classify")
-    assert paced(OverCapacity("busy"), "/v1/classify")
+    assert paced(OverShare("over its share"), "/v1/classify")
+    assert paced(ClientOverloaded("its most requests in flight"), "/v1/classify")
+    assert not paced(OverCapacity("busy"), "/v1/classify")  # load everyone shares: fast
+    assert not paced(Overloaded("the worker is full"), "/v1/classify")
     assert not paced(BackendUnavailable("triton is down"), "/v1/classify")  # no client's loop
     assert not paced(InvalidRequest("bad"), "/readyz")  # a kubelet hears at once
 
