@@ -25,6 +25,10 @@ from .inception_v4 import InceptionV4
 Rule = tuple[str, str | Callable[[re.Match[str]], str]]
 
 
+class RegistryError(RuntimeError):
+    """The specs here and the names in `contract.NETWORKS` disagree, or a spec is unsound."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -42,8 +46,12 @@ class ModelSpec:
     gmacs: float
     interpolation: str = "bicubic"
     num_classes: int = contract.NUM_CLASSES
-    # timm's hub repository, when a public checkpoint exists.
+    # timm's hub repository, when a public checkpoint exists, and the commit of it that is
+    # downloaded: a full 40-hex commit id, never a branch, so that what an export fetches
+    # is fixed by this file and a changed upstream ships only when someone changes it here
+    # (and the provenance says which commit it was: weights.hub_source).
     hub_repo: str | None = None
+    hub_revision: str | None = None
     hub_filename: str = "model.safetensors"
     # Regex rules that rename timm's parameter names to ours, applied in order.
     timm_rules: tuple[Rule, ...] = field(default_factory=tuple)
@@ -51,9 +59,27 @@ class ModelSpec:
     paper_top1_error: float | None = None
     paper_top5_error: float | None = None
 
+    def __post_init__(self) -> None:
+        """A hub checkpoint without a pinned commit would follow upstream's `main`: refused
+        at import, so no spec can reach `hf_hub_download` unpinned."""
+        if self.hub_repo is not None and not _is_commit_id(self.hub_revision):
+            raise RegistryError(
+                f"{self.name}: hub_repo {self.hub_repo!r} needs hub_revision, the full 40-hex commit "
+                f"id of the checkpoint to download (not a branch or tag), not {self.hub_revision!r}"
+            )
+        if self.hub_repo is None and self.hub_revision is not None:
+            raise RegistryError(f"{self.name}: hub_revision without hub_repo")
+
     @property
     def has_public_checkpoint(self) -> bool:
         return self.hub_repo is not None
+
+
+_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
+
+
+def _is_commit_id(revision: str | None) -> bool:
+    return revision is not None and _COMMIT_ID.fullmatch(revision) is not None
 
 
 def _offset(prefix: str, start: int) -> Callable[[re.Match[str]], str]:
@@ -104,10 +130,6 @@ _IRV2_RULES: tuple[Rule, ...] = (
 )
 
 
-class RegistryError(RuntimeError):
-    """The specs here and the names in `contract.NETWORKS` disagree."""
-
-
 def in_contract_order(specs: Iterable[ModelSpec], networks: Sequence[str]) -> dict[str, ModelSpec]:
     """The specs by name, in the order of `networks` (contract.NETWORKS), which is the
     ensemble's member order and the gateway's; a name on one side only is an error that
@@ -129,6 +151,18 @@ def in_contract_order(specs: Iterable[ModelSpec], networks: Sequence[str]) -> di
     return {name: by_name[name] for name in networks}
 
 
+# The pinned hub commits. Neither could be checked against the hub from here (no machine
+# of this project reaches it); both were read from the hub's own pages of the two
+# repositories: each is the last commit before the README-only "transformers tag" commits
+# of 2025, "Update config.json" of 10 May 2023, whose tree holds model.safetensors as
+# "Add model" of 25 April 2023 uploaded it (the file has no later commit):
+# https://huggingface.co/timm/inception_v4.tf_in1k/commit/12b15021195c5382ba33b3d58959d5001631368f
+# https://huggingface.co/timm/inception_resnet_v2.tf_in1k/tree/548a334e1afd3b398b4be37c89972dfb24d707aa
+# To move to another upstream commit, change the id here: the export's fingerprint follows
+# the checkpoint's hash, so the networks are exported again with the new file.
+_V4_HUB_REVISION = "12b15021195c5382ba33b3d58959d5001631368f"
+_IRV2_HUB_REVISION = "548a334e1afd3b398b4be37c89972dfb24d707aa"
+
 MODELS: dict[str, ModelSpec] = in_contract_order(
     (
         ModelSpec(
@@ -139,6 +173,7 @@ MODELS: dict[str, ModelSpec] = in_contract_order(
             num_params=42_679_816,
             gmacs=12.25,
             hub_repo="timm/inception_v4.tf_in1k",
+            hub_revision=_V4_HUB_REVISION,
             timm_rules=_V4_RULES,
             paper_top1_error=20.0,
             paper_top5_error=5.0,
@@ -162,6 +197,7 @@ MODELS: dict[str, ModelSpec] = in_contract_order(
             num_params=55_843_464,
             gmacs=13.16,
             hub_repo="timm/inception_resnet_v2.tf_in1k",
+            hub_revision=_IRV2_HUB_REVISION,
             timm_rules=_IRV2_RULES,
             paper_top1_error=19.9,
             paper_top5_error=4.9,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,25 +154,60 @@ def hub_reachable(endpoint: str | None = None, timeout: float = 3.0) -> bool:
     return answered.is_set()
 
 
+#: How a hub checkpoint is named in provenance: `hf-hub:<repo>@<commit>`, the repository
+#: and the exact commit it came from, so that `weights` in the config and in every answer
+#: says which upstream file is served, not only which repository.
+HUB_SOURCE_PREFIX = "hf-hub:"
+
+
+def hub_source(repo: str, revision: str) -> str:
+    """The provenance source of a hub checkpoint, e.g. `hf-hub:timm/inception_v4.tf_in1k@12b1...`."""
+    return f"{HUB_SOURCE_PREFIX}{repo}@{revision}"
+
+
+def hub_cache_source(path: Path) -> str | None:
+    """The hub source of a file inside huggingface_hub's cache, or None for any other path.
+
+    `hf_hub_download` answers with the path of the file in the snapshot of the commit it
+    fetched, `.../models--<org>--<name>/snapshots/<commit>/<file>`; the exporter hands that
+    path on as the checkpoint, so its provenance is read back from it here instead of
+    becoming the bare file name (`model.safetensors`), which would hide both the repository
+    and the commit."""
+    snapshot, snapshots, repo_dir = path.parent, path.parent.parent, path.parent.parent.parent
+    if snapshots.name != "snapshots" or not re.fullmatch(r"[0-9a-f]{40}", snapshot.name):
+        return None
+    parts = repo_dir.name.split("--")
+    if len(parts) != 3 or parts[0] != "models" or not all(parts[1:]):
+        return None
+    return hub_source(f"{parts[1]}/{parts[2]}", snapshot.name)
+
+
 def hub_checkpoint(spec: ModelSpec) -> Path:
-    """Fetches timm's checkpoint from the hub (needs network; `huggingface_hub` only, no timm)."""
-    if spec.hub_repo is None:
+    """Fetches timm's checkpoint from the hub at the spec's pinned commit (needs network, or
+    that commit in the local cache; `huggingface_hub` only, no timm). Pinned, because the
+    repository's `main` can move: a changed upstream file must never reach an export
+    unannounced, and the commit is what the provenance names."""
+    if spec.hub_repo is None or spec.hub_revision is None:
         raise CheckpointError(f"no public checkpoint exists for {spec.name}; give a local state dict instead")
     from huggingface_hub import hf_hub_download
 
-    return Path(hf_hub_download(repo_id=spec.hub_repo, filename=spec.hub_filename))
+    path = hf_hub_download(repo_id=spec.hub_repo, filename=spec.hub_filename, revision=spec.hub_revision)
+    return Path(path)
 
 
 def load_weights(model: nn.Module, spec: ModelSpec, weights: str | os.PathLike[str] | None) -> WeightsInfo:
     """`weights`: None for random init (already done by the caller), "hub" for timm's
-    published checkpoint, or the path of a timm checkpoint or of one of our state dicts."""
+    published checkpoint at the spec's pinned commit, or the path of a timm checkpoint or
+    of one of our state dicts. The provenance names the source: `hf-hub:<repo>@<commit>`
+    for the hub (asked for by "hub", or a path in the hub's cache), else the file's name."""
     if weights is None:
         return WeightsInfo(RANDOM_INIT)
     if str(weights) == "hub":
         path = hub_checkpoint(spec)
-        source = spec.hub_repo
+        assert spec.hub_repo is not None and spec.hub_revision is not None  # hub_checkpoint checked
+        source = hub_source(spec.hub_repo, spec.hub_revision)
     else:
         path = Path(weights).expanduser()
-        source = path.name
+        source = hub_cache_source(path) or path.name
     apply_state_dict(model, to_our_names(spec, read_state_dict(path)), str(path))
     return WeightsInfo(f"{PRETRAINED_PREFIX}{source}", sha256_of(path))

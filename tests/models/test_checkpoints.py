@@ -100,16 +100,17 @@ def test_hub_download_uses_timm_repository_without_network(monkeypatch, tmp_path
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     calls = []
 
-    def fake_download(repo_id: str, filename: str) -> str:  # stands in for the network only
-        calls.append((repo_id, filename))
+    def fake_download(repo_id: str, filename: str, revision: str) -> str:  # stands in for the network only
+        calls.append((repo_id, filename, revision))
         return str(path)
 
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     model = create_model("inception_v4", "hub")
-    assert calls == [("timm/inception_v4.tf_in1k", "model.safetensors")]
-    assert model.weights_info.provenance == "pretrained:timm/inception_v4.tf_in1k"
+    revision = get_spec("inception_v4").hub_revision
+    assert calls == [("timm/inception_v4.tf_in1k", "model.safetensors", revision)]
+    assert model.weights_info.provenance == f"pretrained:hf-hub:timm/inception_v4.tf_in1k@{revision}"
     with pytest.raises(CheckpointError, match="no public checkpoint exists for inception_resnet_v1"):
         create_model("inception_resnet_v1", "hub")
     assert get_spec("inception_resnet_v2").hub_repo == "timm/inception_resnet_v2.tf_in1k"
