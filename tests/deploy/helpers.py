@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,17 @@ RUNBOOK_BASE_URL = "https://runbooks.example.com/inception-serving/README.md"
 
 @contextlib.contextmanager
 def running_prometheus(
-    prometheus_bin: str, work: Path, config: dict[str, Any], *, scrape_self: bool = False
+    prometheus_bin: str,
+    work: Path,
+    config: dict[str, Any],
+    *,
+    scrape_self: bool = False,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
     """A real Prometheus on a free port with this configuration (written under `work`),
     ready; its URL. Stopped on exit. As compose runs it, it expands environment variables in
-    its external labels, with RUNBOOK_BASE_URL set; `scrape_self` adds a job scraping it."""
+    its external labels, with RUNBOOK_BASE_URL set; `scrape_self` adds a job scraping it;
+    `extra_args` go on its command line."""
     port = free_port()
     if scrape_self:
         config = {**config, "scrape_configs": [
@@ -57,6 +63,7 @@ def running_prometheus(
         f"--storage.tsdb.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--enable-feature=expand-external-labels",
+        *extra_args,
     ]
     env = {**os.environ, "RUNBOOK_BASE_URL": RUNBOOK_BASE_URL}
     with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "prometheus.log", env=env):

@@ -29,6 +29,7 @@ GATEWAY_METRICS = {
     "inception_gateway_in_flight_requests",
     "inception_model_weights_info",
     "inception_gateway_shed_total",
+    "inception_gateway_model_load_failed",
     "inception_gateway_admission_limit_images",
     "inception_gateway_service_rate_images_per_second",
     *(
@@ -41,12 +42,14 @@ GATEWAY_METRICS = {
         for suffix in ("_bucket", "_count", "_sum")
     ),
 }
-#: prometheus_client's process collector, Prometheus' own scrape metrics, and what the
-#: alerting pipeline exports about itself (Prometheus' notifier, Alertmanager's).
+#: prometheus_client's process collector, Prometheus' own scrape metrics and alert
+#: series, and what the alerting pipeline exports about itself (Prometheus' notifier,
+#: Alertmanager's).
 STANDARD_METRICS = {
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     "up",
+    "ALERTS",
     "prometheus_notifications_dropped_total",
     "alertmanager_notifications_failed_total",
 }

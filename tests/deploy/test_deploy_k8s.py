@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from .helpers import find_tool
+from .k8s_rules import k8s_groups
 from .promql_tools import DEPLOY, adapter_rules
 
 K8S = DEPLOY / "k8s"
@@ -280,13 +281,14 @@ def test_podmonitors_select_real_pods_and_ports(objects):
 
 
 def test_prometheusrule_carries_the_alert_rules(objects):
-    """kube-prometheus-stack gets the same rules the compose Prometheus loads; kustomize
-    writes the one runbook setting (settings.yaml) in front of every runbook anchor."""
+    """kube-prometheus-stack gets the rules the compose Prometheus loads, scoped to our
+    namespace (tests/deploy/k8s_rules.py); kustomize writes the one runbook setting
+    (settings.yaml) in front of every runbook anchor."""
     rule = by_kind(objects, "PrometheusRule")["inception-serving"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
-    compose_rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]
+    compose_rules = k8s_groups(yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"])
     shipped = yaml.safe_load((K8S / "prometheusrule.yaml").read_text())["spec"]["groups"]
-    assert shipped == compose_rules, "prometheusrule.yaml is not a copy of alerts.yml"
+    assert shipped == compose_rules, "prometheusrule.yaml is stale: python -m tests.deploy.k8s_rules"
     settings = yaml.safe_load((K8S / "settings.yaml").read_text())
     base = settings["data"]["runbook_base_url"]
     assert re.fullmatch(r"https://[^#\s]+", base), base

@@ -333,6 +333,7 @@ def test_no_availability_alert_fires_on_a_healthy_stack(scraped):
         "ModelWeightsDiffer",
         "AlertmanagerNotificationsFailing",
         "PrometheusNotificationsDropped",
+        "ModelLoadFailing",
     ):
         alert = next(e for e in alert_expressions() if e.source == f"alert {name}")
         assert query(scraped, alert.expr)["result"] == [], name

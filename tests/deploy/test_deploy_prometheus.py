@@ -73,15 +73,37 @@ REGRESSIONS = {
         """(inception_model_weights_info{job="inception-gateway"})""",
     ),
     "the Watchdog stops firing": ("expr: vector(1)", "expr: vector(0) > 0"),
+    "the Watchdog beats on while notifications fail": (
+        ' unless on () ALERTS{alertname="AlertmanagerNotificationsFailing", alertstate="firing"}',
+        "",
+    ),
     "a receiver's failures page at once": (
-        """rate(alertmanager_notifications_failed_total[5m])) > 0
+        """rate(alertmanager_notifications_failed_total{job="alertmanager"}[5m])) > 0
         for: 5m""",
-        """rate(alertmanager_notifications_failed_total[5m])) > 0
+        """rate(alertmanager_notifications_failed_total{job="alertmanager"}[5m])) > 0
         for: 0m""",
     ),
+    "another Alertmanager's failures page us": (
+        'alertmanager_notifications_failed_total{job="alertmanager"}',
+        "alertmanager_notifications_failed_total",
+    ),
     "dropped alerts are ignored": (
-        "rate(prometheus_notifications_dropped_total[5m])) > 0",
-        "rate(prometheus_notifications_dropped_total[5m])) > 1",
+        'rate(prometheus_notifications_dropped_total{job="prometheus"}[5m])) > 0',
+        'rate(prometheus_notifications_dropped_total{job="prometheus"}[5m])) > 1',
+    ),
+    "another Prometheus' dropped alerts page us": (
+        'prometheus_notifications_dropped_total{job="prometheus"}',
+        "prometheus_notifications_dropped_total",
+    ),
+    "a failing model load pages at its first polls": (
+        """(inception_gateway_model_load_failed{job="inception-gateway"}) == 1
+        for: 10m""",
+        """(inception_gateway_model_load_failed{job="inception-gateway"}) == 1
+        for: 1m""",
+    ),
+    "one worker that has not seen the failure hides it": (
+        'max by (job, model) (inception_gateway_model_load_failed{job="inception-gateway"})',
+        'min by (job, model) (inception_gateway_model_load_failed{job="inception-gateway"})',
     ),
     "no absent() rule for Triton": (
         'expr: absent(up{job="inception-triton"})',
@@ -118,6 +140,7 @@ def test_the_issue_s_alerts_exist():
         "GatewayHighErrorRatio",
         "GatewayLatencySLOBreach",
         "TritonQueueTimeHigh",
+        "ModelLoadFailing",
     } <= names
 
 
@@ -128,6 +151,10 @@ def github_anchor(heading: str) -> str:
 
 
 RUNBOOK_TEMPLATE = "{{ $externalLabels.runbook_base_url }}#"
+#: The heartbeat: always firing, unless our notifications are failing.
+WATCHDOG_EXPR = (
+    'vector(1) unless on () ALERTS{alertname="AlertmanagerNotificationsFailing", alertstate="firing"}'
+)
 
 
 def test_every_alert_links_its_runbook_entry(repo_root):
@@ -189,17 +216,19 @@ def test_every_alert_fires_and_stays_quiet_in_a_unit_test():
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
     names = {rule["alert"] for rule in alert_rules()}
     assert names - firing == set(), "alerts never shown to fire"
-    # The Watchdog is never quiet: that is the point of it.
-    assert names - quiet == {"Watchdog"}, "alerts never shown to stay quiet"
+    # The Watchdog too: it falls quiet while notifications fail, so that the switch pages.
+    assert names - quiet == set(), "alerts never shown to stay quiet"
 
 
 def test_every_alert_has_severity_and_text():
     """Every alert but the heartbeat pages or warns, and only after a `for:`; the Watchdog
-    fires from the first evaluation and pages no one (its receiver is a dead man's switch)."""
+    fires from the first evaluation, unless notifications are failing, and pages no one
+    (its receiver is a dead man's switch)."""
     for rule in alert_rules():
         assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule["alert"]
         if rule["alert"] == "Watchdog":
-            assert rule["expr"] == "vector(1)" and rule["labels"]["severity"] == "none" and "for" not in rule
+            assert rule["expr"] == WATCHDOG_EXPR, rule["expr"]
+            assert rule["labels"]["severity"] == "none" and "for" not in rule
             continue
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
         assert rule.get("for"), f"{rule['alert']} fires on a single evaluation"
@@ -217,9 +246,6 @@ def test_every_alert_has_severity_and_text():
 )
 def test_metric_names_are_exported_or_documented(expression):
     """Every name is one the gateway exports (service/metrics.py) or Triton documents."""
-    if expression.source == "alert Watchdog":
-        assert expression.expr == "vector(1)"  # the one rule over no metric
-        return
     names = metric_names(expression.expr)
     assert names, f"no metric in {expression.expr!r}"
     assert names <= KNOWN_METRICS, f"unknown metric names {sorted(names - KNOWN_METRICS)}"
@@ -236,6 +262,7 @@ def test_gateway_metric_names_match_the_gateway_code(repo_root):
         "inception_gateway_in_flight_requests",
         "inception_gateway_request_size_bytes",
         "inception_model_weights_info",
+        "inception_gateway_model_load_failed",
     ):
         assert f'"{name}"' in source, name
 
@@ -251,5 +278,11 @@ def test_scrape_jobs_match_the_rules_job_labels():
     assert "static_configs" not in jobs["inception-triton"], "a static target hides the replicas"
     assert config["rule_files"] == ["alerts.yml"]
     selected = set(re.findall(r'job="([^"]+)"', ALERTS.read_text()))
-    assert selected == {"inception-gateway", "inception-triton"}, selected
+    # Ours, and the alerting pipeline's own (the meta rules: compose's Alertmanager and
+    # this Prometheus, not any other one it may scrape).
+    assert selected == {"inception-gateway", "inception-triton", "alertmanager", "prometheus"}, selected
     assert selected <= set(jobs)
+    assert (
+        jobs["alertmanager"]["static_configs"][0]["targets"]
+        == config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    ), "the meta rules watch another Alertmanager than the one alerts go to"
