@@ -143,6 +143,17 @@ WEIGHTS_INFO = Gauge(
 )
 _weights_labels: dict[str, tuple[str, str, str]] = {}
 
+#: A new version that fails to load leaves the old one ready (Triton's poll mode retries
+#: it at every poll), so neither readiness nor the configs show it: only the repository
+#: index does, which the gateway reads beside the configs (``TritonBackend.check_loads``).
+MODEL_LOAD_FAILED = Gauge(
+    "inception_gateway_model_load_failed",
+    "1 while Triton's repository index reports a version of the model UNAVAILABLE with a load "
+    "failure, else 0",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+
 
 def set_model_weights(models: Mapping[str, ModelProvenance]) -> None:
     """Publishes the provenance of the models whose configs this process holds now."""

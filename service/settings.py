@@ -176,6 +176,12 @@ class Settings(BaseSettings):
         description="the model configs are read again this often, so new weights' provenance is "
         "learned without a restart (0: only at start and after a failure)",
     )
+    triton_admin_key_file: str = Field(
+        "",
+        description="file holding the admin-key of Triton's restricted repository API, read at each "
+        "check: the gateway reads the repository index with it to publish failed model loads "
+        "(empty: the index is asked without a key, as an unrestricted Triton answers it)",
+    )
     config_refresh_interval_s: float = Field(
         1.0, ge=0, description="at most one refresh of the model configs per interval while any is missing"
     )

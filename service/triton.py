@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -106,6 +107,18 @@ class Readiness:
 RATE_SAMPLE_IMAGES = 8
 
 
+#: How Triton's repository index words a version whose folder has gone since it was listed
+#: (2.51): no load is failing then, the version is simply no longer there.
+GONE_FROM_DISK = "Unavailable: unable to find"
+
+
+def _version(entry: Mapping[str, str]) -> int:
+    try:
+        return int(entry.get("version", ""))
+    except ValueError:
+        return -1
+
+
 class TritonBackend:
     """One gRPC channel to Triton for the process, and the routable models' configs."""
 
@@ -119,6 +132,7 @@ class TritonBackend:
         self._stale = False
         self._watcher: asyncio.Task[None] | None = None
         self._rate_counts: dict[str, tuple[int, int]] = {}  # model -> (images, compute ns) last read
+        self._index_refused = False
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
@@ -159,6 +173,10 @@ class TritonBackend:
         a restart (poll model control), and the provenance the gateway publishes must follow
         it even when no call fails."""
         await self.refresh(force=True)
+        try:
+            await self.check_loads()
+        except Exception:  # the gateway starts regardless
+            log.exception("model loads not checked")
         if self.settings.config_max_age_s > 0 and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch_configs(), name="config-watcher")
 
@@ -168,8 +186,67 @@ class TritonBackend:
             try:
                 if await self.live():  # a Triton that is down is found by the requests
                     await self.refresh(force=True)
+                    await self.check_loads()
             except Exception:  # the watcher must outlive any one failure
                 log.exception("periodic config read failed")
+
+    def _admin_headers(self) -> dict[str, str] | None:
+        path = self.settings.triton_admin_key_file
+        if not path:
+            return None
+        try:
+            key = Path(path).read_text().strip()
+        except OSError as exc:
+            log.warning("Triton's admin key not read", extra={"path": path, "reason": str(exc)})
+            return None
+        # Triton's gRPC endpoint expects a restricted protocol's header under this prefix.
+        return {"triton-grpc-protocol-admin-key": key} if key else None
+
+    async def check_loads(self) -> dict[str, str] | None:
+        """Which models have a version Triton failed to load (model -> Triton's reason), from
+        its repository index, published as ``inception_gateway_model_load_failed``: a bad
+        export in poll mode leaves the old version ready and is retried at every poll, and
+        nothing else tells an operator before the next restart, which would fail on it.
+        A version unloaded on purpose (an older one, under ``version_policy`` latest 1) says
+        ``unloaded`` and is no failure. None when the index cannot be read (Triton down, or
+        its repository API restricted and no key given: logged, the gauge left as it was)."""
+        try:
+            index = await self.client.get_model_repository_index(
+                headers=self._admin_headers(),
+                as_json=True,
+                client_timeout=self.settings.triton_probe_timeout_s,
+            )
+        except InferenceServerException as exc:
+            # Once per run of failures: a Triton that restricts its repository API (Kubernetes,
+            # where weights roll out as pods, not by polling) refuses it at every check.
+            if not self._index_refused:
+                log.warning("Triton's repository index not read", extra={"reason": str(exc)})
+            self._index_refused = True
+            return None
+        self._index_refused = False
+        entries = index.get("models", [])
+        names = set(self.settings.models) | {e.get("name", "") for e in entries}
+        newest_ready: dict[str, int] = {}
+        for entry in entries:
+            if entry.get("state") == "READY":
+                name, version = entry.get("name", ""), _version(entry)
+                newest_ready[name] = max(newest_ready.get(name, -1), version)
+        failed: dict[str, str] = {}
+        for entry in entries:
+            name, reason = entry.get("name", ""), entry.get("reason", "")
+            if (
+                entry.get("state") == "UNAVAILABLE"
+                and reason
+                and reason != "unloaded"  # put away on purpose (version_policy)
+                and not reason.startswith(GONE_FROM_DISK)  # removed since: nothing to load
+                and _version(entry) > newest_ready.get(name, -1)  # not superseded by a newer one
+            ):
+                failed.setdefault(name, reason.splitlines()[0])
+        for name in sorted(names):
+            metrics.MODEL_LOAD_FAILED.labels(name).set(1 if name in failed else 0)
+        for name, reason in failed.items():
+            log.error("a version of the model failed to load", extra={"model": name, "reason": reason})
+        return failed
 
     async def close(self) -> None:
         if self._watcher is not None:
