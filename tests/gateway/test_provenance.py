@@ -76,3 +76,7 @@ def test_new_provenance_reaches_the_gateway_without_a_restart(tmp_path: Path) ->
             assert time.monotonic() < deadline, f"the gateway still lists {listed_sha256(client)}"
             assert classify(client, photo("chelsea.png").read_bytes(), "image/png").status_code == 200
             time.sleep(0.5)
+        # The answers say so too (issue 25, item 4): the rollout is visible to a client whose
+        # `weights` string stays the same.
+        answer = classify(client, photo("chelsea.png").read_bytes(), "image/png")
+        assert answer.json()["weights_sha256"] == new
