@@ -18,7 +18,7 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all debian venv compat-prepare backend repository serve test compat check bench bench-gateway bench-overload bench-hostile gpu-kit clean
+.PHONY: all debian venv compat-prepare backend repository rollback serve test compat check bench bench-gateway bench-overload bench-hostile gpu-kit clean
 
 all: test
 
@@ -57,6 +57,17 @@ backend: $(STAMP)
 repository: $(STAMP)
 	$(BIN)/python -m inception.export --repository $(REPO) \
 		$(foreach c,$(CHECKPOINTS),--checkpoint $(c)) --hub $(or $(HUB),$(HUB_DEFAULT)) $(if $(PRECISION),--precision $(PRECISION),)
+
+# Serves each MODEL's previous version again, its provenance with it (README.md, Runbook:
+# "Rolling back weights"): MODEL=inception_v4, or several, comma-separated. Without MODEL it
+# lists the versions each model keeps. A Triton polling the repository loads it at its
+# next poll; TRITON_URL=host:port waits until that Triton serves it.
+MODEL ?=
+TRITON_URL ?=
+comma := ,
+rollback: $(STAMP)
+	$(BIN)/python -m inception.rollback --repository $(REPO) $(subst $(comma), ,$(MODEL)) \
+		$(if $(MODEL),,--list) $(if $(TRITON_URL),--triton-url $(TRITON_URL),)
 
 serve: backend repository
 	PORT=$(PORT) $(BIN)/python -m embedded.serve --repository $(REPO)
@@ -113,4 +124,4 @@ gpu-kit: $(STAMP)
 	$(BIN)/python -m bench.gpu_kit --out build/gpu-kit
 
 clean:
-	rm -rf $(VENV) build $(REPO)/*/1 $(REPO)/*/labels.txt $(REPO)/*/configs
+	rm -rf $(VENV) build $(REPO)/*/[0-9]* $(REPO)/*/labels.txt $(REPO)/*/configs .$(REPO).rollout

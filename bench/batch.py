@@ -51,6 +51,7 @@ from embedded.gateway import Gateway
 from embedded.tritonserver import TritonServer
 from inception.contract import CPU_VARIANT
 from inception.repository import parse, render
+from inception.rollout import served_model_file
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "inception_resnet_v1"
@@ -84,7 +85,7 @@ def repository(folder: Path, response_cache: bool) -> Path:
     target = folder / MODEL
     (target / "configs").mkdir(parents=True)
     (target / "1").mkdir()
-    model_file = (source / "1" / "model.pt").resolve()
+    model_file = served_model_file(source.parent, MODEL).resolve()
     (target / "1" / "model.pt").symlink_to(model_file)
     (target / "labels.txt").symlink_to((source / "labels.txt").resolve())
     config = parse((source / "configs" / f"{CPU_VARIANT}.pbtxt").read_text())

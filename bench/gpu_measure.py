@@ -27,6 +27,14 @@ FP32_TOLERANCE = 1e-4
 ORDINARY_PHOTO = "500x375"
 
 
+def served_model_file(repository: Path, name: str) -> Path:
+    """The model file the repository serves of `name` (its newest version): imported when
+    called, as the kit's wheels (protobuf, tritonclient) are installed after this module."""
+    from inception.rollout import served_model_file as served
+
+    return served(repository, name)
+
+
 def device_of(run: Run) -> torch.device:
     return torch.device(run.plan.device)
 
@@ -108,7 +116,7 @@ def prepare_variants(run: Run, stack: Stack) -> Tuning:
     state = Tuning(name, photos)
     network = tuning.calibrated_network(name, photos)
     state.reference = tuning.eager_probabilities(network, photos, device)
-    today = load_module(stack.repository / name / "1" / "model.pt", torch.device("cpu"))
+    today = load_module(served_model_file(stack.repository, name), torch.device("cpu"))
     state.frozen[tuning.TODAY.name] = today
     state.modules[tuning.TODAY.name] = tuning.to_device(today, device)
     state.facts[tuning.TODAY.name] = tuning.graph_facts(today)
@@ -188,7 +196,7 @@ def accuracy(run: Run, stack: Stack) -> dict[str, Any]:
     member_inputs: dict[str, np.ndarray] = {}
     for name in run.plan.networks:
         images = network_photos(name, stack.photos[: run.plan.photo_limit])
-        module = load_module(stack.repository / name / "1" / "model.pt", device)
+        module = load_module(served_model_file(stack.repository, name), device)
         local = in_process_probabilities(module, images, device)
         del module
         release(device)
@@ -215,7 +223,7 @@ def accuracy(run: Run, stack: Stack) -> dict[str, Any]:
 def precision_of(model_folder: Path) -> str:
     import json
 
-    stamp = model_folder / "1" / ".export.json"
+    stamp = served_model_file(model_folder.parent, model_folder.name).with_name(".export.json")
     return json.loads(stamp.read_text()).get("precision", "fp32") if stamp.is_file() else "fp32"
 
 
@@ -280,7 +288,7 @@ def side_by_side(run: Run, stack: Stack) -> list[dict[str, Any]]:
     order = [run.plan.tuned, *(n for n in run.plan.networks if n != run.plan.tuned)]
     rows: list[dict[str, Any]] = []
     for name in order:
-        module = load_module(stack.repository / name / "1" / "model.pt", device)
+        module = load_module(served_model_file(stack.repository, name), device)
         rows += side_by_side_rows(run, stack, stack.triton.grpc_url, name, module, run.plan.batches)
         del module
         release(device)

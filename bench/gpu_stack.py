@@ -365,15 +365,17 @@ def export(run: Run, stack: Stack) -> dict[str, Any]:
     """The project's exporter, as `make repository` runs it, into the run's own folder;
     an export already made here with the same inputs is reused (its fingerprint says so)."""
     from inception import export as exporter
+    from inception.rollout import served_version
 
     repository = stack.work / "repository"
     seed = ROOT / "model_repository"
     for name in (*run.plan.networks, "inception_ensemble_mean"):
-        source = seed / name / "1"
-        if (source / "model.pt").is_file() and (source / ".export.json").is_file():
-            (repository / name / "1").mkdir(parents=True, exist_ok=True)
+        number = served_version(seed / name)  # the version the seed serves, by its number
+        source = seed / name / str(number)
+        if number is not None and (source / "model.pt").is_file() and (source / ".export.json").is_file():
+            (repository / name / str(number)).mkdir(parents=True, exist_ok=True)
             for item in ("model.pt", ".export.json"):
-                target = repository / name / "1" / item
+                target = repository / name / str(number) / item
                 if not target.exists():
                     os.link(source / item, target)
     started = time.monotonic()
@@ -386,7 +388,7 @@ def export(run: Run, stack: Stack) -> dict[str, Any]:
     return {
         "repository": str(repository),
         "seconds": round(time.monotonic() - started, 1),
-        "models": sorted(p.parent.parent.name for p in repository.glob("*/1/model.pt")),
+        "models": sorted({p.parent.parent.name for p in repository.glob("*/[1-9]*/model.pt")}),
     }
 
 

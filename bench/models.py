@@ -32,6 +32,7 @@ from embedded.tritonserver import TritonServer
 from inception import create_model
 from inception.contract import INPUT_NAME, NETWORKS, OUTPUT_NAME
 from inception.export import example_images, quiet_torchscript
+from inception.rollout import served_model_file
 from inception.serving import ServingModel
 
 
@@ -88,7 +89,7 @@ def side_by_side(repository: Path, plain: Path, repeats: int) -> dict[str, dict[
         plain_client = grpcclient.InferenceServerClient(plain_server.grpc_url)
         for name in NETWORKS:
             with quiet_torchscript():
-                frozen = torch.jit.load(str(repository / name / "1" / "model.pt")).eval()
+                frozen = torch.jit.load(str(served_model_file(repository, name))).eval()
                 unfrozen = torch.jit.load(str(plain / name / "1" / "model.pt")).eval()
             results[name] = {}
             for batch in (1, 8):

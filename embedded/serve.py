@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, default=ROOT / "build" / "logs")
     parser.add_argument("--triton-timeout", type=float, default=600.0, help="seconds to wait for Triton")
     args = parser.parse_args(argv)
-    if not any(args.repository.glob("*/1/model.pt")):
+    if not any(args.repository.glob("*/[1-9]*/model.pt")):
         print(f"no model repository at {args.repository}: run `make repository` first", file=sys.stderr)
         return 2
 

@@ -2,13 +2,19 @@
 
 For each network: build it with its weights, wrap it with the in-graph preprocessing and
 softmax, trace it, freeze it, check it against eager at batch 1 and at the largest batch
-served, and write `<repository>/<name>/1/model.pt`; then the ensemble's weighted mean, and
-the configs (see `repository.py`). A fingerprint of everything that determines a model
-file (source code, weights, precision, torch version, batch size) is kept beside it, so a
-re-run with unchanged inputs skips the work. The source code of a network is found, not
-listed: the file that defines its spec's builder, the exporter's own, and every module of
-this package either of them imports (`network_sources`), so a new network's file can never
-be left out, and editing one network re-exports only that one.
+served, and write it as the model's next version, `<name>/<N+1>/model.pt`, staged outside
+Triton's view and checked once more as a file (its bytes, and a forward pass of the file
+loaded again); then the ensemble's weighted mean; then each model's whole folder, configs
+and versions together, is swapped in for the served one (`rollout.py`), under a lock that
+a second exporter waits for. With `--triton-url`, the export then waits until that Triton
+serves what it published, and fails if it does not. A fingerprint of everything that
+determines a model file (source code, weights, precision, torch version, batch size) is
+kept beside it, so a re-run with unchanged inputs skips the work and changes nothing; a
+rollback (`python -m inception.rollback`) holds until the inputs change again. The source
+code of a network is found, not listed: the file that defines its spec's builder, the
+exporter's own, and every module of this package either of them imports
+(`network_sources`), so a new network's file can never be left out, and editing one
+network re-exports only that one.
 
 Freezing inlines the weights as constants and folds each batch norm into its convolution:
 on two CPU cores that made a forward pass 1.04–1.06× faster at batch 1 and 1.02–1.22× at
@@ -24,6 +30,7 @@ import copy
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import sys
 import time
@@ -43,7 +50,18 @@ from .repository import (
     EnsembleEntry,
     Export,
     NetworkEntry,
-    write_repository,
+    repository_files,
+)
+from .rollout import (
+    ROLLED_BACK_FROM,
+    STAMP,
+    Rollout,
+    RolloutError,
+    file_sha256,
+    read_stamp,
+    served_version,
+    stamp_export,
+    write_durably,
 )
 from .serving import ServingModel, WeightedMean
 from .weights import (
@@ -57,7 +75,6 @@ from .weights import (
     sha256_of,
 )
 
-STAMP = ".export.json"
 TRACE_TOLERANCE = 1e-5
 # fp16 is checked against fp32 eager for gross breakage (overflow, a lost cast), not parity.
 FP16_TOLERANCE = 1e-2
@@ -151,27 +168,46 @@ def _fingerprint(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _read_stamp(version_dir: Path) -> dict[str, str] | None:
-    stamp = version_dir / STAMP
-    if not (version_dir / MODEL_FILE).is_file() or not stamp.is_file():
-        return None
-    try:
-        return json.loads(stamp.read_text())
-    except ValueError:
-        return None
+class ExportCheckFailed(RuntimeError):
+    """A model file that, read back, is not the module that was traced."""
 
 
-def _write_model(module: torch.jit.ScriptModule, version_dir: Path, stamp: dict[str, object]) -> None:
-    version_dir.mkdir(parents=True, exist_ok=True)
-    tmp = version_dir / f"{MODEL_FILE}.tmp"
+def write_version(
+    module: torch.jit.ScriptModule,
+    version_dir: Path,
+    stamp: dict[str, object],
+    check_inputs: tuple[torch.Tensor, ...] | None = None,
+) -> None:
+    """`module` saved as `version_dir`'s model file, with its stamp, and read back: the
+    bytes on disk must be the bytes saved (their SHA-256, recorded in the stamp, is what
+    the rollout checks again before Triton may see them), and the file loaded again must
+    answer `check_inputs` as the module does. `version_dir` is a new folder of a staged
+    generation, never one Triton serves."""
+    buffer = io.BytesIO()
     with quiet_torchscript():
-        torch.jit.save(module, str(tmp))
-    tmp.replace(version_dir / MODEL_FILE)  # never leave a half-written model.pt behind
-    # A new file, not a rewrite: a folder seeded with hard links to another export (as
-    # bench/gpu_stack.py seeds its own) must not change that export's stamp.
-    stamp_tmp = version_dir / f"{STAMP}.tmp"
-    stamp_tmp.write_text(json.dumps(stamp, indent=2) + "\n")
-    stamp_tmp.replace(version_dir / STAMP)
+        torch.jit.save(module, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    path = version_dir / MODEL_FILE
+    write_durably(path, data)
+    if file_sha256(path) != digest:
+        raise ExportCheckFailed(f"{path} does not read back as written (a full or failing disk?)")
+    if check_inputs is not None:
+        with quiet_torchscript(), torch.no_grad():
+            loaded = torch.jit.load(str(path)).eval()
+            got = loaded(*check_inputs)
+            err = max_error(module(*check_inputs), got)
+        if err > TRACE_TOLERANCE:
+            raise ExportCheckFailed(f"{path} loaded again answers unlike the traced module (by {err:.3g})")
+        # What every config states: Triton's warm-up refuses anything else (which, retried at
+        # every poll, crashed the embedded tritonserver: docs/architecture.md).
+        wanted = (check_inputs[0].shape[0], NUM_CLASSES)
+        if got.dtype != torch.float32 or tuple(got.shape) != wanted:
+            raise ExportCheckFailed(
+                f"{path} answers {got.dtype} {tuple(got.shape)}, not the float32 {wanted} its config states"
+            )
+    record = {**stamp, "model_sha256": digest}
+    write_durably(version_dir / STAMP, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def example_images(batch: int, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
@@ -253,9 +289,15 @@ def resolve_weights(name: str, checkpoints: dict[str, str], hub: str, hub_up: bo
     return WeightsChoice(str(path), sha256_of(path))
 
 
+def served_stamp(root: Path, name: str) -> dict[str, object] | None:
+    """The stamp of the version of `name` that Triton serves from `root`, or None."""
+    number = served_version(root / name)
+    return None if number is None else read_stamp(root / name / str(number))
+
+
 def pretrained_export(root: Path, name: str) -> str | None:
     """The provenance of an existing pretrained export of `name`, or None."""
-    stamp = _read_stamp(root / name / "1")
+    stamp = served_stamp(root, name)
     weights = (stamp or {}).get("weights")
     return weights if isinstance(weights, str) and weights.startswith("pretrained:") else None
 
@@ -285,30 +327,56 @@ def network_entry(spec: ModelSpec, export: Export | None = None) -> NetworkEntry
     )
 
 
-def export_network(
-    name: str, root: Path, choice: WeightsChoice, precision: str, log: Log, keep_pretrained: bool = False
-) -> NetworkEntry:
-    """Exports one network; with `keep_pretrained`, random weights never replace an
-    existing pretrained export (a failed download keeps what was served before)."""
-    spec = get_spec(name)
-    version_dir = root / name / "1"
-    weights = choice.weights
-    fingerprint = _fingerprint(
+def network_fingerprint(name: str, choice: WeightsChoice, precision: str) -> str:
+    """What determines `name`'s exported file: equal fingerprints, equal files."""
+    return _fingerprint(
         model=name,
         weights=choice.identity,
         precision=precision,
-        source=source_digest(spec),
+        source=source_digest(get_spec(name)),
         torch=torch.__version__,
         batch=MAX_BATCH_SIZE,
     )
-    stamp = _read_stamp(version_dir)
-    kept = pretrained_export(root, name) if weights is None and keep_pretrained else None
+
+
+def _rolled_back_from(stamp: dict[str, object]) -> str | None:
+    """The fingerprint of the export that a rollback took out of service, if `stamp` is a
+    rollback's."""
+    back = stamp.get(ROLLED_BACK_FROM)
+    fingerprint = back.get("fingerprint") if isinstance(back, dict) else None
+    return fingerprint if isinstance(fingerprint, str) else None
+
+
+def export_network(
+    name: str,
+    rollout: Rollout,
+    choice: WeightsChoice,
+    precision: str,
+    log: Log,
+    keep_pretrained: bool = False,
+) -> NetworkEntry:
+    """Exports one network as a staged new version where its inputs changed; with
+    `keep_pretrained`, random weights never replace an existing pretrained export (a failed
+    download keeps what was served before); the inputs a rollback took out of service are
+    not exported again (the rollback holds until the inputs change)."""
+    spec = get_spec(name)
+    weights = choice.weights
+    fingerprint = network_fingerprint(name, choice, precision)
+    stamp = rollout.served_stamp(name)
+    kept = pretrained_export(rollout.root, name) if weights is None and keep_pretrained else None
     if kept is not None and stamp is not None:
         log(
             f"{name}: kept the existing export ({kept}): {choice.why_random}, "
             "and random weights never replace pretrained ones"
         )
-    elif stamp is None or stamp.get("fingerprint") != fingerprint:
+    elif stamp is not None and stamp.get("fingerprint") == fingerprint:
+        log(f"{name}: up to date ({stamp['weights']}), skipped")
+    elif stamp is not None and _rolled_back_from(stamp) == fingerprint:
+        log(
+            f"{name}: kept the rollback to {stamp['weights']}: these inputs are the ones it took out "
+            f"of service; run the rollback again to serve them, or change the inputs"
+        )
+    else:
         start = time.monotonic()
         log(f"{name}: building ({'random init' if weights is None else weights})")
         model = create_model(name, weights)
@@ -317,37 +385,32 @@ def export_network(
         # fp16 runs slowly on a CPU: check it at small batches only.
         batches = (1, MAX_BATCH_SIZE) if precision == "fp32" else (1, 2)
         log(f"{name}: tracing, freezing ({precision}) and checking against eager at batch {batches}")
-        traced = trace_and_check(
-            ServingModel(model),
-            [(example_images(b, spec.input_size, seed=i),) for i, b in enumerate(batches)],
-            precision,
-        )
+        examples = [(example_images(b, spec.input_size, seed=i),) for i, b in enumerate(batches)]
+        traced = trace_and_check(ServingModel(model), examples, precision)
         stamp = {
             "fingerprint": fingerprint,
             "weights": info.provenance,
             "weights_sha256": info.sha256,
             "precision": precision,
         }
+        version_dir = rollout.new_version(name)
         # What the fingerprint read, to tell why an export ran again.
-        _write_model(traced, version_dir, {**stamp, "sources": list(network_sources(spec))})
+        write_version(traced, version_dir, {**stamp, "sources": list(network_sources(spec))}, examples[0])
         size_mb = (version_dir / MODEL_FILE).stat().st_size / 1e6
         log(
-            f"{name}: wrote {version_dir / MODEL_FILE} ({size_mb:.0f} MB) in {time.monotonic() - start:.0f} s"
+            f"{name}: wrote version {version_dir.name} ({size_mb:.0f} MB) in "
+            f"{time.monotonic() - start:.0f} s, staged until the repository is published"
         )
-    else:
-        log(f"{name}: up to date ({stamp['weights']}), skipped")
-    return network_entry(
-        spec, Export(stamp["weights"], stamp["weights_sha256"], stamp.get("precision", "fp32"))
-    )
+    return network_entry(spec, stamp_export(stamp))
 
 
-def export_mean(ensemble: EnsembleEntry, root: Path, log: Log) -> None:
-    version_dir = root / ensemble.mean_name / "1"
+def export_mean(ensemble: EnsembleEntry, rollout: Rollout, log: Log) -> None:
+    """The ensemble's weighted mean as a staged new version where its weights changed."""
     n = len(ensemble.members)
     fingerprint = _fingerprint(
         weights=list(ensemble.member_weights), source=source_digest(None), torch=torch.__version__
     )
-    stamp = _read_stamp(version_dir)
+    stamp = rollout.served_stamp(ensemble.mean_name)
     if stamp is not None and stamp.get("fingerprint") == fingerprint:
         log(f"{ensemble.mean_name}: up to date, skipped")
         return
@@ -356,10 +419,11 @@ def export_mean(ensemble: EnsembleEntry, root: Path, log: Log) -> None:
         tuple(torch.rand(b, NUM_CLASSES, generator=gen) for _ in range(n)) for b in (1, MAX_BATCH_SIZE)
     ]
     traced = trace_and_check(WeightedMean(list(ensemble.member_weights)), examples)
-    _write_model(
+    write_version(
         traced,
-        version_dir,
+        rollout.new_version(ensemble.mean_name),
         {"fingerprint": fingerprint, "weights": "none", "weights_sha256": "", "precision": "fp32"},
+        examples[0],
     )
     log(f"{ensemble.mean_name}: wrote the weighted mean of {', '.join(m.name for m in ensemble.members)}")
 
@@ -449,6 +513,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ensemble-weights", default=None, help="comma-separated, same order; default: equal"
     )
     parser.add_argument("--no-ensemble", action="store_true")
+    parser.add_argument(
+        "--triton-url",
+        default=None,
+        metavar="HOST:PORT",
+        help="Triton's HTTP address: once published, wait until it serves every model as "
+        "published (version and provenance) and fail if it does not; where no Triton answers "
+        "(it has not started yet), say so and finish",
+    )
+    parser.add_argument(
+        "--triton-timeout", type=float, default=600.0, help="seconds --triton-url waits (default 600)"
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -461,65 +536,89 @@ def main(argv: Sequence[str] | None = None) -> int:
         checkpoints = _parse_checkpoints(args.checkpoint)
         hub = hub_mode(args.hub)
         allowed = _parse_allow_random(args.allow_random, names)
-        from_hub = [n for n in names if n not in checkpoints and get_spec(n).has_public_checkpoint]
-        hub_up = hub == "always" or (
-            hub == "auto" and bool(from_hub) and hub_reachable(timeout=args.hub_timeout)
-        )
-        if hub == "auto" and from_hub:
-            state = "answered" if hub_up else f"did not answer within {args.hub_timeout:g} s"
-            log(f"the hub ({hub_endpoint()}) {state}: {', '.join(from_hub)} have published weights")
-        # Random weights replace pretrained ones only when the run asked for no real weights,
-        # and never in a deployment.
-        keep_pretrained = hub != "never" or args.never_replace_pretrained
-
-        def refuse(choices: dict[str, WeightsChoice]) -> None:
-            refused = [
-                name
-                for name, choice in choices.items()
-                if choice.weights is None
-                and name not in allowed
-                and not (keep_pretrained and pretrained_export(args.repository, name))
-            ]
-            if refused:
-                reasons = "; ".join(f"{n}: {choices[n].why_random}" for n in refused)
-                raise WeightsRequired(
-                    f"no real weights for {', '.join(refused)} ({reasons}). Give a checkpoint "
-                    "(--checkpoint NAME=PATH; in the deployment images <checkpoint dir>/NAME.safetensors), "
-                    "let the hub be reached (--hub always), or allow random weights explicitly "
-                    f"(--allow-random {','.join(refused)}; MODELS_ALLOW_RANDOM in the deployment images)"
+        # One writer at a time, from the first look at what is served to the last swap (and
+        # the wait for Triton): a second exporter waits, then finds this one's work.
+        with Rollout(args.repository, log) as rollout:
+            choices = _choose_weights(args, names, checkpoints, hub, allowed, log)
+            keep_pretrained = _keep_pretrained(args, hub)
+            networks = []
+            for i, name in enumerate(names, 1):
+                log(f"({i}/{len(names)}) {name}")
+                networks.append(
+                    export_network(name, rollout, choices[name], args.precision, log, keep_pretrained)
                 )
-
-        # What needs no download is decided and checked first, so that a refusal comes before
-        # minutes of downloading; then the downloads, whose failures are checked again.
-        downloads = [n for n in names if n in from_hub and hub_up]
-        choices = {n: resolve_weights(n, checkpoints, hub, hub_up) for n in names if n not in downloads}
-        refuse(choices)
-        choices |= {n: resolve_weights(n, checkpoints, hub, hub_up) for n in downloads}
-        refuse({n: choices[n] for n in downloads})
-        networks = []
-        for i, name in enumerate(names, 1):
-            log(f"({i}/{len(names)}) {name}")
-            networks.append(
-                export_network(name, args.repository, choices[name], args.precision, log, keep_pretrained)
-            )
-        ensemble = None
-        if not args.no_ensemble:
-            ensemble = ensemble_entry(
-                networks,
-                args.ensemble_members.split(",") if args.ensemble_members else None,
-                [float(w) for w in args.ensemble_weights.split(",")] if args.ensemble_weights else None,
-            )
-            export_mean(ensemble, args.repository, log)
-        write_repository(args.repository, networks, ensemble)
-        log(f"wrote the repository at {args.repository}")
-        for entry in networks:
-            if entry.export is not None and entry.export.provenance == RANDOM_INIT:
-                why = choices[entry.name].why_random
-                log(f"WARNING: {entry.name} serves random weights ({why}): its answers carry no meaning")
+            ensemble = None
+            if not args.no_ensemble:
+                ensemble = ensemble_entry(
+                    networks,
+                    args.ensemble_members.split(",") if args.ensemble_members else None,
+                    [float(w) for w in args.ensemble_weights.split(",")] if args.ensemble_weights else None,
+                )
+                export_mean(ensemble, rollout, log)
+            changed = rollout.publish_all(repository_files(networks, ensemble))
+            log(f"wrote the repository at {args.repository} ({len(changed)} models changed)")
+            for entry in networks:
+                if entry.export is not None and entry.export.provenance == RANDOM_INIT:
+                    why = choices[entry.name].why_random or "so it was exported before"
+                    log(f"WARNING: {entry.name} serves random weights ({why}): its answers carry no meaning")
+            if args.triton_url:
+                rollout.wait_or_roll_back(args.triton_url, args.triton_timeout)
     except (CheckpointError, KeyError, ValueError) as exc:
         print(f"[export] error: {exc}", file=sys.stderr)
         return 2
+    except (RolloutError, ExportCheckFailed) as exc:
+        print(f"[export] error: {exc}", file=sys.stderr)
+        return 3
     return 0
+
+
+def _keep_pretrained(args: argparse.Namespace, hub: str) -> bool:
+    """Random weights replace pretrained ones only when the run asked for no real weights,
+    and never in a deployment."""
+    return hub != "never" or bool(args.never_replace_pretrained)
+
+
+def _choose_weights(
+    args: argparse.Namespace,
+    names: Sequence[str],
+    checkpoints: dict[str, str],
+    hub: str,
+    allowed: set[str],
+    log: Log,
+) -> dict[str, WeightsChoice]:
+    """Each network's weights, refused where they would be random and nobody allowed it."""
+    from_hub = [n for n in names if n not in checkpoints and get_spec(n).has_public_checkpoint]
+    hub_up = hub == "always" or (hub == "auto" and bool(from_hub) and hub_reachable(timeout=args.hub_timeout))
+    if hub == "auto" and from_hub:
+        state = "answered" if hub_up else f"did not answer within {args.hub_timeout:g} s"
+        log(f"the hub ({hub_endpoint()}) {state}: {', '.join(from_hub)} have published weights")
+    keep_pretrained = _keep_pretrained(args, hub)
+
+    def refuse(choices: dict[str, WeightsChoice]) -> None:
+        refused = [
+            name
+            for name, choice in choices.items()
+            if choice.weights is None
+            and name not in allowed
+            and not (keep_pretrained and pretrained_export(args.repository, name))
+        ]
+        if refused:
+            reasons = "; ".join(f"{n}: {choices[n].why_random}" for n in refused)
+            raise WeightsRequired(
+                f"no real weights for {', '.join(refused)} ({reasons}). Give a checkpoint "
+                "(--checkpoint NAME=PATH; in the deployment images <checkpoint dir>/NAME.safetensors), "
+                "let the hub be reached (--hub always), or allow random weights explicitly "
+                f"(--allow-random {','.join(refused)}; MODELS_ALLOW_RANDOM in the deployment images)"
+            )
+
+    # What needs no download is decided and checked first, so that a refusal comes before
+    # minutes of downloading; then the downloads, whose failures are checked again.
+    downloads = [n for n in names if n in from_hub and hub_up]
+    choices = {n: resolve_weights(n, checkpoints, hub, hub_up) for n in names if n not in downloads}
+    refuse(choices)
+    choices |= {n: resolve_weights(n, checkpoints, hub, hub_up) for n in downloads}
+    refuse({n: choices[n] for n in downloads})
+    return choices
 
 
 if __name__ == "__main__":

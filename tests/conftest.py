@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from embedded.tritonserver import TritonServer
+from inception.rollout import served_version
 
 from .helpers import REPOSITORY, ROOT, TritonEndpoint
 
@@ -33,7 +34,7 @@ def repository() -> Path:
     """The exported repository: `make repository` (which `make test` runs) writes the
     model files and config variants the tests serve."""
     if (
-        not (REPOSITORY / "inception_v4" / "1" / "model.pt").is_file()
+        served_version(REPOSITORY / "inception_v4") is None
         or not (REPOSITORY / "inception_v4" / "configs" / "cpu.pbtxt").is_file()
     ):
         pytest.fail(f"{REPOSITORY} is not exported: run `make repository` (make test does)")

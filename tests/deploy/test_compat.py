@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from embedded.tritonserver import TritonServer
+from inception.rollout import served_model_file
 
 from . import compat
 from .promql_tools import ROOT
@@ -82,13 +83,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
 def in_process(inputs: Path, outputs: Path) -> None:
     """Each exported file, loaded by the pinned torch in its own environment, run on the
     same batch."""
+    files = {name: str(served_model_file(compat.REPOSITORY, name)) for name in NETWORKS}
     script = f"""
 import numpy as np, torch
 images = torch.from_numpy(np.load({str(inputs)!r}))
 out = {{}}
 with torch.no_grad():
-    for name in {NETWORKS!r}:
-        module = torch.jit.load({str(compat.REPOSITORY)!r} + f"/{{name}}/1/model.pt")
+    for name, path in {files!r}.items():
+        module = torch.jit.load(path)
         out[name] = module(images).numpy()
 np.savez({str(outputs)!r}, **out)
 """

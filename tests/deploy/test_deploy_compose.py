@@ -154,9 +154,12 @@ def test_images_are_pinned(raw):
 
 
 def test_triton_serves_the_gpu_variant_of_the_one_repository(raw):
-    """The same repository as the embedded stack, its configs/gpu.pbtxt selected."""
+    """The same repository as the embedded stack, its configs/gpu.pbtxt selected: the
+    volume's `repository` folder, where the models job exports (its lock and staging area
+    beside it, outside Triton's view)."""
     command = raw["services"]["triton"]["command"]
-    assert "--model-repository=/models" in command and "--model-config-name=gpu" in command
+    assert "--model-repository=/models/repository" in command and "--model-config-name=gpu" in command
+    assert raw["services"]["models"]["environment"]["MODELS_REPOSITORY"] == "/models/repository"
 
 
 def test_dockerfile_base_images_are_pinned():

@@ -23,6 +23,7 @@ from PIL import Image
 
 from embedded.gateway import Gateway, serving
 from inception.contract import CPU_VARIANT
+from inception.rollout import served_model_file
 
 from ..helpers import ROOT
 
@@ -303,7 +304,7 @@ def copied_repository(tmp_path: Path) -> Path:
     folder = tmp_path / "repository" / MODEL
     (folder / "configs").mkdir(parents=True)
     (folder / "1").mkdir()
-    (folder / "1" / "model.pt").symlink_to((source / "1" / "model.pt").resolve())
+    (folder / "1" / "model.pt").symlink_to(served_model_file(source.parent, MODEL).resolve())
     (folder / "labels.txt").symlink_to((source / "labels.txt").resolve())
     variant = source / "configs" / f"{CPU_VARIANT}.pbtxt"
     (folder / "configs" / f"{CPU_VARIANT}.pbtxt").write_text(variant.read_text())

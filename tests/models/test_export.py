@@ -29,7 +29,8 @@ from inception.export import (
     source_digest,
 )
 from inception.registry import MODELS
-from inception.repository import MAX_BATCH_SIZE
+from inception.repository import MAX_BATCH_SIZE, repository_files
+from inception.rollout import Rollout, served_model_file
 from inception.serving import ServingModel, WeightedMean
 
 PRODUCTION = Path(__file__).resolve().parents[2] / "model_repository"
@@ -46,7 +47,7 @@ def load(path: Path) -> torch.jit.ScriptModule:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_exported_file_equals_eager(name: str) -> None:
-    traced = load(PRODUCTION / name / "1" / "model.pt")
+    traced = load(served_model_file(PRODUCTION, name))
     eager = ServingModel(create_model(name)).eval()
     with torch.no_grad():
         for batch in (1, MAX_BATCH_SIZE):
@@ -68,7 +69,7 @@ def test_in_graph_preprocessing_is_inception_normalisation() -> None:
 
 
 def test_ensemble_mean_file_is_the_weighted_mean() -> None:
-    mean = load(PRODUCTION / "inception_ensemble_mean" / "1" / "model.pt")
+    mean = load(served_model_file(PRODUCTION, "inception_ensemble_mean"))
     members = [torch.softmax(torch.randn(4, 1000), 1) for _ in range(3)]
     assert float((mean(*members) - sum(members) / 3).abs().max()) <= 1e-6
     weighted = WeightedMean([1.0, 3.0])
@@ -81,7 +82,7 @@ def test_ensemble_mean_file_is_the_weighted_mean() -> None:
 @pytest.mark.parametrize("name", list_models())
 def test_exported_file_is_frozen(name: str) -> None:
     """Frozen: no parameters left, batch norms folded into the convolutions."""
-    module = load(PRODUCTION / name / "1" / "model.pt")
+    module = load(served_model_file(PRODUCTION, name))
     assert list(module.parameters()) == []
     nodes = {node.kind() for node in module.inlined_graph.nodes()}
     assert "aten::batch_norm" not in nodes
@@ -89,14 +90,15 @@ def test_exported_file_is_frozen(name: str) -> None:
 
 
 def test_rerun_with_unchanged_inputs_skips(capsys: pytest.CaptureFixture[str]) -> None:
-    mtimes = {p: p.stat().st_mtime_ns for p in PRODUCTION.glob("*/1/model.pt")}
+    mtimes = {p: p.stat().st_mtime_ns for p in PRODUCTION.glob("*/*/*") if p.is_file()}
     code = main(["--repository", str(PRODUCTION)])
     out = capsys.readouterr().out
     assert code == 0
     for name in list_models():
         assert f"{name}: up to date (random-init), skipped" in out
     assert "inception_ensemble_mean: up to date, skipped" in out
-    assert {p: p.stat().st_mtime_ns for p in PRODUCTION.glob("*/1/model.pt")} == mtimes
+    # Nothing was rewritten, so Triton's poller sees no newer file.
+    assert {p: p.stat().st_mtime_ns for p in PRODUCTION.glob("*/*/*") if p.is_file()} == mtimes
 
 
 def test_fp16_export_runs_in_half_precision_with_float32_output() -> None:
@@ -188,19 +190,25 @@ def test_editing_a_network_reexports_that_network_only(
 
 def test_an_export_into_hard_linked_copies_leaves_the_originals_alone(tmp_path: Path) -> None:
     """A folder seeded with hard links to another export (so an unchanged model costs
-    nothing) gets new files where the export runs again, never writes through the links."""
+    nothing) gets a new version where the export runs again, and keeps the linked one as
+    the version before it: nothing is written through the links."""
     seed, copy = (tmp_path / side / "inception_ensemble_mean" / "1" for side in ("seed", "copy"))
     seed.mkdir(parents=True)
     copy.mkdir(parents=True)
     (seed / "model.pt").write_bytes(b"another export")
-    (seed / ".export.json").write_text('{"fingerprint": "another"}')
+    (seed / ".export.json").write_text('{"fingerprint": "another", "weights": "none"}')
     for item in ("model.pt", ".export.json"):
         os.link(seed / item, copy / item)
     ensemble = ensemble_entry([network_entry(get_spec(n)) for n in NETWORKS])
-    export_mean(ensemble, tmp_path / "copy", log=lambda message: None)
+    with Rollout(tmp_path / "copy", log=lambda message: None) as rollout:
+        export_mean(ensemble, rollout, log=lambda message: None)
+        rollout.publish_all(repository_files([], ensemble))
     assert (seed / "model.pt").read_bytes() == b"another export"
-    assert (seed / ".export.json").read_text() == '{"fingerprint": "another"}'
-    assert json.loads((copy / ".export.json").read_text())["fingerprint"] != "another"
+    assert (seed / ".export.json").read_text() == '{"fingerprint": "another", "weights": "none"}'
+    assert (copy / "model.pt").read_bytes() == b"another export"  # kept as the previous version
+    new = copy.parent / "2"
+    assert json.loads((new / ".export.json").read_text())["fingerprint"] != "another"
+    assert served_model_file(tmp_path / "copy", "inception_ensemble_mean") == new / "model.pt"
 
 
 def _archive_entries(path: Path) -> dict[str, bytes]:

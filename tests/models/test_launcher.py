@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from inception.rollout import served_model_file
+
 from ..helpers import ROOT
 
 pytestmark = pytest.mark.integration
@@ -40,7 +42,7 @@ def one_model(repository: Path, tmp_path: Path, model_file: bytes | None = None)
         shutil.copyfile(repository / MODEL / name, folder / name)
     target = folder / "1" / "model.pt"
     if model_file is None:
-        target.symlink_to((repository / MODEL / "1" / "model.pt").resolve())
+        target.symlink_to(served_model_file(repository, MODEL).resolve())
     else:
         target.write_bytes(model_file)
     return folder.parent.resolve()

@@ -183,12 +183,13 @@ def test_generated_files_stay_out_of_git() -> None:
     git = ["git", "ls-files", "model_repository"]
     tracked = subprocess.run(git, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert tracked.split() == [f"model_repository/{n}/config.pbtxt" for n in sorted(ALL)]
-    ignored = subprocess.run(
-        ["git", "check-ignore", "model_repository/inception_v4/configs/gpu.pbtxt",
-         "model_repository/inception_v4/1/model.pt", "model_repository/inception_v4/labels.txt"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert len(ignored.stdout.split()) == 3, ignored
+    generated = [
+        "model_repository/inception_v4/configs/gpu.pbtxt", "model_repository/inception_v4/1/model.pt",
+        "model_repository/inception_v4/12/.export.json", "model_repository/inception_v4/labels.txt",
+        ".model_repository.rollout/lock", ".model_repository.rollout/staging/inception_v4/3/model.pt",
+    ]  # fmt: skip
+    ignored = subprocess.run(["git", "check-ignore", *generated], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == generated, ignored
 
 
 def test_ensemble_takes_one_input_per_distinct_preprocessing(configs) -> None:

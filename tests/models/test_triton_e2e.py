@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 
 from inception.contract import NETWORKS
 from inception.export import example_images, quiet_torchscript
+from inception.rollout import served_model_file
 
 from ..helpers import ROOT
 
@@ -33,7 +34,7 @@ def in_process(images: np.ndarray) -> dict[str, np.ndarray]:
     outputs = {}
     with quiet_torchscript(), torch.no_grad():
         for name in NETWORKS:
-            module = torch.jit.load(str(ROOT / "model_repository" / name / "1" / "model.pt")).eval()
+            module = torch.jit.load(str(served_model_file(ROOT / "model_repository", name))).eval()
             outputs[name] = module(torch.from_numpy(images)).numpy()
     return outputs
 
