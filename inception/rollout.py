@@ -406,6 +406,15 @@ class Rollout:
         self._lock = contextlib.ExitStack()
 
     def __enter__(self) -> Rollout:
+        try:
+            self.store.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RolloutError(
+                f"cannot create the repository's lock and staging area at {self.store} ({exc}): "
+                "they sit beside the repository, so its parent must be writable and on its file "
+                "system; in the models image, the repository is a folder of the volume "
+                "(MODELS_REPOSITORY=/models/repository), not the volume itself"
+            ) from exc
         self._lock.enter_context(exclusive(self.store, self.log))
         try:
             self._clear_staging("an interrupted writer left staged")

@@ -107,6 +107,15 @@ def test_the_lock_and_staging_area_sit_beside_the_repository(tmp_path: Path) -> 
     assert not (tmp_path / "repository").exists() or not any((tmp_path / "repository").iterdir())
 
 
+def test_a_repository_whose_lock_cannot_sit_beside_it_is_a_clear_error(tmp_path: Path) -> None:
+    """The models image run with the volume itself as the repository: the lock and staging
+    area cannot be made beside it (here its parent is a file), and the error says what to
+    do instead of a traceback."""
+    (tmp_path / "volume").write_text("not a folder")
+    with pytest.raises(RolloutError, match="MODELS_REPOSITORY=/models/repository"):
+        Rollout(tmp_path / "volume" / "repository", quiet).__enter__()
+
+
 def test_each_export_is_a_new_version_and_the_one_before_is_kept(tmp_path: Path) -> None:
     repository = tmp_path / "repository"
     log = Recorder()
