@@ -172,6 +172,13 @@ MAX_JPEG_MARKERS = 1000
 #: a round of that Python, and the fuzzer's 5 MiB of escapes that draw nothing before a
 #: 146 x 130 image took 2.3 s (16 MiB, 3 s).
 MAX_RLE_BMP_PIXELS = 1920 * 1080
+#: The most pixels a WebP may have. Pillow decodes a WebP only at full size (libwebp's
+#: scaled decoding is out of its reach) and copies the frame once more through its raw
+#: decoder, so a lossy WebP of noise costs about 45 ns a pixel: the decode fuzzer's at the
+#: pixel limit (7745 x 6454, in CI) took 2.25 s of CPU, over the 2 s goal. At this bound the
+#: costliest measured (noise, lossy at quality 50, 12.3 MiB) takes 0.85 s, and a 6000 x 4000
+#: photo still passes.
+MAX_WEBP_PIXELS = 25_000_000
 
 
 def check_bmp_rle(image: ImageFile.ImageFile, size: int) -> None:
@@ -353,6 +360,11 @@ def decode(
             check_bmp_rle(image, len(data))
         if fmt == "PNG":
             check_png_bytes(data, (width, height), max_pixels)
+        if fmt == "WEBP" and width * height > MAX_WEBP_PIXELS:
+            raise ImageTooLarge(
+                f"the WebP has {width}x{height} pixels, more than the {MAX_WEBP_PIXELS} a WebP "
+                "may have (it is decoded at full size); send it as JPEG or scale it down"
+            )
         scale = 1
         if draft_short_side and fmt in JPEG_FORMATS:
             image.draft(None, (draft_short_side, draft_short_side))

@@ -34,6 +34,7 @@ from service.imaging import (
     MAX_JPEG_MARKERS,
     MAX_PNG_CHUNKS,
     MAX_RLE_BMP_PIXELS,
+    MAX_WEBP_PIXELS,
     check_png_bytes,
     decode,
     png_chunk_count,
@@ -172,6 +173,23 @@ def test_a_large_rle_bmp_is_refused_from_its_header() -> None:
     outcome = Target(Limits.defaults()).measure(bmp_image(1920, 1080, bits=4, rle=True, runs="single"))
     assert outcome.status == "accepted" and outcome.cpu_s < CPU_GOAL_S, outcome
     assert MAX_RLE_BMP_PIXELS == 1920 * 1080
+
+
+def test_a_webp_is_bounded_by_its_own_pixel_limit() -> None:
+    """Found by the decode fuzzer in CI: Pillow decodes a WebP only at full size, and a lossy
+    WebP of noise at the pixel limit (7745 x 6454) took 2.25 s of CPU. Past 25,000,000 pixels
+    a WebP is refused from its header; at the bound the costliest content (noise, lossy)
+    stays well under the goal."""
+    over = encode(Image.new("RGB", (5001, 5000), (120, 130, 140)), "WEBP", lossless=True)
+    started = time.thread_time()
+    with pytest.raises(ImageTooLarge, match="5001x5000 pixels, more than the 25000000 a WebP"):
+        decode(over, max_pixels=50_000_000)
+    assert time.thread_time() - started < 0.05
+    noise = np.random.default_rng(7).integers(0, 256, (5000, 5000, 3), dtype=np.uint8)
+    at_bound = encode(Image.fromarray(noise), "WEBP", quality=50, method=0)  # 12.3 MiB, 0.85 s here
+    outcome = Target(Limits.defaults()).measure(at_bound)
+    assert outcome.status == "accepted" and outcome.cpu_s < CPU_GOAL_S, outcome
+    assert MAX_WEBP_PIXELS == 25_000_000
 
 
 def test_an_rle_bmp_with_more_data_than_its_pixels_need_is_refused() -> None:
