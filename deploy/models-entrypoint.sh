@@ -26,7 +26,7 @@
 #   versions [MODEL...] list the versions each model keeps and what each holds
 set -eu
 
-repository="${MODELS_REPOSITORY:-/models}"
+repository="${MODELS_REPOSITORY:-/models/repository}"
 checkpoints="${MODELS_CHECKPOINT_DIR:-/checkpoints}"
 hub="${MODELS_HUB:-auto}"
 allow_random="${MODELS_ALLOW_RANDOM:-none}"

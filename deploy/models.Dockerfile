@@ -43,7 +43,7 @@ VOLUME ["/models"]
 USER 10001:10001
 ENV HOME=/home/app \
     HF_HOME=/home/app/.cache/huggingface \
-    MODELS_REPOSITORY=/models \
+    MODELS_REPOSITORY=/models/repository \
     MODELS_CHECKPOINT_DIR=/checkpoints \
     MODELS_HUB=auto
 ENTRYPOINT ["models-entrypoint"]

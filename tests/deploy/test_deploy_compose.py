@@ -252,10 +252,19 @@ def test_gateway_buffer_budget_follows_the_container_limit(resolved, tmp_path, m
     assert gateway_settings.default_buffer_budget() == limit // workers // 4
 
 
+ADMIN_KEY_DIR = "/run/triton-admin"
+
+
 def test_triton_restricts_its_admin_apis_with_a_key_nobody_knows(resolved, tmp_path):
     """The shell in front of tritonserver draws a key at each start and restricts repository
-    control, logging and trace on HTTP and gRPC with it: run it with a stand-in tritonserver."""
-    command = [part.replace("$$", "$") for part in resolved["services"]["triton"]["command"]]
+    control, logging and trace on HTTP and gRPC with it: run it with a stand-in tritonserver.
+    It writes the key where the gateway reads it (next test), replaced whole at each start."""
+    admin = tmp_path / "admin"
+    admin.mkdir()
+    command = [
+        part.replace("$$", "$").replace(ADMIN_KEY_DIR, str(admin))
+        for part in resolved["services"]["triton"]["command"]
+    ]
     assert command[:2] == ["/bin/sh", "-c"] and command[3] == "tritonserver"
     fake = tmp_path / "tritonserver"
     fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
@@ -279,6 +288,30 @@ def test_triton_restricts_its_admin_apis_with_a_key_nobody_knows(resolved, tmp_p
         assert re.fullmatch(r"[0-9a-f-]{36}", key), key
         keys.append(key)
     assert keys[0] != keys[1], "the key is not drawn at each start"
+    written = admin / "key"
+    assert written.read_text() == keys[1], "the gateway would read another start's key"
+    assert written.stat().st_mode & 0o777 == 0o644 and sorted(p.name for p in admin.iterdir()) == ["key"]
+
+
+def test_the_gateway_reads_tritons_admin_key_from_memory_only(resolved):
+    """The gateway reads Triton's repository index (the one place a version that fails to
+    load shows) with the key Triton drew: a tmpfs volume, written by Triton, read-only in the
+    gateway, mounted nowhere else; the gateway's user (10001) may read what Triton's (1000)
+    writes."""
+    volume = resolved["volumes"]["triton-admin"]
+    assert volume["driver_opts"]["type"] == "tmpfs"
+    options = dict(o.split("=", 1) for o in volume["driver_opts"]["o"].split(","))
+    assert options["uid"] == "1000" and options["mode"] == "0755"
+    mounts = {
+        name: [v for v in service.get("volumes", []) if str(v).startswith("triton-admin:")]
+        for name, service in resolved["services"].items()
+    }
+    assert {name: found for name, found in mounts.items() if found} == {
+        "triton": [f"triton-admin:{ADMIN_KEY_DIR}:rw"],
+        "gateway": [f"triton-admin:{ADMIN_KEY_DIR}:ro"],
+    }
+    gateway = resolved["services"]["gateway"]["environment"]
+    assert gateway["GATEWAY_TRITON_ADMIN_KEY_FILE"] == f"{ADMIN_KEY_DIR}/key"
 
 
 def test_triton_runs_unprivileged(resolved):
