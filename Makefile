@@ -119,9 +119,9 @@ bench-hostile: backend repository
 # 60 MiB; the builder fails if over): the trimmed tritonserver, the GPU PyTorch backend
 # built here with nvcc 13 against the torch 2.11 wheel (downloaded once, about 530 MB),
 # the gateway's wheels and photos. Run it there with
-# `python -m bench.gpu_stack --kit build/gpu-kit --out DIR` (bench/README.md).
+# `python -m bench.gpu.stack --kit build/gpu-kit --out DIR` (bench/README.md).
 gpu-kit: $(STAMP)
-	$(BIN)/python -m bench.gpu_kit --out build/gpu-kit
+	$(BIN)/python -m bench.gpu.kit --out build/gpu-kit
 
 clean:
 	rm -rf $(VENV) build $(REPO)/*/[0-9]* $(REPO)/*/labels.txt $(REPO)/*/configs .$(REPO).rollout

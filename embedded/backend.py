@@ -16,7 +16,7 @@ torch: it reads what it needs from the wheel's files.
 the headers and libraries of a torch wheel unpacked anywhere (`--torch-root`, the wheel's
 `torch/` folder; nothing is installed or imported), with nvcc from `--cuda-root`, and a
 RUNPATH naming where that machine keeps torch (`--runpath`). `make gpu-kit` uses it
-(`bench/gpu_kit.py` says why the GPU backend is built here rather than on the GPU
+(`bench/gpu/kit.py` says why the GPU backend is built here rather than on the GPU
 machine). Two things differ from the CPU build: the `backend` repository's CUDA kernel
 lists architectures that CUDA 13 no longer knows (53-72), so the extracted copy gets the
 list trimmed (`--cuda-architectures`), and the result goes to its own backends folder so

@@ -1,6 +1,6 @@
-"""GPU figures of the networks (`python -m bench.gpu`): the frozen TorchScript the exporter
-writes, loaded onto the device the way Triton's PyTorch backend loads it, in fp32 and fp16,
-measured side by side in one run.
+"""GPU figures of the networks (`python -m bench.gpu.inprocess`): the frozen TorchScript the
+exporter writes, loaded onto the device the way Triton's PyTorch backend loads it, in fp32 and
+fp16, measured side by side in one run.
 
 For each network: build it with random weights (speed does not depend on them), wrap it in
 `ServingModel` and trace, freeze and check it with the exporter's own `trace_and_check`
@@ -338,7 +338,9 @@ def tables(results: dict[str, dict[str, Any]], batches: tuple[int, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu.inprocess", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
     parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))

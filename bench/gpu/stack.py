@@ -1,23 +1,23 @@
-"""`python -m bench.gpu_stack --kit build/gpu-kit --out DIR`: the whole stack on a lent GPU,
+"""`python -m bench.gpu.stack --kit build/gpu-kit --out DIR`: the whole stack on a lent GPU,
 served and measured in one command of at most 7 minutes.
 
 The GPU machine is lent for 15 minutes in all and cannot fetch anything, so this runs once
-there with what `make gpu-kit` carried (`bench/gpu_kit.py`), and a second try still fits.
+there with what `make gpu-kit` carried (`bench/gpu/kit.py`), and a second try still fits.
 Stages, each with its own time budget inside one deadline for the run (a stage that fails
 or runs out of time is recorded and the rest goes on; the JSON is rewritten after every
 stage, so even a run cut short leaves its figures):
 
-1. install: the kit, offline (`bench/gpu_install.py`: tritonserver unpacked, the wheels
+1. install: the kit, offline (`bench/gpu/install.py`: tritonserver unpacked, the wheels
    this machine lacks installed into `<work>/site`);
 2. export: the networks and the ensemble, with the project's own exporter, into
    `<work>/repository` (configs `gpu` and `cpu` as always);
 3. triton: the kit's tritonserver started on it with `--model-config-name=gpu` (KIND_GPU,
    dynamic batching, the production warm-up), the kit's GPU PyTorch backend beside it;
-   while it warms up, the tuning variants are traced on the CPU (`bench/gpu_tuning.py`);
+   while it warms up, the tuning variants are traced on the CPU (`bench/gpu/tuning.py`);
 4. accuracy: the kit's photos, preprocessed as the gateway does, through Triton against
    the same `model.pt` in-process: <= 1e-4 in fp32, the same top-1 in fp16;
 5. side by side: each network in-process (images on the GPU, calls back to back) and
-   through Triton over gRPC (`bench/gpu_load.py`: several client processes, enough
+   through Triton over gRPC (`bench/gpu/load.py`: several client processes, enough
    concurrent requests to fill the dynamic batcher) at batches 1, 8, 32 and 64;
 6. gateway: uvicorn with as many workers as the machine has cores, pointed at that Triton;
    500x375 JPEGs POSTed at rising concurrency, top-5 back; images/s, p50/p99, the share of
@@ -34,7 +34,7 @@ It writes `gpu_stack.json`, `gpu_stack.md` and the servers' and gateway's logs i
 `--cpu-dry-run` runs the same stages on the CPU with tiny counts (one network, batches 1
 and 2, a second or so per point): the CPU tritonserver (the kit's trimmed one when `--kit`
 is given, else the wheel in this environment), the CPU backend of `make backend`,
-`--model-config-name=cpu`. `tests/models/test_gpu_stack.py` runs it, so this command
+`--model-config-name=cpu`. `tests/models/test_gpu_bench.py` runs it, so this command
 cannot rot between GPU runs.
 
 ON THE GPU MACHINE, what is carried and where the paths come from:
@@ -44,7 +44,7 @@ ON THE GPU MACHINE, what is carried and where the paths come from:
   set for this process (sys.path) and every child (gateway workers, load clients);
 - LD_LIBRARY_PATH of tritonserver = the unpacked server's bundled libraries + this
   machine's `torch/lib` and `nvidia/*/lib` (found beside the torch Python imports), ahead
-  of the RUNPATH the kit's backend was built with (`bench/gpu_kit.py`'s DEVICE_RUNPATH);
+  of the RUNPATH the kit's backend was built with (`bench/gpu/kit.py`'s DEVICE_RUNPATH);
 - the backend directory: the kit's `backend/` (GPU build); with `--cpu-dry-run`, the CPU
   build of `make backend` (`build/backends/current`).
 """
@@ -68,7 +68,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.gpu_install import (
+from bench.gpu.install import (
     Environment,
     KitInstallError,
     Server,
@@ -155,7 +155,7 @@ def gpu_plan() -> Plan:
         gateway_workers=cores,
         client_processes=max(2, cores // 4),
         tuning_batches=(1, 64, 128),
-        variants=(),  # all of bench.gpu_tuning.VARIANTS
+        variants=(),  # all of bench.gpu.tuning.VARIANTS
         photo_crops=(0.875, 1.0, 0.7),
         photo_flips=True,
         photo_limit=100,
@@ -205,7 +205,7 @@ class Run:
         self.plan = plan
         self.started = time.monotonic()
         self.results: dict[str, Any] = {
-            "command": " ".join(["python -m bench.gpu_stack", *sys.argv[1:]]),
+            "command": " ".join(["python -m bench.gpu.stack", *sys.argv[1:]]),
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "plan": asdict(plan),
             "stages": {},
@@ -252,7 +252,7 @@ class Run:
             raise StageSkipped(f"needs {', '.join(failed)}")
 
     def write(self) -> None:
-        from bench.gpu_report import markdown
+        from bench.gpu.report import markdown
 
         self.results["total_seconds"] = round(time.monotonic() - self.started, 1)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ class Stack:
     photos: list[Path] = field(default_factory=list)
     repository: Path | None = None
     triton: Any = None  # a KitTritonServer while one runs
-    tuning: Any = None  # bench.gpu_tuning state: the traced variants
+    tuning: Any = None  # bench.gpu.tuning state: the traced variants
 
 
 def install(run: Run, stack: Stack, kit: Path | None, dry_run: bool) -> dict[str, Any]:
@@ -308,7 +308,7 @@ def install(run: Run, stack: Stack, kit: Path | None, dry_run: bool) -> dict[str
 
         stack.backend_directory = CURRENT
         if not stack.photos:
-            from bench.gpu_kit import build_photos
+            from bench.gpu.kit import build_photos
 
             stack.photos = [stack.work / p["path"] for p in build_photos(stack.work)]
     stack.env.pythonpath.append(str(ROOT))
@@ -430,7 +430,7 @@ def start_triton(run: Run, stack: Stack) -> dict[str, Any]:
     stack.triton.start()
     result: dict[str, Any] = {"command": stack.triton.command()}
     try:
-        from bench.gpu_measure import prepare_variants
+        from bench.gpu.measure import prepare_variants
 
         stack.tuning = prepare_variants(run, stack)
         result["variants_traced_while_warming"] = sorted(stack.tuning.modules)
@@ -457,7 +457,7 @@ def run_stages(run: Run, stack: Stack, kit: Path | None, dry_run: bool) -> None:
         run.need("export")
         record.update(start_triton(run, stack))
     # Imported only now: torch, and tritonclient from the kit.
-    from bench import gpu_measure as measure
+    from bench.gpu import measure
 
     with run.stage("accuracy") as record:
         run.need("triton")
@@ -490,7 +490,7 @@ def checks_failed(results: dict[str, Any]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_stack", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu.stack", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--kit", type=Path, default=None, help="the folder `make gpu-kit` built (required on a GPU)"
     )

@@ -1,4 +1,4 @@
-"""The Markdown of `bench/gpu_stack.py`'s results: the tables `bench/README.md` takes, made
+"""The Markdown of `bench/gpu/stack.py`'s results: the tables `bench/README.md` takes, made
 from the JSON alone (so a run cut short still reads), every missing figure shown as such."""
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def winner_lines(results: Mapping[str, Any]) -> list[str]:
 
 
 def markdown(results: Mapping[str, Any]) -> str:
-    lines = ["# The stack on a GPU (`python -m bench.gpu_stack`)", ""]
+    lines = ["# The stack on a GPU (`python -m bench.gpu.stack`)", ""]
     lines += [*environment_lines(results), ""]
     lines += [*stages_table(results), "", "## Triton against the same model.pt in-process: answers", ""]
     lines += accuracy_table(results)

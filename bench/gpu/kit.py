@@ -1,4 +1,4 @@
-"""`make gpu-kit` (`python -m bench.gpu_kit --out build/gpu-kit`): everything a lent GPU
+"""`make gpu-kit` (`python -m bench.gpu.kit --out build/gpu-kit`): everything a lent GPU
 machine lacks to run the whole stack offline, in one folder of at most 60 MiB.
 
 The GPU machine has Python 3.12, torch 2.11.0+cu130, nvcc 13, cmake and ninja, and no
@@ -643,7 +643,7 @@ def build_kit(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_kit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu.kit", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="downloads and the unpacked torch")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {','.join(PARTS)}")

@@ -1,6 +1,6 @@
-"""`bench/gpu.py` runs on a lent GPU machine, once, on a budget: its GPU-only paths (the
-TF32 variant, the fp16-against-fp32 comparison, the tables) are exercised here on the CPU
-first. No timing is asserted."""
+"""`bench/gpu/inprocess.py` runs on a lent GPU machine, once, on a budget: its GPU-only paths
+(the TF32 variant, the fp16-against-fp32 comparison, the tables) are exercised here on the
+CPU first. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu
+from bench.gpu import inprocess as gpu
 
 
 def test_tf32_switch_restores_the_setting() -> None:

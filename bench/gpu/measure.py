@@ -1,4 +1,4 @@
-"""The measuring stages of `bench/gpu_stack.py` (accuracy, side by side, gateway, tuning,
+"""The measuring stages of `bench/gpu/stack.py` (accuracy, side by side, gateway, tuning,
 winner): the parts that need torch or a running server. Each takes the run (budget,
 plan, output folder) and the stack (paths, servers, photos) and returns its figures."""
 
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bench import gpu_tuning as tuning
-from bench.gpu_load import CpuMeter, run_load
+from bench.gpu import tuning
+from bench.gpu.load import CpuMeter, run_load
 
 if TYPE_CHECKING:
-    from bench.gpu_stack import Run, Stack
+    from bench.gpu.stack import Run, Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 FP32_TOLERANCE = 1e-4
@@ -484,7 +484,7 @@ def winner_repository(run: Run, stack: Stack, state: Tuning, dest: Path) -> Path
 
 
 def winner_stage(run: Run, stack: Stack) -> dict[str, Any]:
-    from bench.gpu_stack import triton_server
+    from bench.gpu.stack import triton_server
 
     state: Tuning = stack.tuning
     assert state is not None and state.chosen is not None

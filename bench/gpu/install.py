@@ -1,5 +1,5 @@
-"""Installs the GPU kit (`bench/gpu_kit.py`) on the machine it was carried to, with no
-network: the first stage of `python -m bench.gpu_stack`.
+"""Installs the GPU kit (`bench/gpu/kit.py`) on the machine it was carried to, with no
+network: the first stage of `python -m bench.gpu.stack`.
 
 Imports nothing outside the standard library, because it runs before the kit's packages
 are there. What it produces, and where each path comes from:

@@ -1,9 +1,9 @@
-"""Closed-loop load for `bench/gpu_stack.py`: Triton over gRPC, or the gateway over HTTP,
+"""Closed-loop load for `bench/gpu/stack.py`: Triton over gRPC, or the gateway over HTTP,
 from several client processes at once, for a fixed time.
 
 One Python process with asyncio sends at most a few thousand small requests a second,
 which is less than a GPU Triton or a 16-worker gateway can answer; the load therefore
-comes from several processes (`python -m bench.gpu_load SPEC_JSON`, one per share of the
+comes from several processes (`python -m bench.gpu.load SPEC_JSON`, one per share of the
 concurrency), started together and measured over the same window after a warm-up, and
 merged here. Each request's outcome is counted as answered, shed (503 or 429, admission
 control's refusals, with or without `Retry-After`) or failed, apart.
@@ -237,7 +237,7 @@ def run_load(
             [
                 sys.executable,
                 "-m",
-                "bench.gpu_load",
+                "bench.gpu.load",
                 json.dumps({**spec, "concurrency": share, "start_at": start_at, "seed": i}),
             ],
             stdout=subprocess.PIPE,
@@ -319,7 +319,7 @@ class CpuMeter:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m bench.gpu_load SPEC_JSON (started by bench.gpu_stack)", file=sys.stderr)
+        print("usage: python -m bench.gpu.load SPEC_JSON (started by bench.gpu.stack)", file=sys.stderr)
         return 2
     result = run_spec(json.loads(args[0]))
     print(json.dumps(asdict(result)))

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_install, gpu_kit, gpu_load
 from bench.gateway import is_shed
+from bench.gpu import install, load
+from bench.gpu import kit as builder
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,16 +25,16 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def staged_server(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
     dest = tmp_path_factory.mktemp("server")
-    return dest, gpu_kit.stage_server(gpu_kit.pytriton_site(), dest)
+    return dest, builder.stage_server(builder.pytriton_site(), dest)
 
 
 def test_trimmed_server_holds_the_needed_closure_and_not_the_python_backend(
     staged_server: tuple[Path, dict[str, object]],
 ) -> None:
     dest, info = staged_server
-    libs = dest / gpu_kit.SERVER_LIBS
+    libs = dest / builder.SERVER_LIBS
     staged = {p.name for p in libs.iterdir()}
-    assert (dest / gpu_kit.SERVER_BINARY).is_file()
+    assert (dest / builder.SERVER_BINARY).is_file()
     assert any(n.startswith("libtritonserver") for n in staged)
     assert any(n.startswith("libcudart") for n in staged), "the GPU build's CUDA 12 runtime"
     assert not any(n.startswith("libpython") for n in staged)
@@ -43,8 +44,8 @@ def test_trimmed_server_holds_the_needed_closure_and_not_the_python_backend(
     # Closed: every library any staged file needs is staged or left to the host's glibc & co.
     host = set(info["host_libraries"])  # type: ignore[call-overload]
     assert {"libc.so.6", "libstdc++.so.6"} <= host
-    for path in [dest / gpu_kit.SERVER_BINARY, *libs.iterdir()]:
-        for needed in gpu_kit.elf_needed(path):
+    for path in [dest / builder.SERVER_BINARY, *libs.iterdir()]:
+        for needed in builder.elf_needed(path):
             assert needed in staged or needed in host, f"{path.name} needs {needed}"
     assert not any(name.startswith("libtriton") or name.startswith("libcudart") for name in host)
 
@@ -53,58 +54,58 @@ def test_library_closure_follows_needed_and_leaves_unknown_names_to_the_host(
     staged_server: tuple[Path, dict[str, object]],
 ) -> None:
     dest, _ = staged_server
-    libs = dest / gpu_kit.SERVER_LIBS
+    libs = dest / builder.SERVER_LIBS
     server_lib = next(p for p in libs.iterdir() if p.name.startswith("libtritonserver"))
-    closure = gpu_kit.library_closure([server_lib], [libs])
+    closure = builder.library_closure([server_lib], [libs])
     assert server_lib.name not in closure.carried  # roots are not their own dependencies
-    assert set(gpu_kit.elf_needed(server_lib)) <= set(closure.carried) | closure.host
-    assert gpu_kit.library_closure([server_lib], []).carried == {}
+    assert set(builder.elf_needed(server_lib)) <= set(closure.carried) | closure.host
+    assert builder.library_closure([server_lib], []).carried == {}
 
 
 def test_size_over_the_limit_fails_loudly() -> None:
-    gpu_kit.check_size(60 * 2**20, gpu_kit.LIMIT_BYTES)
-    with pytest.raises(gpu_kit.KitError, match=r"60\.0 MiB, over its limit of 60 MiB"):
-        gpu_kit.check_size(60 * 2**20 + 1, gpu_kit.LIMIT_BYTES)
+    builder.check_size(60 * 2**20, builder.LIMIT_BYTES)
+    with pytest.raises(builder.KitError, match=r"60\.0 MiB, over its limit of 60 MiB"):
+        builder.check_size(60 * 2**20 + 1, builder.LIMIT_BYTES)
 
 
 def test_builder_replaces_a_kit_but_no_other_folder(tmp_path: Path) -> None:
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("mine")
-    with pytest.raises(gpu_kit.KitError, match="holds no kit"):
-        gpu_kit.build_kit(tmp_path / "precious", tmp_path / "cache", ["photos"])
+    with pytest.raises(builder.KitError, match="holds no kit"):
+        builder.build_kit(tmp_path / "precious", tmp_path / "cache", ["photos"])
     assert (tmp_path / "precious" / "notes.txt").read_text() == "mine"
 
 
 def test_kit_over_its_limit_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(gpu_kit.KitError, match="over its limit"):
-        gpu_kit.build_kit(tmp_path / "kit", tmp_path / "cache", ["photos"], limit=100_000)
+    with pytest.raises(builder.KitError, match="over its limit"):
+        builder.build_kit(tmp_path / "kit", tmp_path / "cache", ["photos"], limit=100_000)
 
 
 def test_manifest_lists_every_file_and_the_install_finds_damage(tmp_path: Path) -> None:
     kit = tmp_path / "kit"
-    manifest = gpu_kit.build_kit(kit, tmp_path / "cache", ["photos"])
+    manifest = builder.build_kit(kit, tmp_path / "cache", ["photos"])
     photos = manifest["pieces"]["photos"]
     sizes = {(p["width"], p["height"]) for p in photos}
     assert {(500, 375), (1024, 768), (2048, 1536)} <= sizes
     assert set(manifest["files"]) == {p["path"] for p in photos}
     assert manifest["total_bytes"] == sum(f["bytes"] for f in manifest["files"].values())
-    assert gpu_install.verify(kit, gpu_install.read_manifest(kit)) == []
+    assert install.verify(kit, install.read_manifest(kit)) == []
     victim = kit / photos[0]["path"]
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
-    assert gpu_install.verify(kit, manifest) == [f"{photos[0]['path']}: sha256 differs"]
+    assert install.verify(kit, manifest) == [f"{photos[0]['path']}: sha256 differs"]
     victim.unlink()
-    assert gpu_install.verify(kit, manifest) == [f"{photos[0]['path']}: missing"]
+    assert install.verify(kit, manifest) == [f"{photos[0]['path']}: missing"]
 
 
 def test_kit_carries_whatever_the_gpu_machine_lacks() -> None:
     """Every distribution the gateway and tritonclient pull in (as installed here, markers
     read for Python 3.12) is carried or on the machine's package list; and the carried
     ones are installed here, at the versions the tests run."""
-    closure = gpu_kit.requirement_closure(gpu_kit.TOP_LEVEL)
+    closure = builder.requirement_closure(builder.TOP_LEVEL)
     assert {"fastapi", "starlette", "pydantic-core", "tritonclient", "grpcio"} <= set(closure)
-    assert gpu_kit.missing_from_kit(closure, gpu_kit.CARRIED, gpu_kit.DEVICE_PACKAGES) == []
-    assert gpu_kit.missing_from_kit(closure, [], gpu_kit.DEVICE_PACKAGES)  # the kit matters
-    assert set(gpu_kit.installed_pins(gpu_kit.CARRIED)) == {gpu_kit.normalise(n) for n in gpu_kit.CARRIED}
+    assert builder.missing_from_kit(closure, builder.CARRIED, builder.DEVICE_PACKAGES) == []
+    assert builder.missing_from_kit(closure, [], builder.DEVICE_PACKAGES)  # the kit matters
+    assert set(builder.installed_pins(builder.CARRIED)) == {builder.normalise(n) for n in builder.CARRIED}
     assert "torch" not in closure
 
 
@@ -132,10 +133,10 @@ def test_install_takes_only_the_wheels_this_machine_lacks(tmp_path: Path) -> Non
     (wheels / "requirements.txt").write_text("gpu_kit_probe==1.0\npackaging\n")
     manifest = {"pieces": {"wheels": {"path": "wheels", "requirements": "wheels/requirements.txt"}}}
     site = tmp_path / "work" / "site"
-    result = gpu_install.install_wheels(kit, manifest, site)
+    result = install.install_wheels(kit, manifest, site)
     assert result["installed"] == ["gpu_kit_probe-1.0-py3-none-any.whl"], result
     assert "resolver" in result["decided_by"]
-    env = gpu_install.Environment(pythonpath=[str(site)]).apply(os.environ)
+    env = install.Environment(pythonpath=[str(site)]).apply(os.environ)
     done = subprocess.run(
         [
             sys.executable,
@@ -152,17 +153,17 @@ def test_install_takes_only_the_wheels_this_machine_lacks(tmp_path: Path) -> Non
 
 
 def test_environment_puts_its_paths_first() -> None:
-    env = gpu_install.Environment(["/kit/site", "/repo"], ["/server/libs"])
+    env = install.Environment(["/kit/site", "/repo"], ["/server/libs"])
     applied = env.apply({"PYTHONPATH": "/theirs", "LD_LIBRARY_PATH": ""})
     assert applied["PYTHONPATH"] == os.pathsep.join(["/kit/site", "/repo", "/theirs"])
     assert applied["LD_LIBRARY_PATH"] == "/server/libs"
 
 
 def test_gpu_backend_check_names_what_is_wrong() -> None:
-    good = ":".join(["$ORIGIN", *gpu_kit.DEVICE_RUNPATH])
-    gpu_kit.check_gpu_backend(["libtorch.so", "libcudart.so.13", "libc.so.6"], good)
-    with pytest.raises(gpu_kit.KitError) as error:
-        gpu_kit.check_gpu_backend(
+    good = ":".join(["$ORIGIN", *builder.DEVICE_RUNPATH])
+    builder.check_gpu_backend(["libtorch.so", "libcudart.so.13", "libc.so.6"], good)
+    with pytest.raises(builder.KitError) as error:
+        builder.check_gpu_backend(
             ["libtorch.so", "libcudart.so.12", "libtritonserver.so"], "$ORIGIN:/elsewhere"
         )
     message = str(error.value)
@@ -172,14 +173,14 @@ def test_gpu_backend_check_names_what_is_wrong() -> None:
 def test_load_counts_answers_sheds_and_errors_apart() -> None:
     outcomes = iter(
         [
-            gpu_load.Outcome("ok", images=2, timing_ms={"decode": 1.0, "triton": 3.0, "total": 5.0}),
-            gpu_load.Outcome("shed"),
-            gpu_load.Outcome("shed", detail="no Retry-After"),
-            gpu_load.Outcome("error", detail="HTTP 500"),
+            load.Outcome("ok", images=2, timing_ms={"decode": 1.0, "triton": 3.0, "total": 5.0}),
+            load.Outcome("shed"),
+            load.Outcome("shed", detail="no Retry-After"),
+            load.Outcome("error", detail="HTTP 500"),
         ]
     )
 
-    async def call() -> gpu_load.Outcome:
+    async def call() -> load.Outcome:
         await asyncio.sleep(0.01)
         try:
             return next(outcomes)
@@ -188,7 +189,7 @@ def test_load_counts_answers_sheds_and_errors_apart() -> None:
 
     import time
 
-    result = asyncio.run(gpu_load.closed_loop(call, 1, time.time(), 0.0, 0.3))
+    result = asyncio.run(load.closed_loop(call, 1, time.time(), 0.0, 0.3))
     summary = result.summary()
     assert (summary["answered"], summary["images"], summary["shed"], summary["errors"]) == (
         1,
@@ -213,10 +214,10 @@ def test_cpu_dry_run_serves_and_measures_every_stage(tmp_path: Path) -> None:
     """The device command end to end on the CPU, from a kit with the trimmed tritonserver
     and photos (the GPU backend and the wheels need downloads the tests do not make)."""
     kit = tmp_path / "kit"
-    gpu_kit.build_kit(kit, tmp_path / "cache", ["server", "photos"], preset=0)
+    builder.build_kit(kit, tmp_path / "cache", ["server", "photos"], preset=0)
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_stack", "--cpu-dry-run", "--kit", str(kit), "--out", str(out)],
+        [sys.executable, "-m", "bench.gpu.stack", "--cpu-dry-run", "--kit", str(kit), "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -294,8 +295,8 @@ def test_symbol_check_resolves_a_backend_against_its_torch(tmp_path: Path) -> No
     copy = tmp_path / library.name
     shutil.copyfile(library, copy)
     subprocess.run(["patchelf", "--set-rpath", "$ORIGIN", str(copy)], check=True)
-    linkage = gpu_kit.symbol_check(copy, [backend.find_torch().lib])
+    linkage = builder.symbol_check(copy, [backend.find_torch().lib])
     assert linkage["checked"] and linkage["triton_api_symbols"] > 10
     assert linkage["libraries_not_found_here"] == []
-    unfound = gpu_kit.symbol_check(copy, [])
+    unfound = builder.symbol_check(copy, [])
     assert not unfound["checked"] and unfound["libraries_not_found_here"] == ["libtorch.so"]

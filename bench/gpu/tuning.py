@@ -1,4 +1,4 @@
-"""The tuning variants of `bench/gpu_stack.py`, compared in-process on the GPU, and the
+"""The tuning variants of `bench/gpu/stack.py`, compared in-process on the GPU, and the
 check that decides whether fp16 may be the GPU default.
 
 Each variant is the exporter's module (`ServingModel`, traced, frozen and checked against
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.gpu import agreement, synchronize
+from bench.gpu.inprocess import agreement, synchronize
 from inception import create_model
 from inception.export import example_images, quiet_torchscript, trace_and_check
 from inception.serving import ServingModel
