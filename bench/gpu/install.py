@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = "manifest.json"  # the kit builder's names, repeated: that module imports the builder
 SERVER_BINARY = Path("pytriton") / "tritonserver" / "bin" / "tritonserver"
 SERVER_LIBS = Path("nvidia_pytriton.libs")

@@ -61,7 +61,7 @@ from typing import Any
 
 from embedded import backend
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "build" / "gpu-kit"
 DEFAULT_CACHE = ROOT / "build" / "gpu-kit-cache"
 LIMIT_BYTES = 60 * 2**20

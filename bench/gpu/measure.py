@@ -22,7 +22,7 @@ from bench.gpu.load import CpuMeter, run_load
 if TYPE_CHECKING:
     from bench.gpu.stack import Run, Stack
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FP32_TOLERANCE = 1e-4
 ORDINARY_PHOTO = "500x375"
 

@@ -80,7 +80,7 @@ from bench.gpu.install import (
     verify,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NETWORKS = ("inception_v4", "inception_resnet_v1", "inception_resnet_v2")
 ENSEMBLE = "inception_ensemble"
 GATEWAY_IMPORTS = (
