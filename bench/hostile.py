@@ -15,7 +15,7 @@ exists (`--http httptools` for the headers, a memory budget of 64 GiB, no scan l
 per-client slot cap, no error pacing for the greedy client); where none exists (fair
 shares, the ensemble's charge, JSON's bounds, timeouts as misses) the review's figures are
 quoted in bench/README.md instead. The attackers' answers are counted too: a client that
-resends at once whatever it gets is slowed to its error budget (service/pacing.py).
+resends at once whatever it gets is slowed to its error budget (service/policy/ledger.py).
 
     python -m bench.hostile --repository model_repository
     python -m bench.hostile --triton 127.0.0.1:8001 --seconds 15 --only headers,memory

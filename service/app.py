@@ -17,13 +17,13 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from . import __version__
 from .deadlines import HEADER
-from .deps import hold_error
 from .errors import install_error_handlers
 from .gateway import Gateway
 from .imaging import configure_pillow
 from .logs import configure_logging
 from .memory import configure_allocator
 from .middleware import RequestContextMiddleware
+from .policy import hold_error
 from .routes import classify, health, models, page
 from .settings import Settings, get_settings
 from .tracing import TRACE_HEADERS, Tracing

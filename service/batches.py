@@ -12,7 +12,7 @@ other clients' images into Triton's queue between them: in batches of 64, a clie
 sending one photo behind a 144-crop request waited a whole 64-crop batch (6 s on two CPU
 cores; issue 19), in batches of 8 it waits one of 8. And while other clients send to the
 model, the batches shrink to what the model computes in a quarter of the latency
-objective at its measured rate (``Gateway.crop_batch``): a batch of 8 takes a second on
+objective at its measured rate (``Policy.crop_batch``): a batch of 8 takes a second on
 two CPU cores, so there a photo beside a 144-crop request waited that second; in slices of
 one crop it waits one crop's time. A GPU computes 8 crops well within the slice, and a
 request alone on its model keeps the full batches, whose throughput on a CPU is 1.6 times
@@ -25,13 +25,13 @@ preprocessing (docs/architecture.md).
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
 
 import numpy as np
 
 from .crops import uses_crop_pct
+from .errors import ApiError
 from .gateway import Gateway
 from .imaging import Prepared, Preprocessing
 from .model_config import ModelInfo
@@ -53,17 +53,6 @@ def crops_buffer_bytes(crops: int, pres: Iterable[Preprocessing], images: int = 
     copies = CROP_COPIES + (images > 1)
     geometries = {(p.interpolation, p.input_size, p.crop_pct if uses_crop_pct(crops) else None) for p in pres}
     return sum(images * crops * size * size * 3 * copies for _, size, _ in geometries)
-
-
-def crops_reservation(
-    gateway: Gateway, infos: list[ModelInfo], crops: int, held: int = 0, client: str = "", images: int = 1
-) -> AbstractAsyncContextManager[None]:
-    """The crops' memory taken from the worker's buffer budget (``Gateway.buffer``) once the
-    request's ``crops`` and images are known, i.e. after its body is read: over the budget,
-    the request is shed with 429 and Retry-After like a large body. ``held`` is the
-    request's own body reservation, which does not count against it."""
-    cost = crops_buffer_bytes(crops, (p for i in infos for p in i.preprocessings), images)
-    return gateway.buffer(cost, held, client) if cost else contextlib.nullcontext()
 
 
 def model_inputs(info: ModelInfo, prepared: Prepared) -> dict[str, np.ndarray]:
@@ -109,3 +98,29 @@ async def infer_images(
     _, pre = info.inputs[0]
     ends = np.cumsum([p.batches[pre].shape[0] for p in prepared])
     return [mean_probabilities(rows) for rows in np.split(outputs, ends[:-1])]
+
+
+async def infer_all(
+    gateway: Gateway, infos: list[ModelInfo], prepared: list[Prepared], request_id: str, client: str = ""
+) -> list[list[np.ndarray]]:
+    """Every member of a request at once, each with all the images; per model, each
+    image's probabilities ``[1, 1000]``. The first failure cancels the others (a half
+    answer is no answer, and Triton should not compute what nobody will read). Single
+    crops go as one batch of every image (at most ``max_batch_size``, which bounds the
+    images of a request); several crops in batches of ``GATEWAY_CROP_BATCH_SIZE``, smaller
+    while ``client`` shares the model with others (``Policy.crop_batch``)."""
+
+    def batch_size(info: ModelInfo) -> int | Callable[[], int]:
+        if prepared[0].crops == 1:
+            return 0
+        return lambda: gateway.policy.crop_batch([info.name], client)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(infer_images(gateway.backend, i, prepared, request_id, batch_size(i)))
+                for i in infos
+            ]
+    except* ApiError as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]

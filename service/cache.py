@@ -10,8 +10,10 @@ mean and an ensemble's weighted sum), not an answer: ``top_k`` is cut from them 
 hit, so requests that differ only in ``top_k`` share an entry, and the answer's other
 fields (provenance, members, warning) are read from the model configs of the moment.
 
-**The key** (:func:`cache_key`) is the sha256 of the image's bytes, the route (the model,
-or the members of a per-request ensemble with their coefficients), the crops, and each
+**The key** (:func:`cache_key`, :func:`cache_keys`) is the sha256 of the image's bytes,
+the route (the model, or the members of a per-request ensemble with their coefficients),
+the options that change how probabilities are computed (each option declares whether it
+does: ``Bearing`` in service/options.py; today ``crops``), and each
 served network's weights sha256 as its Triton config says (``weights_sha256``, re-read
 every ``GATEWAY_CONFIG_MAX_AGE_S``), so that new weights never serve an old answer. A
 network whose config names no sha256 (random initialisation, or a config no export wrote)
@@ -31,10 +33,15 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from starlette.datastructures import Headers
 
+from . import metrics
 from .memory import MemoryAccount
+from .provenance import Served
+from .routing import Plan
 
 #: What one entry costs beyond its probabilities: the key (a 32-byte digest as a bytes
 #: object), the array's header, and the ordered dict's node (measured: 4,000 bytes of
@@ -42,12 +49,57 @@ from .memory import MemoryAccount
 ENTRY_OVERHEAD = 400
 
 
-def cache_key(image: bytes, route: Sequence[object], crops: int, weights_sha256: Sequence[str]) -> bytes:
+def cache_key(image: bytes, route: Sequence[object], computed: Any, weights_sha256: Sequence[str]) -> bytes:
     """The identity of an answer: the image's bytes, how it is served (the model, or the
-    members and their coefficients), its crops, and the weights that compute it."""
+    members and their coefficients), the options that change its computation (JSON), and
+    the weights that compute it."""
     digest = hashlib.sha256(image)
-    digest.update(json.dumps([list(route), crops, list(weights_sha256)]).encode())
+    digest.update(json.dumps([list(route), computed, list(weights_sha256)], sort_keys=True).encode())
     return digest.digest()
+
+
+def cache_directives(headers: Headers) -> set[str]:
+    return {d.strip().lower() for d in headers.get("cache-control", "").split(",")}
+
+
+def revalidates(headers: Headers) -> bool:
+    """``Cache-Control: no-cache`` (what a browser's ``fetch(..., {cache: "no-store"})``
+    sends): no stored answer is used, as HTTP means it, but the computed one is stored."""
+    return "no-cache" in cache_directives(headers)
+
+
+def cache_keys(
+    enabled: bool, headers: Headers, plan: Plan, served: Served, images: list[bytes], computed: dict[str, Any]
+) -> list[bytes]:
+    """Each image's key, or none when the answer is not to be cached: the cache is off
+    (``enabled``), the client said ``Cache-Control: no-store``, or a network's weights have
+    no sha256 to tell new weights from old. An ensemble's members are keyed with their
+    weights (the Triton ensemble's from its config); ``computed``: the options that change
+    the probabilities (``computed_options``, service/options.py)."""
+    networks = [i for i in served.involved if not i.is_ensemble]
+    if (
+        not enabled
+        or "no-store" in cache_directives(headers)
+        or not all(i.checkpoint_sha256 for i in networks)
+    ):
+        return []
+    members = [(m.model, m.weight) for m in served.members or []]
+    route = [plan.name, list(plan.targets), list(plan.coefficients), members]
+    weights = [f"{i.name}:{i.checkpoint_sha256}" for i in networks]
+    return [cache_key(image, route, computed, weights) for image in images]
+
+
+def count_lookups(label: str, keys: list[bytes], misses: int) -> None:
+    if keys:
+        metrics.CACHE_HITS.labels(label).inc(len(keys) - misses)
+        metrics.CACHE_MISSES.labels(label).inc(misses)
+
+
+def cache_status(keys: list[bytes], images: int, misses: int) -> str:
+    """``X-Cache``: every image from the cache, none, some (a batch), or the cache not used."""
+    if not keys:
+        return "bypass"
+    return "miss" if misses == images else "hit" if misses == 0 else "partial"
 
 
 class AnswerCache:

@@ -38,6 +38,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator, Field
 
 #: The protocols the gateway serves, by crop count.
 PROTOCOLS: dict[int, str] = {
@@ -164,3 +167,18 @@ def largest_short_side(input_size: int, crop_pct: float, crops: int) -> int:
     if crops == 144:
         return max(googlenet_scales(input_size))
     return scale_size(input_size, crop_pct)
+
+
+def _supported(crops: int) -> int:
+    if crops not in SUPPORTED_CROPS:
+        raise ValueError(f"crops must be one of {', '.join(map(str, SUPPORTED_CROPS))}")
+    return crops
+
+
+#: The multi-crop protocols (service/crops.py): 1, 10 (Krizhevsky et al. 2012), 144 (Szegedy
+#: et al. 2015). An int checked against them, so that "10" from a query or form is accepted.
+Crops = Annotated[int, AfterValidator(_supported), Field(json_schema_extra={"enum": list(SUPPORTED_CROPS)})]
+CROPS_DESCRIPTION = (
+    "crops averaged: 1 (timm's centre crop), 10 (4 corners + centre and their mirrors, Krizhevsky et al. "
+    "2012) or 144 (GoogLeNet's 4 scales x 3 squares x 6 crops x 2 mirrors, Szegedy et al. 2015)"
+)

@@ -28,7 +28,7 @@ class ApiError(Exception):
     status: int = 500
     code: str = "internal_error"
     #: The error is about the service (it ran out of something of its own), though its
-    #: status is a 4xx: error pacing (service/pacing.py) holds only what the client's own
+    #: status is a 4xx: error pacing (service/policy/ledger.py) holds only what the client's own
     #: traffic causes, its mistakes and its excess, never the service's state.
     service_side: bool = False
 
@@ -259,7 +259,7 @@ def install_error_handlers(
 ) -> None:
     """Route every error FastAPI or the handlers raise through :func:`error_response`;
     ``retry_after_s`` is the operator's Retry-After by status (429 and 503). ``hold`` may
-    delay an answer before it is sent (service/pacing.py): here, once the route has given
+    delay an answer before it is sent (service/policy/ledger.py): here, once the route has given
     back every slot and budget it held."""
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:

@@ -3,7 +3,7 @@ allocates it, from one budget (``GATEWAY_MEMORY_BUDGET_BYTES``, from the cgroup'
 divided by the workers).
 
 What is reserved, and when: the body as it will cost once read, before reading it
-(routes/classify.py's ``buffer_cost``: JSON's parse included, `inputs.parse_json_body`
+(service/classification.py's ``buffer_cost``: JSON's parse included, `inputs.parse_json_body`
 keeps it within); the decoded pixels, from the image's header before ``load()`` at the
 per-pixel cost of the per-request budget (service/pixels.py), in the decode thread; the
 crops, once the request's options are known (service/batches.py). Past the budget a

@@ -90,7 +90,8 @@ SHED = Counter(
 )
 ERRORS_HELD = Counter(
     "inception_gateway_errors_held",
-    "Error answers held before they were sent, their client being past its error budget (service/pacing.py)",
+    "Error answers held before they were sent, their client being past its error budget "
+    "(service/policy/ledger.py)",
 )
 ADMISSION_LIMIT = Gauge(
     "inception_gateway_admission_limit_images",

@@ -95,7 +95,8 @@ class RequestContextMiddleware:
             status = 500
         finally:
             elapsed = time.perf_counter() - start
-            model = state.get("model_label")
+            label = state.get("model_label")  # the route's label, or a function of what it got to
+            model = label() if callable(label) else label
             if is_classify:
                 metrics.IN_FLIGHT.dec()
                 metrics.observe(

@@ -16,12 +16,10 @@ wrong).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, get_args, get_origin
 
 from annotated_types import MaxLen
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -35,8 +33,9 @@ from pydantic.fields import FieldInfo
 
 from inception.contract import NETWORKS
 
-from .crops import SUPPORTED_CROPS
+from .crops import CROPS_DESCRIPTION, Crops
 from .errors import InvalidRequest
+from .option_marks import COMPUTED, PRESENTED, ROUTED, Bearing, CommaSeparated, bearing
 
 MAX_TOP_K = 1000
 #: The most members a per-request ensemble may name (and weights it may give): more than any
@@ -56,34 +55,9 @@ IMAGES_FIELD = "images"
 MAX_IMAGES = 64
 
 
-def _supported(crops: int) -> int:
-    if crops not in SUPPORTED_CROPS:
-        raise ValueError(f"crops must be one of {', '.join(map(str, SUPPORTED_CROPS))}")
-    return crops
-
-
-#: The multi-crop protocols (service/crops.py): 1, 10 (Krizhevsky et al. 2012), 144 (Szegedy
-#: et al. 2015). An int checked against them, so that "10" from a query or form is accepted.
-Crops = Annotated[int, AfterValidator(_supported), Field(json_schema_extra={"enum": list(SUPPORTED_CROPS)})]
-CROPS_DESCRIPTION = (
-    "crops averaged: 1 (timm's centre crop), 10 (4 corners + centre and their mirrors, Krizhevsky et al. "
-    "2012) or 144 (GoogLeNet's 4 scales x 3 squares x 6 crops x 2 mirrors, Szegedy et al. 2015)"
-)
-
 #: Comma-separated non-negative decimal numbers, as `weights` travels in a query or a form.
 #: Blank is allowed: an empty option is an absent one (:func:`parse_options`).
 WEIGHTS_PATTERN = r"^\s*((\d+(\.\d*)?|\.\d+)(\s*,\s*(\d+(\.\d*)?|\.\d+))*)?\s*$"
-
-
-@dataclass(frozen=True)
-class CommaSeparated:
-    """How a list option travels as text, where a query parameter or a form field holds one
-    string: comma-separated, matching ``pattern`` when given. Every list option says so in
-    its annotation, or deriving the text forms fails at import."""
-
-    example: str
-    pattern: str | None = None
-    item_chars: int = 32  # the longest item, so that the text form is bounded as the list is
 
 
 class ClassifyOptions(BaseModel):
@@ -91,23 +65,36 @@ class ClassifyOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str | None = Field(None, description="a model name, `ensemble`, or omitted for the default")
+    model: Annotated[str | None, ROUTED] = Field(
+        None, description="a model name, `ensemble`, or omitted for the default"
+    )
     models: Annotated[
-        list[str] | None, CommaSeparated(f"{NETWORKS[0]},{NETWORKS[-1]}", item_chars=MAX_NAME_CHARS)
+        list[str] | None, CommaSeparated(f"{NETWORKS[0]},{NETWORKS[-1]}", item_chars=MAX_NAME_CHARS), ROUTED
     ] = Field(
         None,
         max_length=MAX_MEMBERS,
         description="a per-request ensemble: models the gateway runs concurrently and averages",
     )
     weights: Annotated[
-        list[Annotated[float, Field(ge=0)]] | None, CommaSeparated("0.5,0.5", WEIGHTS_PATTERN)
+        list[Annotated[float, Field(ge=0)]] | None, CommaSeparated("0.5,0.5", WEIGHTS_PATTERN), ROUTED
     ] = Field(
         None,
         max_length=MAX_MEMBERS,
         description="non-negative weights of `models`, not all zero (default: equal)",
     )
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many classes to answer")
-    crops: Crops = Field(1, description=CROPS_DESCRIPTION)
+    top_k: Annotated[int, PRESENTED] = Field(5, ge=1, le=MAX_TOP_K, description="how many classes to answer")
+    crops: Annotated[Crops, COMPUTED] = Field(1, description=CROPS_DESCRIPTION)
+
+
+#: The options that change how probabilities are computed, beside the route: the cache's key.
+COMPUTED_OPTIONS = tuple(
+    name for name, field in ClassifyOptions.model_fields.items() if bearing(name, field) is COMPUTED
+)
+
+
+def computed_options(options: ClassifyOptions) -> dict[str, Any]:
+    """What of ``options`` the answer cache keys on beside the resolved route."""
+    return {name: getattr(options, name) for name in COMPUTED_OPTIONS}
 
 
 def _without_none(annotation: Any) -> Any:
@@ -141,7 +128,7 @@ def as_text(name: str, field: FieldInfo) -> tuple[Any, str]:
         return text, f"{description}; comma-separated, e.g. `{comma.example}`"
     inner = _without_none(field.annotation)
     extras = [Field(json_schema_extra=field.json_schema_extra)] if field.json_schema_extra else []
-    metadata = [m for m in field.metadata if not isinstance(m, CommaSeparated)] + extras
+    metadata = [m for m in field.metadata if not isinstance(m, CommaSeparated | Bearing)] + extras
     return (Annotated[(inner, *metadata)] if metadata else inner), description
 
 

@@ -15,7 +15,7 @@ from inception.rollout import served_version
 
 from .helpers import REPOSITORY, ROOT, TritonEndpoint
 
-# Error pacing (service/pacing.py) holds a client's error answers once it has had its burst
+# Error pacing (service/policy/ledger.py) holds a client's error answers once it has had its burst
 # of them: that is its point against a client that loops on refusals, and the tests that
 # send hundreds of bad requests from one address (schemathesis, the overload and admission
 # tests) would wait seconds for each. It is off for the suite's gateways, in process here and

@@ -11,8 +11,9 @@ import math
 import pytest
 
 from service import deadlines
-from service.admission import ACTIVE_S, SAMPLE_BUSY_S, Admission, ModelLoad
+from service.admission import Admission
 from service.errors import InvalidRequest
+from service.model_load import ACTIVE_S, SAMPLE_BUSY_S, ModelLoad
 
 
 class Clock:

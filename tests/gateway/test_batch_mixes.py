@@ -22,7 +22,7 @@ GOOD = {
     "chelsea": base64.b64encode(photo("chelsea.png").read_bytes()).decode(),
     "coffee": base64.b64encode(photo("coffee.png").read_bytes()).decode(),
 }
-#: The codes of an image's own fault in a batch (routes/classify.py, IMAGE_ERRORS).
+#: The codes of an image's own fault in a batch (service/classification.py, IMAGE_ERRORS).
 IMAGE_ERROR_CODES = {"invalid_image", "empty_body", "unsupported_image_format"}
 
 

@@ -1,4 +1,4 @@
-"""Multi-crop requests in time slices (service/batches.py, ``Gateway.crop_batch``): alone on
+"""Multi-crop requests in time slices (service/batches.py, ``Policy.crop_batch``): alone on
 its model a request's crops go in full batches; while another client sends to the model,
 in batches the model computes within a quarter of the latency objective, so that a photo
 beside a 144-crop request waits one slice, not a batch of 8 (a second on two CPU cores)."""
@@ -23,7 +23,7 @@ MODEL = "inception_resnet_v1"
 
 def gateway_with(rate: float | None, others: int) -> Gateway:
     gateway = Gateway(Settings(triton_grpc_url=UNREACHABLE, crop_batch_size=8, latency_target_s=0.5))
-    load = gateway.admission.load(MODEL)
+    load = gateway.policy.admission.load(MODEL)
     load.rate = rate
     for n in range(others):
         load.enter(1, f"other-{n}")
@@ -31,29 +31,29 @@ def gateway_with(rate: float | None, others: int) -> Gateway:
 
 
 def test_alone_a_request_keeps_full_batches() -> None:
-    assert gateway_with(rate=8.0, others=0).crop_batch([MODEL], "me") == 8
+    assert gateway_with(rate=8.0, others=0).policy.crop_batch([MODEL], "me") == 8
 
 
 def test_beside_another_client_a_slow_model_gets_slices_of_one_crop() -> None:
     # 8 images a second (two CPU cores) computes one in an eighth of a second.
-    assert gateway_with(rate=8.0, others=1).crop_batch([MODEL], "me") == 1
-    assert gateway_with(rate=40.0, others=1).crop_batch([MODEL], "me") == 5
+    assert gateway_with(rate=8.0, others=1).policy.crop_batch([MODEL], "me") == 1
+    assert gateway_with(rate=40.0, others=1).policy.crop_batch([MODEL], "me") == 5
 
 
 def test_a_fast_model_keeps_full_batches_beside_others() -> None:
-    assert gateway_with(rate=2000.0, others=3).crop_batch([MODEL], "me") == 8
+    assert gateway_with(rate=2000.0, others=3).policy.crop_batch([MODEL], "me") == 8
 
 
 def test_an_unmeasured_model_keeps_full_batches() -> None:
-    assert gateway_with(rate=None, others=1).crop_batch([MODEL], "me") == 8
+    assert gateway_with(rate=None, others=1).policy.crop_batch([MODEL], "me") == 8
 
 
 def test_a_client_that_just_left_still_counts() -> None:
     """A client sending one photo at a time holds no place between its requests; the slice
     must already be in force when its next one arrives."""
     gateway = gateway_with(rate=8.0, others=1)
-    gateway.admission.load(MODEL).leave(1, 0.1, "other-0")
-    assert gateway.crop_batch([MODEL], "me") == 1
+    gateway.policy.admission.load(MODEL).leave(1, 0.1, "other-0")
+    assert gateway.policy.crop_batch([MODEL], "me") == 1
 
 
 class Recorder:

@@ -1,4 +1,4 @@
-"""Error pacing (service/pacing.py): a client past its budget of error answers has them held,
+"""Error pacing (service/policy/ledger.py): a client past its budget of error answers has them held,
 so that looping on refusals or bad requests stops costing the server CPU; a client within
 it, the probes, and the server's own faults are answered at once."""
 
@@ -15,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.deps import paced
 from service.errors import (
     BackendUnavailable,
     ClientOverloaded,
@@ -24,7 +23,7 @@ from service.errors import (
     Overloaded,
     OverShare,
 )
-from service.pacing import PRUNE_AT, ErrorPacer
+from service.policy import PRUNE_AT, Ledger, paced
 from service.settings import Settings
 
 from .helpers import UNREACHABLE, GatewayProcess
@@ -38,9 +37,9 @@ class FakeClock:
         return self.now
 
 
-def pacer(rate: float = 2.0, burst: int = 3, pause: float = 2.0) -> tuple[ErrorPacer, FakeClock]:
+def pacer(rate: float = 2.0, burst: int = 3, pause: float = 2.0) -> tuple[Ledger, FakeClock]:
     clock = FakeClock()
-    return ErrorPacer(rate, burst, pause, clock=clock), clock
+    return Ledger(rate, burst, pause, clock=clock), clock
 
 
 def test_a_client_within_its_burst_is_never_held() -> None:
@@ -66,7 +65,7 @@ def test_the_budget_comes_back_with_time_and_clients_are_apart() -> None:
 
 
 def test_pacing_off_never_holds() -> None:
-    for errors in (ErrorPacer(0.0, 1, 2.0), ErrorPacer(2.0, 1, 0.0)):
+    for errors in (Ledger(0.0, 1, 2.0), Ledger(2.0, 1, 0.0)):
         assert {errors.pause_for("a") for _ in range(50)} == {0.0}
 
 
@@ -79,21 +78,21 @@ def test_clients_that_earned_their_budget_back_are_forgotten() -> None:
     errors.pause_for("old-debtor")
     clock.now += 10.0
     errors.pause_for("new")
-    assert "c0" not in errors.buckets and "new" in errors.buckets
-    assert len(errors.buckets) < PRUNE_AT
+    assert "c0" not in errors.entries and "new" in errors.entries
+    assert len(errors.entries) < PRUNE_AT
 
 
 def test_hold_sleeps_the_pause() -> None:
     """One error after another (a client that waits for each answer) gets them at the
     budget's rate: each held answer earns the next token while it waits."""
-    errors = ErrorPacer(rate_per_s=10.0, burst=1, pause_s=0.2)
+    errors = Ledger(rate_per_s=10.0, burst=1, pause_s=0.2)
     started = time.perf_counter()
     pauses = asyncio.run(hold_many(errors, 3))
     assert pauses == [0.0, pytest.approx(0.1, abs=0.02), pytest.approx(0.1, abs=0.02)]
     assert time.perf_counter() - started >= 0.18
 
 
-async def hold_many(errors: ErrorPacer, n: int) -> list[float]:
+async def hold_many(errors: Ledger, n: int) -> list[float]:
     return [await errors.hold("a") for _ in range(n)]
 
 

@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from service.batches import infer_all
 from service.errors import ModelUnavailable
 from service.imaging import Prepared
 from service.model_config import ModelInfo, parse_model_config
-from service.routes.classify import infer_all
 from service.settings import Settings
 
 from .helpers import model_config_json

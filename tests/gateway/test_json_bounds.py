@@ -17,10 +17,10 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from service.classification import JSON_EXPANSION
 from service.errors import InvalidRequest
 from service.inputs import MAX_JSON_VALUES, MULTIPART_OVERHEAD, JsonBytesCheck, parse_json_body
 from service.options import MAX_IMAGES, MAX_MEMBERS, ClassifyQuery, parse_options
-from service.routes.classify import JSON_EXPANSION
 
 from .helpers import UNREACHABLE, GatewayProcess
 
@@ -92,7 +92,7 @@ def test_the_worst_json_body_costs_within_its_charge(images: int) -> None:
         tracemalloc.stop()
     assert len(data) == images and batch is (images > 1)
     assert sum(map(len, data)) == LIMIT // images * images and fields["weights"] == [1, 2]
-    # The body itself is one of the charged copies (routes/classify.py's JSON_EXPANSION).
+    # The body itself is one of the charged copies (service/classification.py's JSON_EXPANSION).
     assert peak <= (JSON_EXPANSION - 1) * len(body), peak / len(body)
 
 

@@ -83,11 +83,13 @@ def test_a_large_photos_crops_fit_beside_its_own_body() -> None:
     body = 2 * 12 * MIB
 
     async def scenario() -> None:
-        async with gateway.buffer(body), gateway.buffer(116 * MIB, held=body):
-            assert gateway.memory.reserved == body + 116 * MIB
-        async with gateway.buffer(body):
+        policy = gateway.policy
+        async with await policy.reserve("", body_bytes=body) as lease:
+            await lease.reserve(body_bytes=116 * MIB)  # beside its own body
+            assert policy.memory.reserved == body + 116 * MIB
+        async with await policy.reserve("", body_bytes=body):
             with pytest.raises(Overloaded):  # another request's body still counts
-                async with gateway.buffer(116 * MIB):
+                async with await policy.reserve("", body_bytes=116 * MIB):
                     pass
 
     asyncio.run(scenario())

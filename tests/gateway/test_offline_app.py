@@ -199,13 +199,13 @@ def test_concurrency_limit_answers_429(queue_timeout_s: float) -> None:
     gateway = create_app(settings).state.gateway
 
     async def scenario() -> None:
-        async with gateway.slot():
+        async with await gateway.policy.reserve("", requests=1):
             with pytest.raises(Overloaded) as refused:
-                async with gateway.slot():
+                async with await gateway.policy.reserve("", requests=1):
                     pass
             assert refused.value.status == 429
             assert error_response(refused.value, settings.retry_after_s).headers["Retry-After"] == "1"
-        async with gateway.slot():  # released again
+        async with await gateway.policy.reserve("", requests=1):  # released again
             pass
 
     asyncio.run(scenario())
@@ -295,17 +295,18 @@ def test_buffer_budget_admits_one_request_whatever_it_costs() -> None:
     gateway = create_app(settings).state.gateway
 
     async def scenario() -> None:
-        async with gateway.buffer(500):  # alone: admitted though over the budget
-            assert gateway.buffered == 500
-        async with gateway.buffer(80):
+        policy = gateway.policy
+        async with await policy.reserve("", body_bytes=500):  # alone: admitted though over the budget
+            assert policy.body_bytes == 500
+        async with await policy.reserve("", body_bytes=80):
             with pytest.raises(Overloaded) as shed:
-                async with gateway.buffer(30):
+                async with await policy.reserve("", body_bytes=30):
                     pass
             assert shed.value.status == 429
             assert error_response(shed.value, settings.retry_after_s).headers["Retry-After"] == "1"
-            async with gateway.buffer(20):
-                assert gateway.buffered == 100
-        assert gateway.buffered == 0
+            async with await policy.reserve("", body_bytes=20):
+                assert policy.body_bytes == 100
+        assert policy.body_bytes == 0
 
     asyncio.run(scenario())
 
@@ -320,6 +321,6 @@ def test_buffer_budget_admits_one_request_whatever_it_costs() -> None:
     ids=["raw", "json", "chunked"],
 )
 def test_buffer_cost(headers: dict[str, str], cost: int) -> None:
-    from service.routes.classify import buffer_cost
+    from service.classification import buffer_cost
 
     assert buffer_cost(Headers(headers), 16 * 1024 * 1024) == cost

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from service.admission import SAMPLE_COMPLETIONS, ModelLoad
 from service.gateway import Gateway
 from service.model_config import parse_model_config
+from service.model_load import SAMPLE_COMPLETIONS, ModelLoad
 from service.settings import Settings
 from service.triton import TritonBackend
 
@@ -47,7 +47,7 @@ def gateway_knowing(rates: Rates) -> Gateway:
         "ens": replace(ENSEMBLE, name="ens"),
     }
     gateway.backend.service_rate = rates  # type: ignore[method-assign]
-    measured = gateway.admission.load("measured")
+    measured = gateway.policy.admission.load("measured")
     measured.rate, measured.measured = 50.0, True
     return gateway
 
@@ -56,20 +56,20 @@ def test_an_unmeasured_network_takes_tritons_rate() -> None:
     rates = Rates({"net": 7.5, "measured": 1.0, "silent": None, "ens": 3.0})
     gateway = gateway_knowing(rates)
     asyncio.run(gateway.seed_rates())
-    assert gateway.admission.load("net").rate == 7.5
-    assert gateway.admission.load("measured").rate == 50.0  # its own measurement stands
-    assert gateway.admission.load("silent").rate is None  # Triton has computed nothing yet
+    assert gateway.policy.admission.load("net").rate == 7.5
+    assert gateway.policy.admission.load("measured").rate == 50.0  # its own measurement stands
+    assert gateway.policy.admission.load("silent").rate is None  # Triton has computed nothing yet
     assert "ens" not in rates.asked  # an ensemble's rate is its members'
-    assert gateway.admission.load("ens").rate is None
+    assert gateway.policy.admission.load("ens").rate is None
 
 
 def test_a_seeded_rate_refuses_what_cannot_meet_its_deadline() -> None:
     """Unmeasured, a 10-image request with 0.4 s left is admitted; seeded with 8 images a
     second, it is refused at once."""
     gateway = gateway_knowing(Rates({"net": 8.0}))
-    assert gateway.admission.refusal(["net"], 10, 0.4) is None
+    assert gateway.policy.admission.refusal(["net"], 10, 0.4) is None
     asyncio.run(gateway.seed_rates())
-    refusal = gateway.admission.refusal(["net"], 10, 0.4)
+    refusal = gateway.policy.admission.refusal(["net"], 10, 0.4)
     assert refusal is not None and refusal.reason == "deadline"
 
 
@@ -105,7 +105,7 @@ def test_a_seeded_rate_is_read_again_until_the_worker_measures_its_own() -> None
     asyncio.run(gateway.seed_rates())
     rates.rates["net"] = 8.0  # Triton got faster (or the slow history is behind it)
     asyncio.run(gateway.seed_rates())
-    load = gateway.admission.load("net")
+    load = gateway.policy.admission.load("net")
     assert load.rate == 8.0 and not load.measured
     load.rate, load.measured = 5.0, True
     rates.rates["net"] = 1.0

@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 
 from service import metrics
 from service.app import create_app
-from service.routes.classify import body_deadline_s
+from service.classification import body_deadline_s
 from service.settings import Settings
 
 from .helpers import UNREACHABLE
