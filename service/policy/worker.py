@@ -8,8 +8,10 @@ import asyncio
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypedDict
 
 from starlette.datastructures import Headers
+from typing_extensions import Unpack
 
 from .. import metrics
 from ..admission import Admission, Ticket
@@ -19,6 +21,16 @@ from ..settings import Settings
 from .clients import client_of
 from .ledger import Ledger
 from .refusals import refuse
+
+
+class Amounts(TypedDict, total=False):
+    """What a lease takes (:meth:`Policy.reserve`); each absent is none."""
+
+    requests: int
+    body_bytes: int
+    images: int
+    models: Sequence[str]
+    decodes: int
 
 
 class Lease:
@@ -33,24 +45,16 @@ class Lease:
         self.ticket: Ticket | None = None
         self._undo: list[Callable[[], None]] = []
 
-    async def reserve(
-        self,
-        *,
-        requests: int = 0,
-        body_bytes: int = 0,
-        images: int = 0,
-        models: Sequence[str] = (),
-        decodes: int = 0,
-    ) -> Lease:
+    async def reserve(self, **amounts: Unpack[Amounts]) -> Lease:
         """Takes more into this lease (see :meth:`Policy.reserve`)."""
         policy = self.policy
-        if requests:
+        if requests := amounts.get("requests", 0):
             await policy.take_requests(self, requests)
-        if body_bytes:
+        if body_bytes := amounts.get("body_bytes", 0):
             policy.take_bytes(self, body_bytes)
-        if images:
-            policy.take_images(self, models, images)
-        if decodes:
+        if images := amounts.get("images", 0):
+            policy.take_images(self, amounts.get("models", ()), images)
+        if decodes := amounts.get("decodes", 0):
             policy.take_decodes(self, decodes)
         return self
 
@@ -95,25 +99,14 @@ class Policy:
         """Who a request comes from (service/policy/clients.py)."""
         return client_of(headers, peer, bool(self.settings.api_keys))
 
-    async def reserve(
-        self,
-        client: str,
-        *,
-        requests: int = 0,
-        body_bytes: int = 0,
-        images: int = 0,
-        models: Sequence[str] = (),
-        decodes: int = 0,
-    ) -> Lease:
-        """A lease of what is asked, taken in that order, or the refusal's error raised
-        with nothing kept: ``requests`` classify slots, ``body_bytes`` of memory within the
+    async def reserve(self, client: str, **amounts: Unpack[Amounts]) -> Lease:
+        """A lease of what is asked, taken in this order, or the refusal's error raised with
+        nothing kept: ``requests`` classify slots, ``body_bytes`` of memory within the
         bodies' budget, ``images`` places in each of ``models`` (and the members they
         charge), ``decodes`` places in the decode queue."""
         lease = Lease(self, client)
         try:
-            return await lease.reserve(
-                requests=requests, body_bytes=body_bytes, images=images, models=models, decodes=decodes
-            )
+            return await lease.reserve(**amounts)
         except BaseException:
             lease.release()
             raise
