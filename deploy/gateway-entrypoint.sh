@@ -9,7 +9,9 @@ export PROMETHEUS_MULTIPROC_DIR
 rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 # The HTTP protocol bounds headers (bytes, lines, time) and connections per worker
-# (service/protocol.py), as embedded/gateway.py's command does for make serve and the tests.
+# (service/protocol.py), as embedded/gateway.py's command does for make serve and the tests;
+# uvicorn's --limit-concurrency would answer in plain text, so it is not passed (the
+# protocol's docstring says why).
 # Clients are told apart by the X-Forwarded-For of the peers in FORWARDED_ALLOW_IPS (every
 # peer by default: only the proxy reaches the pods; README, "identifying clients").
 if [ "$#" -eq 0 ]; then

@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: The HTTP protocol of every gateway: h11 with bounded headers and connections
 #: (service/protocol.py). The image's entrypoint (deploy/gateway-entrypoint.sh) names the same.
+#: uvicorn's --limit-concurrency is not passed, and --h11-max-incomplete-event-size need not
+#: be: the protocol's docstring says what each would change for a client.
 BOUNDED_HTTP = ("--http", "service.protocol:BoundedH11Protocol")
 
 

@@ -229,3 +229,68 @@ def test_with_pacing_on_a_refused_connection_is_answered_after_the_pause(tmp_pat
             sock.close()
             assert (status, body["error"]["code"]) == (503, "too_many_connections")
         assert time.perf_counter() - started >= 1.4
+
+
+def exchange(port: int, data: bytes, source: str = ATTACKER) -> bytes:
+    """What the gateway answers ``data``, sent in one write, read until it closes."""
+    sock = connect(port, source)
+    sock.settimeout(10)
+    sock.sendall(data)
+    answer = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    sock.close()
+    return answer
+
+
+def test_a_pipelined_head_is_bounded_as_the_first_is(gateway: GatewayProcess) -> None:
+    """A request of 500 headers pipelined behind a good one, in the same write: the good
+    one is answered, then the other gets 431 (a count of what arrives between requests
+    let it through, and it was served)."""
+    good = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    many = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + b"a: b\r\n" * 500 + b"\r\n"
+    answer = exchange(gateway.port, good + many)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 2
+    second = answer[answer.index(b"HTTP/1.1 ", 1) :]
+    assert second.startswith(b"HTTP/1.1 431 ") and b'"headers_too_large"' in second
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    body = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde"  # behind a body
+    for first in (good, body):
+        answer = exchange(gateway.port, first + big)
+        assert answer.count(b"HTTP/1.1 ") == 2 and answer.split(b"HTTP/1.1 ")[2].startswith(b"431 ")
+    served = exchange(gateway.port, good * 2 + many.replace(b"a: b\r\n" * 500, b"a: b\r\n" * 90))
+    assert served.count(b"HTTP/1.1 200 ") == 3  # pipelining within the bounds is served
+
+
+def test_a_head_ending_in_bare_newlines_ends_where_h11_ends_it(gateway: GatewayProcess) -> None:
+    """h11 ends a head at a blank line of bare LFs too: the 40 kB body after such a head
+    is not counted as head (a count that knew only CRLF answered 431)."""
+    answer = exchange(
+        gateway.port, b"GET /healthz HTTP/1.1\nHost: x\nContent-Length: 40000\n\n" + b"x" * 40_000
+    )
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_the_worker_cap_refuses_at_accept_and_spares_the_clients_already_in(tmp_path: Path) -> None:
+    """Past GATEWAY_MAX_CONNECTIONS a new connection gets the JSON 503 and Retry-After
+    before it sends a byte, and a keep-alive client already in is still served. uvicorn's
+    --limit-concurrency answers neither way: it waits for a request's head, answers plain
+    text without Retry-After, and refuses the requests of the clients already in too."""
+    env = {"GATEWAY_MAX_CONNECTIONS": "4", "GATEWAY_MAX_CONNECTIONS_PER_PEER": "0"}
+    process = GatewayProcess(UNREACHABLE, tmp_path / "gateway.log", env=env)
+    with contextlib.ExitStack() as stack:
+        stack.callback(process.stop)
+        process.start().wait("/healthz")
+        client = stack.enter_context(httpx.Client(base_url=process.url, timeout=10))
+        assert client.get("/healthz").status_code == 200  # its keep-alive connection: 1 of 4
+        idle = [connect(process.port) for _ in range(3)]
+        stack.callback(lambda: [sock.close() for sock in idle])
+        time.sleep(0.3)
+        started = time.perf_counter()
+        extra = connect(process.port)  # sends nothing
+        stack.callback(extra.close)
+        status, headers, body = answer_of(extra)
+        assert (status, body["error"]["code"]) == (503, "too_many_connections")
+        assert int(headers["retry-after"]) >= 1 and time.perf_counter() - started < 2
+        assert client.get("/healthz").status_code == 200
