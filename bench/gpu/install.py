@@ -1,8 +1,8 @@
 """Installs the GPU kit (`bench/gpu/kit.py`) on the machine it was carried to, with no
 network: the first stage of `python -m bench.gpu.stack`.
 
-Imports nothing outside the standard library, because it runs before the kit's packages
-are there. What it produces, and where each path comes from:
+Imports nothing outside the standard library but the kit's names (`layout.py`), because it
+runs before the kit's packages are there. What it produces, and where each path comes from:
 
 - the tritonserver, unpacked from the kit's `tritonserver.tar.xz` into the run's work
   folder (its bundled libraries beside it, found by the binary's own RPATH; the folder
@@ -34,10 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-MANIFEST = "manifest.json"  # the kit builder's names, repeated: that module imports the builder
-SERVER_BINARY = Path("pytriton") / "tritonserver" / "bin" / "tritonserver"
-SERVER_LIBS = Path("nvidia_pytriton.libs")
+from bench.gpu.layout import MANIFEST, SERVER_BINARY, SERVER_LIBS
 
 
 class KitInstallError(RuntimeError):

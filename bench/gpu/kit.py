@@ -59,22 +59,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.gpu.layout import (
+    BACKEND_DIR,
+    MANIFEST,
+    PHOTOS_DIR,
+    REQUIREMENTS,
+    SERVER_ARCHIVE,
+    SERVER_BINARY,
+    SERVER_LIBS,
+    SERVER_TOP,
+    WHEELS_DIR,
+)
 from embedded import backend
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "build" / "gpu-kit"
 DEFAULT_CACHE = ROOT / "build" / "gpu-kit-cache"
 LIMIT_BYTES = 60 * 2**20
-MANIFEST = "manifest.json"
-SERVER_ARCHIVE = "tritonserver.tar.xz"
-# Inside the archive: the wheel's own layout under one top folder.
-SERVER_TOP = "tritonserver"
-SERVER_BINARY = Path("pytriton") / "tritonserver" / "bin" / "tritonserver"
-SERVER_LIBS = Path("nvidia_pytriton.libs")
-BACKEND_DIR = "backend"
-WHEELS_DIR = "wheels"
-REQUIREMENTS = "requirements.txt"
-PHOTOS_DIR = "photos"
 PARTS = ("server", "backend", "wheels", "photos")
 
 # The GPU machine, as its image is described (Python 3.12 in /opt/torch/.venv, torch

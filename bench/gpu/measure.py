@@ -1,15 +1,18 @@
-"""The measuring stages of `bench/gpu/stack.py` (accuracy, side by side, gateway, tuning,
-winner): the parts that need torch or a running server. Each takes the run (budget,
-plan, output folder) and the stack (paths, servers, photos) and returns its figures."""
+"""The measuring stages of `python -m bench.gpu.stack` against the running Triton (accuracy,
+side by side, gateway), and the helpers the winner stage (`winner.py`) measures its own
+server with. Each takes the run (budget, plan, output folder) and the stack (paths,
+servers, photos) and returns its figures.
+
+Imported by the command only after the install stage: it needs torch, and tritonclient
+from the kit.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +21,10 @@ import torch
 
 from bench.gpu import tuning
 from bench.gpu.load import CpuMeter, run_load
+from inception.contract import ENSEMBLE_NAME
 
 if TYPE_CHECKING:
-    from bench.gpu.stack import Run, Stack
+    from bench.gpu.run import Run, Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 FP32_TOLERANCE = 1e-4
@@ -70,72 +74,6 @@ def client_env(stack: Stack) -> dict[str, str]:
     return stack.env.apply(os.environ)
 
 
-# ---------------------------------------------------------------------------- variants
-
-
-@dataclass
-class Tuning:
-    """The variants of one network, traced (frozen, on the CPU) and on the device."""
-
-    network: str
-    photos: np.ndarray
-    frozen: dict[str, torch.jit.ScriptModule] = field(default_factory=dict)
-    modules: dict[str, torch.jit.ScriptModule] = field(default_factory=dict)
-    facts: dict[str, Any] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
-    reference: torch.Tensor | None = None  # the calibrated network's answers, eager fp32
-    chosen: tuning.Variant | None = None
-    max_batch_size: int = 64
-    instances: int = 1
-
-
-def plan_variants(run: Run) -> list[tuning.Variant]:
-    return list(tuning.DRY_RUN_VARIANTS if run.plan.variants == ("dry",) else tuning.VARIANTS)
-
-
-def prepare_variants(run: Run, stack: Stack) -> Tuning:
-    """Today's export of the tuned network as it is (its `model.pt`, loaded as the backend
-    loads it), and every other variant traced on the CPU as the exporter traces, from the
-    network with its batch norms calibrated on the photos. That network, eager in fp32, is
-    the reference the variants' answers are checked against (speed does not depend on the
-    weights; agreement does, and needs answers that depend on the input)."""
-    import copy
-
-    from inception import get_spec
-
-    assert stack.repository is not None
-    device = device_of(run)
-    name = run.plan.tuned
-    spec = get_spec(name)
-    chosen = stack.photos[: run.plan.photo_limit]
-    crops = [prepared_photos(chosen, c, spec.interpolation, spec.input_size) for c in run.plan.photo_crops]
-    photos = np.concatenate(crops)
-    if run.plan.photo_flips:
-        photos = np.concatenate([photos, np.ascontiguousarray(photos[:, :, ::-1])])
-    state = Tuning(name, photos)
-    network = tuning.calibrated_network(name, photos)
-    state.reference = tuning.eager_probabilities(network, photos, device)
-    today = load_module(served_model_file(stack.repository, name), torch.device("cpu"))
-    state.frozen[tuning.TODAY.name] = today
-    state.modules[tuning.TODAY.name] = tuning.to_device(today, device)
-    state.facts[tuning.TODAY.name] = tuning.graph_facts(today)
-    for variant in plan_variants(run):
-        if variant == tuning.TODAY:
-            continue
-        if run.remaining() < 5:
-            state.errors[variant.name] = "not traced: out of time"
-            continue
-        try:
-            frozen = tuning.frozen_variant(copy.deepcopy(network), variant)
-            state.frozen[variant.name] = frozen
-            state.modules[variant.name] = tuning.to_device(frozen, device)
-            state.facts[variant.name] = tuning.graph_facts(frozen)
-        except Exception as exc:
-            state.errors[variant.name] = f"{type(exc).__name__}: {exc}"
-    return state
-
-
 # ---------------------------------------------------------------------------- accuracy
 
 
@@ -176,7 +114,7 @@ def ensemble_parameters(repository: Path, config_name: str) -> tuple[list[str], 
     """Members, weights, and for each image input the member preprocessing it carries."""
     from inception.repository import parse
 
-    config = parse((repository / "inception_ensemble" / "configs" / f"{config_name}.pbtxt").read_text())
+    config = parse((repository / ENSEMBLE_NAME / "configs" / f"{config_name}.pbtxt").read_text())
     params = {k: v.string_value for k, v in config.parameters.items()}
     members = params["members"].split(",")
     weights = [float(w) for w in params["member_weights"].split(",")]
@@ -207,9 +145,9 @@ def accuracy(run: Run, stack: Stack) -> dict[str, Any]:
         member_inputs[name] = images
     members, weights, inputs = ensemble_parameters(stack.repository, run.plan.config_name)
     feed = {inputs[m]: member_inputs[m] for m in members}
-    served = triton_probabilities(url, "inception_ensemble", feed, batch=tuning.CHUNK)
+    served = triton_probabilities(url, ENSEMBLE_NAME, feed, batch=tuning.CHUNK)
     local = np.sum([w * members_probs[m] for m, w in zip(members, weights, strict=True)], axis=0)
-    results["inception_ensemble"] = {
+    results[ENSEMBLE_NAME] = {
         "images": len(served),
         **compare(local, served, "fp32"),
         "members": members,
@@ -358,7 +296,7 @@ def gateway(run: Run, stack: Stack) -> list[dict[str, Any]]:
             continue
         metrics = Path(tempfile.mkdtemp(prefix="gateway-metrics-")) if workers > 1 else None
         settings = {
-            "GATEWAY_MODELS": ",".join([*run.plan.networks, "inception_ensemble"]),
+            "GATEWAY_MODELS": ",".join([*run.plan.networks, ENSEMBLE_NAME]),
             "GATEWAY_DEFAULT_MODEL": run.plan.gateway_model,
             "GATEWAY_ADMISSION": "true" if admission else "false",
             "WEB_CONCURRENCY": str(workers),
@@ -382,133 +320,3 @@ def gateway(run: Run, stack: Stack) -> list[dict[str, Any]]:
             if metrics is not None:
                 shutil.rmtree(metrics, ignore_errors=True)
     return rows
-
-
-# ---------------------------------------------------------------------------- tuning
-
-
-def tuning_stage(run: Run, stack: Stack) -> dict[str, Any]:
-    """Every variant in-process, checked against fp32 on the photos; then the winner and
-    its serving options (batch 128, two instances)."""
-    device = device_of(run)
-    if stack.triton is not None:  # the second server is started in the winner stage
-        stack.triton.stop()
-        stack.triton = None
-    state: Tuning = stack.tuning if stack.tuning is not None else prepare_variants(run, stack)
-    stack.tuning = state
-    variants = [v for v in plan_variants(run) if v.name in state.modules]
-    assert state.reference is not None
-    for variant in variants:
-        entry: dict[str, Any] = {"variant": variant.__dict__, "graph": state.facts.get(variant.name)}
-        if variant != tuning.TODAY:  # today's export has other (uncalibrated) weights
-            probs = tuning.probabilities(state.modules[variant.name], state.photos, device)
-            entry["agreement"] = tuning.agreement_check(state.reference, probs)
-        state.results[variant.name] = entry
-    for variant in variants:
-        if run.remaining() < len(run.plan.tuning_batches) * run.plan.inprocess_seconds + 3:
-            state.results[variant.name]["skipped"] = "out of time"
-            continue
-        state.results[variant.name]["batches"] = tuning.measure(
-            state.modules[variant.name],
-            run.plan.tuning_batches,
-            device,
-            run.plan.inprocess_seconds,
-            run.plan.warmup_calls,
-            run.plan.blocks,
-        )
-    big = [b for b in run.plan.tuning_batches if b <= 64]
-    decide_at = str(max(big)) if big else str(run.plan.tuning_batches[-1])
-    chosen = tuning.winner(state.results, variants, decide_at)
-    state.chosen = chosen
-    rates = state.results[chosen.name].get("batches", {})
-    if "128" in rates and "64" in rates and rates["128"]["images_per_s"] > 1.05 * rates["64"]["images_per_s"]:
-        state.max_batch_size = 128
-    streams = tuning.two_streams(
-        state.modules[chosen.name], int(decide_at), device, run.plan.inprocess_seconds
-    )
-    if streams["2_instances_images_per_s"] > 1.05 * streams["1_instance_images_per_s"]:
-        state.instances = 2
-    return {
-        "network": state.network,
-        "photos": len(state.photos),
-        "rule": tuning.RULE,
-        "variants": state.results,
-        "not_traced": state.errors,
-        "instances": streams,
-        "decided_at_batch": int(decide_at),
-        "winner": chosen.name,
-        "max_batch_size": state.max_batch_size,
-        "instance_count": state.instances,
-    }
-
-
-# ---------------------------------------------------------------------------- winner
-
-
-def winner_repository(run: Run, stack: Stack, state: Tuning, dest: Path) -> Path:
-    """The tuned network alone, as the winner: its frozen module and today's config with
-    the chosen max_batch_size, preferred sizes and instance count. Warm-up covers the
-    preferred sizes only (the load's own warm-up covers the rest) to fit the run's time."""
-    from inception.export import quiet_torchscript
-    from inception.repository import parse, render
-
-    assert stack.repository is not None and state.chosen is not None
-    source = stack.repository / state.network
-    folder = dest / state.network
-    (folder / "1").mkdir(parents=True)
-    (folder / "configs").mkdir()
-    shutil.copyfile(source / "labels.txt", folder / "labels.txt")
-    with quiet_torchscript():
-        torch.jit.save(state.frozen[state.chosen.name], str(folder / "1" / "model.pt"))
-    config = parse((source / "configs" / f"{run.plan.config_name}.pbtxt").read_text())
-    config.max_batch_size = state.max_batch_size
-    preferred = sorted({*config.dynamic_batching.preferred_batch_size, state.max_batch_size})
-    del config.dynamic_batching.preferred_batch_size[:]
-    config.dynamic_batching.preferred_batch_size.extend(p for p in preferred if p <= state.max_batch_size)
-    config.instance_group[0].count = state.instances
-    sizes = {1, *config.dynamic_batching.preferred_batch_size} if run.plan.device == "cuda" else {1}
-    warmups = [w for w in config.model_warmup if w.batch_size in sizes]
-    for size in sizes - {w.batch_size for w in warmups}:
-        template = config.model_warmup[0]
-        extra = type(template)()
-        extra.CopyFrom(template)
-        extra.name, extra.batch_size = f"batch_{size}", size
-        warmups.append(extra)
-    del config.model_warmup[:]
-    config.model_warmup.extend(sorted(warmups, key=lambda w: w.batch_size))
-    config.parameters["precision"].string_value = state.chosen.precision
-    text = render(config)
-    (folder / "configs" / f"{run.plan.config_name}.pbtxt").write_text(text)
-    (folder / "config.pbtxt").write_text(text)
-    return dest
-
-
-def winner_stage(run: Run, stack: Stack) -> dict[str, Any]:
-    from bench.gpu.stack import triton_server
-
-    state: Tuning = stack.tuning
-    assert state is not None and state.chosen is not None
-    device = device_of(run)
-    repository = winner_repository(run, stack, state, stack.work / "repository-winner")
-    server = triton_server(stack, repository, run.plan.config_name, run.out / "tritonserver-winner.log")
-    result: dict[str, Any] = {
-        "variant": state.chosen.name,
-        "max_batch_size": state.max_batch_size,
-        "instances": state.instances,
-    }
-    started = time.monotonic()
-    try:
-        server.start().wait_ready(timeout=max(1.0, min(120.0, run.remaining() - 10)))
-        result["ready_after_s"] = round(time.monotonic() - started, 1)
-        module = state.modules[state.chosen.name]
-        images = state.photos[: max(8, len(stack.photos))]
-        local = in_process_probabilities(module, images, device)
-        served = triton_probabilities(
-            server.grpc_url, state.network, {"image__0": images}, batch=tuning.CHUNK
-        )
-        result["accuracy"] = compare(local, served, state.chosen.precision)
-        batches = [*run.plan.batches, *([128] if state.max_batch_size >= 128 else [])]
-        result["rows"] = side_by_side_rows(run, stack, server.grpc_url, state.network, module, batches)
-    finally:
-        server.stop()
-    return result
