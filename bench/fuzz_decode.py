@@ -44,7 +44,9 @@ from typing import Any
 from PIL import Image
 
 from service.errors import ApiError
-from service.imaging import MAX_WEBP_PIXELS, Preprocessing, configure_pillow, prepare
+from service.format_checks import MAX_WEBP_PIXELS
+from service.imaging import configure_pillow, prepare
+from service.model_inputs import Preprocessing
 from service.settings import Settings
 
 MIB = 1024 * 1024

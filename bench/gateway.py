@@ -38,12 +38,13 @@ from PIL import Image
 
 from embedded.gateway import Gateway
 from embedded.tritonserver import TritonServer
-from service.imaging import Preprocessing, configure_pillow, prepare
+from service.imaging import configure_pillow, prepare
+from service.model_inputs import Preprocessing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The settings of a gateway under a load generator: its clients stand for many users from
-#: one address, and error pacing (service/pacing.py) would hold their refusals as one
+#: one address, and error pacing (service/policy/ledger.py) would hold their refusals as one
 #: client's looping on errors; the benches measure capacity and sheds, not that.
 LOAD_GENERATOR_SETTINGS = {"GATEWAY_ERROR_RATE_PER_S": "0"}
 

@@ -286,7 +286,8 @@ def local_classifier(
 
     from inception import create_model, get_spec
     from inception.serving import ServingModel
-    from service.imaging import Preprocessing, configure_pillow, prepare
+    from service.imaging import configure_pillow, prepare
+    from service.model_inputs import Preprocessing
 
     configure_pillow(max_pixels)
     built: dict[str, tuple[torch.nn.Module, Preprocessing]] = {}

@@ -9,7 +9,7 @@ from typing import Any
 
 from inception import contract
 
-from .imaging import Preprocessing
+from .model_inputs import Preprocessing
 
 
 class ConfigError(ValueError):

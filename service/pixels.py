@@ -1,17 +1,13 @@
 """Decoded images to RGB within a memory budget: conversions a tile of pixels at a time in
-integer or float32 arithmetic, integer reductions before converting, the EXIF orientation,
-the TIFF tiles libtiff would inflate whole and the TIFF directories Pillow would read entry by
-entry. `imaging.decode` uses them."""
+integer or float32 arithmetic, integer reductions before converting, the EXIF orientation.
+`imaging.decode` uses them."""
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
-
-from .errors import InvalidImage
 
 #: What one request may cost in memory while its image is decoded and converted: the decoded
 #: pixels (at most 4 bytes each: RGBA, CMYK, 32-bit grey or float) and the RGB result
@@ -121,71 +117,6 @@ def tiles(width: int, height: int) -> Iterator[tuple[int, int, int, int]]:
     for top in range(0, height, rows):
         for left in range(0, width, tile_width):
             yield left, top, min(width, left + tile_width), min(height, top + rows)
-
-
-#: libtiff inflates a whole tile whatever the image's size: one 16384² tile on a 64×64
-#: image took 800 MB. Tiles may not outgrow the image (rounded up to the 16 pixels the
-#: format asks tiles to be multiples of), nor this many bytes.
-MAX_TILE_BYTES = 64 * 1024 * 1024
-_TILE_WIDTH, _TILE_LENGTH = 322, 323
-
-
-def check_tiles(image: Image.Image) -> None:
-    tags = getattr(image, "tag_v2", {})
-    tile_w, tile_h = tags.get(_TILE_WIDTH), tags.get(_TILE_LENGTH)
-    if not tile_w or not tile_h:
-        return
-    width, height = image.size
-    bands = max(1, len(image.getbands()))
-    if (
-        tile_w > -(-width // 16) * 16
-        or tile_h > -(-height // 16) * 16
-        or tile_w * tile_h * bands * 4 > MAX_TILE_BYTES
-    ):
-        raise InvalidImage(
-            f"the TIFF's {tile_w}x{tile_h} tiles are larger than its {width}x{height} image allows"
-        )
-
-
-#: What Pillow's TIFF plugin accepts: byte order, then 42 (classic) or 43 (BigTIFF).
-TIFF_PREFIXES = (b"MM\x00\x2a", b"II\x2a\x00", b"MM\x2a\x00", b"II\x00\x2a", b"MM\x00\x2b", b"II\x2b\x00")
-#: The most entries a TIFF's first directory may have, and the most strips or tiles. Pillow
-#: reads each entry in Python, and sets up each strip of an uncompressed image in Python
-#: (about 6 µs each) when the file is opened: the decode fuzzer's 16 MB TIFF of a 64 x 64
-#: image in 2,000,000 strips took 11.5 s of CPU. Real directories have a few dozen entries;
-#: one strip a row of the tallest image allowed is 65,535 strips (0.4 s at most).
-MAX_TIFF_ENTRIES = 1000
-MAX_TIFF_STRIPS = 65_536
-_STRIP_OFFSETS, _TILE_OFFSETS = 273, 324
-
-
-def check_tiff_directory(data: bytes) -> None:
-    """Refuse a TIFF whose first directory has more entries, or more strips or tiles, than
-    those bounds, from the directory's counts alone and before Pillow reads it."""
-    order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"\x00\x2b", b"\x2b\x00")
-    # Classic: a 4-byte directory offset at 4, 2-byte entry count, 12-byte entries with a
-    # 4-byte count at 4; BigTIFF: 8 bytes at 8, 8 bytes, 20-byte entries, 8 bytes at 4.
-    word, number, entry_size, offset_at = ("Q", "Q", 20, 8) if big else ("I", "H", 12, 4)
-    word_size, number_size = struct.calcsize(word), struct.calcsize(number)
-    if len(data) < offset_at + word_size:
-        return
-    at = struct.unpack(order + word, data[offset_at : offset_at + word_size])[0]
-    if at + number_size > len(data):
-        return  # the parser will say what is wrong
-    entries = struct.unpack(order + number, data[at : at + number_size])[0]
-    if entries > MAX_TIFF_ENTRIES:
-        raise InvalidImage(f"the TIFF's directory has {entries} entries, more than {MAX_TIFF_ENTRIES}")
-    for start in range(at + number_size, at + number_size + entries * entry_size, entry_size):
-        if start + 4 + word_size > len(data):
-            break
-        if struct.unpack(order + "H", data[start : start + 2])[0] in (_STRIP_OFFSETS, _TILE_OFFSETS):
-            count = struct.unpack(order + word, data[start + 4 : start + 4 + word_size])[0]
-            if count > MAX_TIFF_STRIPS:
-                raise InvalidImage(
-                    f"the TIFF is stored in {count} strips or tiles, more than {MAX_TIFF_STRIPS}; "
-                    "re-encode it"
-                )
 
 
 _ORIENTATION_TAG = 0x0112

@@ -10,8 +10,8 @@ import hashlib
 import httpx
 import pytest
 
-from service.imaging import Preprocessing
 from service.model_config import ModelInfo
+from service.model_inputs import Preprocessing
 from service.routes.classify import weights_digest
 
 from .helpers import MODEL, classify, photo

@@ -17,8 +17,9 @@ from service.crops import (
     resized_size,
     ten_crops,
 )
-from service.imaging import Preprocessing, configure_pillow, prepare, render
+from service.imaging import configure_pillow, prepare
 from service.model_config import parse_model_config
+from service.model_inputs import Preprocessing, render
 
 from .helpers import encode, model_config_json, photo, symmetric_photo
 

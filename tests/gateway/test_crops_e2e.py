@@ -12,7 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from service.crops import PROTOCOLS
-from service.imaging import Preprocessing, configure_pillow, prepare
+from service.imaging import configure_pillow, prepare
+from service.model_inputs import Preprocessing
 
 from ..helpers import TritonEndpoint
 from .helpers import MODEL, classify, encode, photo, running_gateway, symmetric_photo, vector

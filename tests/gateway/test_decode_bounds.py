@@ -1,5 +1,5 @@
 """CPU-bounded decoding: JPEG scan bombs are refused from their bytes, and the decode pool's
-queue is bounded and deadline-aware (service/imaging.py, service/gateway.py)."""
+queue is bounded and deadline-aware (service/format_checks.py, service/gateway.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from PIL import Image
 from service import deadlines
 from service import gateway as gateway_module
 from service.errors import DeadlineExceeded, InvalidImage, OverCapacity, Overloaded
+from service.format_checks import MAX_JPEG_SCANS, jpeg_scans
 from service.gateway import Gateway
-from service.imaging import MAX_JPEG_SCANS, Prepared, Preprocessing, decode, jpeg_scans
+from service.imaging import Prepared, decode
+from service.model_inputs import Preprocessing
 from service.settings import Settings
 
 from .helpers import encode, photo, scan_bomb

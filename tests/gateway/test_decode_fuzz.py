@@ -1,8 +1,9 @@
 """The decode fuzzer (bench/fuzz_decode.py, issue 19 item 3) in the suite: a short run at
 the default limits finds no 500 and no accepted decode over 2 s of CPU; its guidance does
 raise the cost of a seed; and what its long runs found, and what was found beside them,
-stays bounded (service/pixels.py: conversion in tiles, TIFF directories; service/imaging.py:
-RLE BMPs, PNG chunks and inflated bytes, JPEG marker segments, the longest side)."""
+stays bounded (service/pixels.py: conversion in tiles; service/format_checks.py: TIFF
+directories, RLE BMPs, PNG chunks and inflated bytes, JPEG marker segments; service/imaging.py:
+the longest side)."""
 
 from __future__ import annotations
 
@@ -29,17 +30,17 @@ from bench.fuzz_decode import (
 )
 from service import pixels
 from service.errors import ImageTooLarge, InvalidImage
-from service.imaging import (
-    MAX_IMAGE_SIDE,
+from service.format_checks import (
     MAX_JPEG_MARKERS,
     MAX_PNG_CHUNKS,
     MAX_RLE_BMP_PIXELS,
+    MAX_TIFF_ENTRIES,
+    MAX_TIFF_STRIPS,
     MAX_WEBP_PIXELS,
     check_png_bytes,
-    decode,
     png_chunk_count,
 )
-from service.pixels import MAX_TIFF_ENTRIES, MAX_TIFF_STRIPS
+from service.imaging import MAX_IMAGE_SIDE, decode
 
 from .helpers import encode, scan_bomb
 

@@ -8,7 +8,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from inception.registry import get_spec
-from service.imaging import Preprocessing, configure_pillow, prepare
+from service.imaging import configure_pillow, prepare
+from service.model_inputs import Preprocessing
 
 from ..helpers import TritonEndpoint
 from .helpers import classify, photo, vector

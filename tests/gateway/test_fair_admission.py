@@ -14,8 +14,8 @@ import pytest
 
 from service.errors import Overloaded
 from service.gateway import Gateway
-from service.imaging import Preprocessing
 from service.model_config import ModelInfo
+from service.model_inputs import Preprocessing
 from service.settings import Settings
 
 from ..helpers import TritonEndpoint

@@ -12,7 +12,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image, features
 
-from service.imaging import Preprocessing, configure_pillow, prepare
+from service.imaging import configure_pillow, prepare
+from service.model_inputs import Preprocessing
 
 from ..helpers import ROOT, TritonEndpoint
 from .helpers import (

@@ -11,13 +11,8 @@ import pytest
 from PIL import Image, features
 
 from service.errors import EmptyBody, ImageTooLarge, InvalidImage, UnsupportedImageFormat
-from service.imaging import (
-    Preprocessing,
-    configure_pillow,
-    decode,
-    prepare,
-    preprocess,
-)
+from service.imaging import configure_pillow, decode, prepare
+from service.model_inputs import Preprocessing, preprocess
 
 from .helpers import DRAFT_MEAN_TOLERANCE, DRAFT_P99_TOLERANCE, big_real_jpegs, encode, photo, png_bomb
 

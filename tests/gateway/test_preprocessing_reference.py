@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import Preprocessing, configure_pillow, prepare, preprocess
+from service.imaging import configure_pillow, prepare
+from service.model_inputs import Preprocessing, preprocess
 
 from .helpers import DRAFT_MEAN_TOLERANCE, DRAFT_P99_TOLERANCE, big_real_jpegs, encode, photo
 
