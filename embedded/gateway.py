@@ -99,7 +99,7 @@ class Gateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.multiproc_dir = multiproc_dir
-        # Each worker budgets its share of the memory (service/settings.py), as under the
+        # Each worker budgets its share of the memory (service/worker_share.py), as under the
         # image's entrypoint, where WEB_CONCURRENCY is the workers' count too.
         self.environment = gateway_environment(
             grpc_url,

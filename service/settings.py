@@ -2,11 +2,13 @@
 
 Everything an operator may want to change between a laptop, the embedded CPU stack and a
 Kubernetes deployment lives here, so that no code has to be edited to move between them.
+What they default to from the machine is read in :mod:`service.worker_share`.
+
+Over 300 lines: one class of fields, each with the description the README's table is made of.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -18,23 +20,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from inception import contract
 
 from .options import MAX_IMAGES
-
-KEEPALIVE_HELP = (
-    "gRPC keepalive ping interval to Triton, so a frozen or vanished Triton node is dropped in seconds "
-    "(Triton refuses pings more often than every 5 s)"
-)
-MAX_IMAGES_HELP = (
-    "most images one classify request may carry (repeated multipart `image` parts or a JSON `images` "
-    "array); they go to Triton as one batch, so at most its max_batch_size (64)"
-)
-CACHE_HELP = (
-    "answers cached by content (the image's bytes, the models, their coefficients, the crops and the "
-    "served weights' sha256); off: every image is decoded and run"
-)
-CACHE_BYTES_HELP = (
-    "most bytes of cached answers one worker holds (about 4.3 KiB each), taken from its memory account; "
-    "the least recently used go first"
-)
+from .worker_share import default_buffer_budget, default_memory_budget
+from .worker_share import worker_count as worker_count  # service/gateway.py imports it from here
 
 
 def default_models() -> list[str]:
@@ -53,83 +40,6 @@ def _split_csv(value: object) -> object:
     return value
 
 
-def _cgroup_limit_files() -> list[str]:
-    """The memory-limit files of this process's cgroup and of each ancestor, from
-    ``/proc/self/cgroup``: a process in a nested cgroup (a pod's container seen from the
-    host, a test's limited group) reads its own limit, not the root's, which says nothing."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return []
-    files = []
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":  # cgroup v2
-            root, name = "/sys/fs/cgroup", "memory.max"
-        elif "memory" in controllers.split(","):
-            root, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
-        else:
-            continue
-        parts = [p for p in path.split("/") if p]
-        files += [str(Path(root, *parts[:depth], name)) for depth in range(len(parts), 0, -1)]
-    return files
-
-
-def _limit_in(path: str) -> int | None:
-    """The number in a cgroup's limit file; None when absent or ``max`` (no limit)."""
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def worker_memory_bytes() -> int:
-    """The memory one worker may use: the tightest of the machine's memory and the limits of
-    the container's cgroup (v2 or v1, and of the cgroup this process is in, nested or not),
-    shared by the uvicorn workers (`WEB_CONCURRENCY`, which `embedded/gateway.py` sets too)."""
-    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    own = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # a container's
-    container = next((v for v in map(_limit_in, own) if v is not None), machine)
-    limit = min([machine, container, *(v for v in map(_limit_in, _cgroup_limit_files()) if v is not None)])
-    return limit // worker_count()
-
-
-def worker_count() -> int:
-    """The uvicorn workers of this gateway (`WEB_CONCURRENCY`, set by every launcher that
-    runs several): 1 when unset or not a number."""
-    try:
-        return max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
-    except ValueError:
-        return 1
-
-
-def resident_bytes() -> int:
-    """This process's resident memory now (0 where /proc cannot tell)."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-#: The part of a worker's memory its account may hand out: the rest is headroom for what no
-#: request reserves (the allocator's slack, gRPC's buffers, the interpreter's growth).
-MEMORY_ACCOUNT_FRACTION = 0.85
-
-
-def default_memory_budget() -> int:
-    """What one worker's requests may reserve at once: its share of the memory, less the
-    headroom, less what the worker holds before serving anything (read when settings are,
-    in the worker, after the libraries are imported); at least 64 MiB."""
-    return max(64 * 1024 * 1024, int(worker_memory_bytes() * MEMORY_ACCOUNT_FRACTION) - resident_bytes())
-
-
-def default_buffer_budget() -> int:
-    """A quarter of a worker's memory for request bodies in flight; the rest is for
-    decoding, the interpreter and the libraries."""
-    return worker_memory_bytes() // 4
-
-
 def default_labels_path() -> Path | None:
     """The labels file of the ``inception`` distribution, the one the exporter writes into
     the repository (one source of truth). It lies beside ``inception.contract``, which the
@@ -141,7 +51,13 @@ def default_labels_path() -> Path | None:
 
 
 class Settings(BaseSettings):
-    """The gateway's configuration; see each field's description."""
+    """The gateway's configuration; see each field's description.
+
+    Every field is declared one way, ``name: type = Field(default, bounds, description=...)``,
+    because the descriptions are the README's settings table
+    (``tests/gateway/test_settings_documented.py``); ``NoDecode`` in a type marks a list read
+    from a comma-separated string by a validator rather than as JSON.
+    """
 
     # Errors never quote the input: a bad setting must not print the API keys beside it.
     model_config = SettingsConfigDict(
@@ -163,10 +79,15 @@ class Settings(BaseSettings):
         description="how requests spread over the addresses the Triton URL resolves to "
         "(round_robin: all of them, e.g. every pod behind a headless Service, `dns:///triton:8001`)",
     )
-    triton_dns_min_interval_ms: Annotated[
-        int, Field(ge=0, description="least time between two DNS resolutions of the Triton URL")
-    ] = 5000
-    triton_keepalive_time_ms: Annotated[int, Field(ge=5000, description=KEEPALIVE_HELP)] = 10_000
+    triton_dns_min_interval_ms: int = Field(
+        5000, ge=0, description="least time between two DNS resolutions of the Triton URL"
+    )
+    triton_keepalive_time_ms: int = Field(
+        10_000,
+        ge=5000,
+        description="gRPC keepalive ping interval to Triton, so a frozen or vanished Triton node is dropped "
+        "in seconds (Triton refuses pings more often than every 5 s)",
+    )
     triton_keepalive_timeout_ms: int = Field(
         5000, ge=1000, description="a keepalive ping unanswered this long closes the connection"
     )
@@ -239,49 +160,37 @@ class Settings(BaseSettings):
     )
 
     # Hostile clients (issue 19; README "Hostile clients", docs/architecture.md "Budgets").
-    max_jpeg_scans: Annotated[
-        int, Field(ge=1, description="most scans a JPEG may have (encoders write 10)")
-    ] = 32
-    decode_queue: Annotated[
-        int,
-        Field(
-            ge=1,
-            description="images one worker decodes or holds waiting for a decode thread; past it, or "
-            "when the wait would pass the request's deadline, a request is refused before decoding",
-        ),
-    ] = 32
-    #: Per request (service/protocol.py): past a bound 431 or 408, and the connection closes.
-    max_header_bytes: Annotated[int, Field(ge=1024, description="largest request line and headers")] = (
-        32 * 1024
+    max_jpeg_scans: int = Field(32, ge=1, description="most scans a JPEG may have (encoders write 10)")
+    decode_queue: int = Field(
+        32,
+        ge=1,
+        description="images one worker decodes or holds waiting for a decode thread; past it, or "
+        "when the wait would pass the request's deadline, a request is refused before decoding",
     )
-    max_header_count: Annotated[int, Field(ge=8, description="most header lines one request may send")] = 100
-    header_timeout_s: Annotated[float, Field(gt=0, description="deadline of a request's headers")] = 10.0
+    #: Per request (service/protocol.py): past a bound 431 or 408, and the connection closes.
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="largest request line and headers")
+    max_header_count: int = Field(100, ge=8, description="most header lines one request may send")
+    header_timeout_s: float = Field(10.0, gt=0, description="deadline of a request's headers")
     #: Per worker: past a bound the new connection is answered 503 and closed unread.
-    max_connections: Annotated[int, Field(ge=1, description="connections one worker holds at once")] = 1024
-    max_connections_per_peer: Annotated[
-        int,
-        Field(
-            ge=0,
-            description="connections one worker holds at once from one peer address (0: no cap); behind "
-            "a proxy every connection comes from the proxy, so set 0 or the proxy's pool size there",
-        ),
-    ] = 256
-    crop_batch_size: Annotated[
-        int, Field(ge=1, description="most crops of one request in one Triton request")
-    ] = 8
+    max_connections: int = Field(1024, ge=1, description="connections one worker holds at once")
+    max_connections_per_peer: int = Field(
+        256,
+        ge=0,
+        description="connections one worker holds at once from one peer address (0: no cap); behind "
+        "a proxy every connection comes from the proxy, so set 0 or the proxy's pool size there",
+    )
+    crop_batch_size: int = Field(8, ge=1, description="most crops of one request in one Triton request")
     max_concurrency: int = Field(256, ge=1, description="classify requests handled at once by one worker")
-    max_concurrency_per_client: Annotated[
-        int, Field(ge=0, description="of those, what one client (key, or address) may hold, uploads included")
-    ] = 32
+    max_concurrency_per_client: int = Field(
+        32, ge=0, description="of those, what one client (key, or address) may hold, uploads included"
+    )
     body_timeout_s: float = Field(
         10.0,
         gt=0,
         description="deadline for a request's whole body once it holds a slot, plus its size at "
         "`min_body_rate_bytes_s`; past it the answer is 408",
     )
-    min_body_rate_bytes_s: Annotated[int, Field(gt=0, description="slowest upload served (1 Mbit/s)")] = (
-        128 * 1024
-    )
+    min_body_rate_bytes_s: int = Field(128 * 1024, gt=0, description="slowest upload served (1 Mbit/s)")
     queue_timeout_s: float = Field(
         2.0, ge=0, description="how long a request waits for a free slot before 429"
     )
@@ -326,9 +235,24 @@ class Settings(BaseSettings):
     )
 
     #: Batches and the answer cache (issue 21; service/cache.py).
-    max_images: Annotated[int, Field(ge=1, le=MAX_IMAGES, description=MAX_IMAGES_HELP)] = MAX_IMAGES
-    cache: bool = Field(True, description=CACHE_HELP)
-    cache_bytes: Annotated[int, Field(ge=0, description=CACHE_BYTES_HELP)] = 32 * 1024 * 1024
+    max_images: int = Field(
+        MAX_IMAGES,
+        ge=1,
+        le=MAX_IMAGES,
+        description="most images one classify request may carry (repeated multipart `image` parts or a "
+        "JSON `images` array); they go to Triton as one batch, so at most its max_batch_size (64)",
+    )
+    cache: bool = Field(
+        True,
+        description="answers cached by content (the image's bytes, the models, their coefficients, the "
+        "crops and the served weights' sha256); off: every image is decoded and run",
+    )
+    cache_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=0,
+        description="most bytes of cached answers one worker holds (about 4.3 KiB each), taken from its "
+        "memory account; the least recently used go first",
+    )
 
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="when set, /v1 needs `Authorization: Bearer <key>` or `X-API-Key`"

@@ -233,7 +233,7 @@ def test_limits_logs_and_grace(resolved):
 def test_gateway_buffer_budget_follows_the_container_limit(resolved, tmp_path, monkeypatch):
     """The gateway's budget comes from its cgroup (the compose memory limit, as cgroup v2
     writes it to memory.max), not the host's memory: a quarter per worker."""
-    from service import settings as gateway_settings
+    from service import worker_share as gateway_settings
 
     limit = memory_bytes(resolved["services"]["gateway"]["deploy"]["resources"]["limits"]["memory"])
     workers = int(resolved["services"]["gateway"]["environment"]["WEB_CONCURRENCY"])

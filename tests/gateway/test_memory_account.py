@@ -24,7 +24,8 @@ from service.gateway import Gateway
 from service.imaging import decode
 from service.memory import MemoryAccount
 from service.pixels import BYTES_PER_PIXEL_BUDGET
-from service.settings import Settings, worker_memory_bytes
+from service.settings import Settings
+from service.worker_share import worker_memory_bytes
 
 from ..helpers import TritonEndpoint
 from .helpers import MODEL, UNREACHABLE, GatewayProcess, MemoryCgroup, encode, palette_bomb, photo

@@ -70,7 +70,7 @@ def test_empty_keys_mean_no_authentication(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_buffer_budget_defaults_to_a_quarter_of_a_workers_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.settings import worker_memory_bytes
+    from service.worker_share import worker_memory_bytes
 
     monkeypatch.setenv("WEB_CONCURRENCY", "1")
     one = worker_memory_bytes()
