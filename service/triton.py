@@ -3,8 +3,9 @@
 The repository is the source of truth for preprocessing and weight provenance, so configs
 are read from Triton (``parameters``, parsed by :mod:`service.model_config`), at start when
 Triton is up and lazily otherwise: the gateway starts, and becomes ready, whatever order the two come up in.
-Triton's errors are mapped here to the gateway's :mod:`service.errors`, with messages that
-name no internals (addresses, stack traces and Triton's own words go to the log only).
+Triton's errors become the gateway's in :mod:`service.triton_errors`; the versions Triton
+failed to load are read in :mod:`service.load_failures`, its service rates computed in
+:mod:`service.service_rates`.
 """
 
 from __future__ import annotations
@@ -15,79 +16,31 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-from inception.contract import INPUT_NAME, NUM_CLASSES, OUTPUT_NAME
+from inception.contract import INPUT_NAME, OUTPUT_NAME
 
 from . import metrics, tracing
 from .deadlines import deadline_var, remaining_s
-from .errors import (
-    ApiError,
-    BackendError,
-    BackendTimeout,
-    BackendUnavailable,
-    DeadlineExceeded,
-    ModelUnavailable,
-    Overloaded,
-)
+from .errors import BackendError, BackendTimeout, BackendUnavailable, ModelUnavailable
+from .load_failures import LoadFailures
 from .model_config import ConfigError, ModelInfo, parse_model_config
+from .service_rates import ServiceRates
 from .settings import Settings
+from .triton_errors import (
+    checked_output,
+    deadline_passed,
+    map_triton_error,
+    model_unavailable,
+    server_unavailable,
+    status_of,
+)
 
 log = logging.getLogger(__name__)
-
-
-def _status(exc: InferenceServerException) -> str:
-    return str(exc.status() or "")
-
-
-def server_unavailable() -> BackendUnavailable:
-    """Triton cannot be reached: the same answer whichever call found it out."""
-    return BackendUnavailable("the inference server is unavailable; retry later")
-
-
-def model_unavailable(model: str) -> ModelUnavailable:
-    """Triton answers, but not for this model (not loaded, or loading)."""
-    return ModelUnavailable(f"model {model} is not ready on the inference server")
-
-
-def map_triton_error(exc: InferenceServerException, model: str, settings: Settings) -> ApiError:
-    """Triton's failure as the gateway's error; Triton's own words are logged, not returned."""
-    status, message = _status(exc), str(exc.message() or "").lower()
-    if "DEADLINE_EXCEEDED" in status or "timeout expired" in message:
-        # The gRPC deadline passed, or Triton's queue policy dropped the request unrun
-        # once the timeout the gateway sent with it had passed.
-        return BackendTimeout(f"the inference server did not answer within {settings.triton_timeout_s:g} s")
-    if "RESOURCE_EXHAUSTED" in status or "queue" in message:
-        return Overloaded("the inference server's queue is full; retry later")
-    if "NOT_FOUND" in status or ("UNAVAILABLE" in status and "model" in message):
-        return model_unavailable(model)
-    if "UNAVAILABLE" in status or "CANCELLED" in status:
-        return server_unavailable()
-    return BackendError("the inference server could not run the request")
-
-
-def checked_output(probabilities: np.ndarray | None, batch_size: int, model: str) -> np.ndarray:
-    """Triton's answer as probabilities, or a 502: a missing output, a wrong shape, or a
-    NaN or infinity (which JSON would carry as `null`) is the server's fault, not an answer."""
-    if probabilities is None or probabilities.shape != (batch_size, NUM_CLASSES):
-        shape = None if probabilities is None else probabilities.shape
-        log.error("unexpected triton output", extra={"model": model, "shape": str(shape)})
-        raise BackendError("the inference server answered with an unexpected output")
-    if not np.isfinite(probabilities).all():
-        log.error("non-finite triton output", extra={"model": model})
-        raise BackendError("the inference server answered with scores that are not finite numbers")
-    return probabilities.astype(np.float32, copy=False)
-
-
-def _deadline_passed() -> DeadlineExceeded:
-    deadline = deadline_var.get()
-    budget = f" of {deadline.budget_s:g} s" if deadline is not None else ""
-    return DeadlineExceeded(f"the request's deadline{budget} passed before its answer was ready")
 
 
 @dataclass(frozen=True)
@@ -102,23 +55,6 @@ class Readiness:
         return self.server and all(self.models.values())
 
 
-#: Images Triton must have computed since the previous read of its statistics for the rate
-#: between the two reads to stand for the model's speed (fewer: the rate since its start).
-RATE_SAMPLE_IMAGES = 8
-
-
-#: How Triton's repository index words a version whose folder has gone since it was listed
-#: (2.51): no load is failing then, the version is simply no longer there.
-GONE_FROM_DISK = "Unavailable: unable to find"
-
-
-def _version(entry: Mapping[str, str]) -> int:
-    try:
-        return int(entry.get("version", ""))
-    except ValueError:
-        return -1
-
-
 class TritonBackend:
     """One gRPC channel to Triton for the process, and the routable models' configs."""
 
@@ -131,8 +67,8 @@ class TritonBackend:
         self._last_refresh = float("-inf")
         self._stale = False
         self._watcher: asyncio.Task[None] | None = None
-        self._rate_counts: dict[str, tuple[int, int]] = {}  # model -> (images, compute ns) last read
-        self._index_refused = False
+        self._rates = ServiceRates()
+        self._loads = LoadFailures(settings)
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
@@ -190,63 +126,9 @@ class TritonBackend:
             except Exception:  # the watcher must outlive any one failure
                 log.exception("periodic config read failed")
 
-    def _admin_headers(self) -> dict[str, str] | None:
-        path = self.settings.triton_admin_key_file
-        if not path:
-            return None
-        try:
-            key = Path(path).read_text().strip()
-        except OSError as exc:
-            log.warning("Triton's admin key not read", extra={"path": path, "reason": str(exc)})
-            return None
-        # Triton's gRPC endpoint expects a restricted protocol's header under this prefix.
-        return {"triton-grpc-protocol-admin-key": key} if key else None
-
     async def check_loads(self) -> dict[str, str] | None:
-        """Which models have a version Triton failed to load (model -> Triton's reason), from
-        its repository index, published as ``inception_gateway_model_load_failed``: a bad
-        export in poll mode leaves the old version ready and is retried at every poll, and
-        nothing else tells an operator before the next restart, which would fail on it.
-        A version unloaded on purpose (an older one, under ``version_policy`` latest 1) says
-        ``unloaded`` and is no failure. None when the index cannot be read (Triton down, or
-        its repository API restricted and no key given: logged, the gauge left as it was)."""
-        try:
-            index = await self.client.get_model_repository_index(
-                headers=self._admin_headers(),
-                as_json=True,
-                client_timeout=self.settings.triton_probe_timeout_s,
-            )
-        except InferenceServerException as exc:
-            # Once per run of failures: a Triton that restricts its repository API (Kubernetes,
-            # where weights roll out as pods, not by polling) refuses it at every check.
-            if not self._index_refused:
-                log.warning("Triton's repository index not read", extra={"reason": str(exc)})
-            self._index_refused = True
-            return None
-        self._index_refused = False
-        entries = index.get("models", [])
-        names = set(self.settings.models) | {e.get("name", "") for e in entries}
-        newest_ready: dict[str, int] = {}
-        for entry in entries:
-            if entry.get("state") == "READY":
-                name, version = entry.get("name", ""), _version(entry)
-                newest_ready[name] = max(newest_ready.get(name, -1), version)
-        failed: dict[str, str] = {}
-        for entry in entries:
-            name, reason = entry.get("name", ""), entry.get("reason", "")
-            if (
-                entry.get("state") == "UNAVAILABLE"
-                and reason
-                and reason != "unloaded"  # put away on purpose (version_policy)
-                and not reason.startswith(GONE_FROM_DISK)  # removed since: nothing to load
-                and _version(entry) > newest_ready.get(name, -1)  # not superseded by a newer one
-            ):
-                failed.setdefault(name, reason.splitlines()[0])
-        for name in sorted(names):
-            metrics.MODEL_LOAD_FAILED.labels(name).set(1 if name in failed else 0)
-        for name, reason in failed.items():
-            log.error("a version of the model failed to load", extra={"model": name, "reason": reason})
-        return failed
+        """Which models have a version Triton failed to load (see :mod:`service.load_failures`)."""
+        return await self._loads.check(self.client)
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -328,7 +210,7 @@ class TritonBackend:
         remaining = remaining_s()
         budget = self.settings.triton_timeout_s if remaining is None else remaining
         if budget <= 0:
-            raise _deadline_passed()
+            raise deadline_passed()
         named = {INPUT_NAME: batch} if isinstance(batch, np.ndarray) else batch
         tensors = []
         for input_name, array in named.items():
@@ -357,14 +239,14 @@ class TritonBackend:
             error = map_triton_error(exc, name, self.settings)
             deadline = deadline_var.get()
             if isinstance(error, BackendTimeout) and deadline is not None and deadline.client:
-                error = _deadline_passed()
+                error = deadline_passed()
             if isinstance(error, BackendTimeout) and not await self.live():
                 error = server_unavailable()
             if isinstance(error, BackendUnavailable | ModelUnavailable):
                 self._stale = True  # Triton may come back with another repository
             log.warning(
                 "triton call failed",
-                extra={"model": name, "triton_status": _status(exc), "triton_message": exc.message()},
+                extra={"model": name, "triton_status": status_of(exc), "triton_message": exc.message()},
             )
             raise error from None
         try:
@@ -374,29 +256,17 @@ class TritonBackend:
         return checked_output(probabilities, next(iter(named.values())).shape[0], name)
 
     async def service_rate(self, name: str) -> float | None:
-        """Images ``name`` computed per second of compute (Triton's statistics: inference
-        count over the time spent in input, inference and output), since the previous call
-        when Triton computed at least :data:`RATE_SAMPLE_IMAGES` images in between, else
-        since Triton started; None where it has none (no inference yet, Triton
-        unreachable). The same figure for every worker and replica: what a worker that has
-        measured nothing of its own knows of the model's speed (service/gateway.py)."""
+        """Images ``name`` computed per second of compute, from Triton's statistics, recent or
+        since Triton started (:class:`~service.service_rates.ServiceRates`); None where it has
+        none (no inference yet, Triton unreachable). The same figure for every worker and
+        replica: what a worker that has measured nothing of its own knows of the model's speed."""
         try:
             stats = await self.client.get_inference_statistics(
                 name, as_json=True, client_timeout=self.settings.triton_probe_timeout_s
             )
         except InferenceServerException:
             return None
-        images, compute_ns = 0, 0
-        for model in stats.get("model_stats", []):
-            images += int(model.get("inference_count", 0))
-            inference = model.get("inference_stats", {})
-            for stage in ("compute_input", "compute_infer", "compute_output"):
-                compute_ns += int(inference.get(stage, {}).get("ns", 0))
-        before = self._rate_counts.get(name)
-        self._rate_counts[name] = (images, compute_ns)
-        if before is not None and images - before[0] >= RATE_SAMPLE_IMAGES and compute_ns > before[1]:
-            return (images - before[0]) / ((compute_ns - before[1]) / 1e9)  # the recent rate
-        return images / (compute_ns / 1e9) if images and compute_ns else None
+        return self._rates.update(name, stats)
 
     async def _probe(self, check: Callable[..., Awaitable[object]], *args: str) -> bool:
         """One of Triton's health checks, within the probe deadline; no answer is a no."""

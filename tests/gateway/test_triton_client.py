@@ -12,7 +12,8 @@ from tritonclient.utils import InferenceServerException
 from service.errors import ApiError, BackendError, error_response
 from service.model_config import ConfigError, parse_model_config
 from service.settings import Settings, default_models
-from service.triton import TritonBackend, checked_output, map_triton_error
+from service.triton import TritonBackend
+from service.triton_errors import checked_output, map_triton_error
 
 from .helpers import UNREACHABLE, model_config_json
 
