@@ -1,4 +1,4 @@
-"""JSON within its charge (service/inputs.py, service/options.py): list options have a
+"""JSON within its charge (service/json_body.py, service/options.py): list options have a
 length in every form, a JSON body of many values is refused from its bytes before parsing,
 and the worst body the bounds let through costs no more than the memory account charges."""
 
@@ -17,9 +17,10 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from service.bounded_body import MULTIPART_OVERHEAD
 from service.classification import JSON_EXPANSION
 from service.errors import InvalidRequest
-from service.inputs import MAX_JSON_VALUES, MULTIPART_OVERHEAD, JsonBytesCheck, parse_json_body
+from service.json_body import MAX_JSON_VALUES, JsonBytesCheck, parse_json_body
 from service.options import MAX_IMAGES, MAX_MEMBERS, ClassifyQuery, parse_options
 
 from .helpers import UNREACHABLE, GatewayProcess
