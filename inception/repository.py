@@ -29,7 +29,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -343,13 +342,3 @@ def repository_files(
         folders[ensemble.mean_name] = model_files(partial(mean_config, ensemble))
         folders[ensemble.name] = model_files(partial(ensemble_config, ensemble))
     return folders
-
-
-def write_repository(root: Path, networks: Sequence[NetworkEntry], ensemble: EnsembleEntry | None) -> None:
-    """The configs of `networks` and `ensemble` published into `root` (with whatever new
-    versions are staged for them): the exporter's last step, and a test's way to write a
-    repository of entries it made up."""
-    from .rollout import Rollout  # rollout states its configs with this module's helpers
-
-    with Rollout(root) as rollout:
-        rollout.publish_all(repository_files(networks, ensemble))

@@ -71,7 +71,17 @@ from .contract import (
     PARAM_WEIGHTS_SHA256,
     VARIANTS,
 )
-from .repository import Export, ensemble_export, parse, render, stated_export, with_export
+from .repository import (
+    EnsembleEntry,
+    Export,
+    NetworkEntry,
+    ensemble_export,
+    parse,
+    render,
+    repository_files,
+    stated_export,
+    with_export,
+)
 
 STAMP = ".export.json"
 #: The served version and the one before it, for a rollback.
@@ -709,3 +719,11 @@ def describe_versions(repository: Path, name: str) -> list[str]:
             f"{name} version {number} ({role}): {weights}" + (f", weights_sha256 {sha}" if sha else "") + note
         )
     return lines
+
+
+def write_repository(root: Path, networks: Sequence[NetworkEntry], ensemble: EnsembleEntry | None) -> None:
+    """The configs of `networks` and `ensemble` published into `root` (with whatever new
+    versions are staged for them): the exporter's last step, and a test's way to write a
+    repository of entries it made up."""
+    with Rollout(root) as rollout:
+        rollout.publish_all(repository_files(networks, ensemble))

@@ -91,7 +91,7 @@ registry.MODELS.update(registry.in_contract_order(specs, contract.NETWORKS))
 import pytest
 from inception import list_models
 from inception.export import ensemble_entry, main, network_entry, network_sources
-from inception.repository import write_repository
+from inception.rollout import write_repository
 from service.settings import default_models
 
 out = {"models": list_models(), "routable": default_models()}
