@@ -12,7 +12,7 @@ import pytest
 
 from service.model_config import ModelInfo
 from service.model_inputs import Preprocessing
-from service.routes.classify import weights_digest
+from service.provenance import weights_digest
 
 from .helpers import MODEL, classify, photo
 

@@ -1,4 +1,4 @@
-"""Fair admission in the gateway (service/gateway.py, service/admission.py, service/deps.py):
+"""Fair admission in the gateway (service/policy/, service/admission.py):
 the Triton ensemble's work is charged to its members, a client's slots are capped, and on
 a real gateway a client holding 16 requests in flight leaves another its answers."""
 
@@ -16,6 +16,7 @@ from service.errors import Overloaded
 from service.gateway import Gateway
 from service.model_config import ModelInfo
 from service.model_inputs import Preprocessing
+from service.policy import Lease
 from service.settings import Settings
 
 from ..helpers import TritonEndpoint
@@ -36,30 +37,36 @@ def ensemble_gateway() -> Gateway:
 
 def test_the_ensembles_work_is_charged_to_its_members() -> None:
     gateway = ensemble_gateway()
-    assert gateway.charged(["inception_ensemble"]) == [
+    assert gateway.policy.charged(["inception_ensemble"]) == [
         "inception_ensemble",
         "inception_v4",
         "inception_resnet_v2",
     ]
-    with gateway.admitted(["inception_ensemble"], 10, "a"):
-        assert gateway.admission.load("inception_v4").in_flight == 10
+    admission = gateway.policy.admission
+
+    async def admitted() -> Lease:
+        return await gateway.policy.reserve("a", images=10, models=["inception_ensemble"])
+
+    with asyncio.run(admitted()):
+        assert admission.load("inception_v4").in_flight == 10
         # A victim on a member sees the ensemble's load: its request overshoots nothing
         # but its share.
-        assert gateway.admission.load("inception_v4").share("victim") == 4
-    assert gateway.admission.load("inception_v4").in_flight == 0
+        assert admission.load("inception_v4").share("victim") == 4
+    assert admission.load("inception_v4").in_flight == 0
 
 
 def test_a_clients_slots_are_capped() -> None:
     gateway = Gateway(Settings(max_concurrency_per_client=2))
 
     async def scenario() -> None:
-        async with gateway.slot("a"), gateway.slot("a"):
+        policy = gateway.policy
+        async with await policy.reserve("a", requests=1), await policy.reserve("a", requests=1):
             with pytest.raises(Overloaded, match="2 requests in flight"):
-                async with gateway.slot("a"):
+                async with await policy.reserve("a", requests=1):
                     pass
-            async with gateway.slot("b"):
-                assert gateway.client_slots == {"a": 2, "b": 1}
-        assert not gateway.client_slots
+            async with await policy.reserve("b", requests=1):
+                assert policy.ledger.holders("requests") == {"a": 2, "b": 1}
+        assert not policy.ledger.holders("requests")
 
     asyncio.run(scenario())
 
@@ -70,16 +77,17 @@ def test_one_clients_large_uploads_do_not_keep_another_out_of_the_buffer() -> No
     gateway = Gateway(Settings(buffer_budget_bytes=64 * 2**20, memory_budget_bytes=512 * 2**20))
 
     async def scenario() -> None:
+        policy = gateway.policy
         async with (
-            gateway.buffer(32 * 2**20, client="uploader"),
-            gateway.buffer(32 * 2**20, client="uploader"),
+            await policy.reserve("uploader", body_bytes=32 * 2**20),
+            await policy.reserve("uploader", body_bytes=32 * 2**20),
         ):
             with pytest.raises(Overloaded):
-                async with gateway.buffer(32 * 2**20, client="uploader"):
+                async with await policy.reserve("uploader", body_bytes=32 * 2**20):
                     pass
-            async with gateway.buffer(100_000, client="victim"):
-                assert gateway.client_buffered["victim"] == 100_000
-        assert not gateway.client_buffered and gateway.buffered == 0
+            async with await policy.reserve("victim", body_bytes=100_000):
+                assert policy.ledger.held("victim", "body_bytes") == 100_000
+        assert not policy.ledger.holders("body_bytes") and policy.body_bytes == 0
 
     asyncio.run(scenario())
 
@@ -126,7 +134,8 @@ def test_a_client_is_its_key_or_else_its_address() -> None:
     per address, which uvicorn takes from X-Forwarded-For when the peer is trusted."""
     from starlette.requests import Request
 
-    from service.deps import client_id
+    def client_id(request: Request, gateway: Gateway) -> str:
+        return gateway.policy.client_of(request.headers, request.client.host if request.client else None)
 
     def request(headers: dict[str, str], host: str = "10.0.0.7") -> Request:
         raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
