@@ -4,7 +4,6 @@ the worker's load policy (service/policy/), whose resources every request leases
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -19,6 +18,7 @@ from .board import Board
 from .cache import AnswerCache
 from .errors import DeadlineExceeded
 from .imaging import Prepared, Preprocessing, prepare
+from .periodic import Periodic
 from .policy import Policy
 from .schemas import Prediction
 from .settings import Settings, worker_count
@@ -52,7 +52,9 @@ class Gateway:
         # Answers by content (service/cache.py): held from the memory account, given back on demand.
         self.cache = AnswerCache(settings.cache_bytes, self.policy.memory)
         self.decode_s: float | None = None  # moving average of one image's decode and preprocessing
-        self._seeder: asyncio.Task[None] | None = None
+        self._seeder = Periodic(
+            "rate-seeder", settings.config_max_age_s, self.seed_rates, log, "service rates not read"
+        )
 
     def _members(self, name: str) -> Sequence[str]:
         """A Triton ensemble's members, whose capacity its requests use (``Policy.charged``)."""
@@ -66,7 +68,7 @@ class Gateway:
         await self.backend.start()
         await self.seed_rates()
         if self.settings.config_max_age_s > 0:
-            self._seeder = asyncio.create_task(self._seed_rates_every(self.settings.config_max_age_s))
+            self._seeder.start()
         log.info(
             "gateway started",
             extra={
@@ -78,11 +80,7 @@ class Gateway:
         )
 
     async def stop(self) -> None:
-        if self._seeder is not None:
-            seeder, self._seeder = self._seeder, None
-            seeder.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await seeder
+        await self._seeder.stop()
         await self.backend.close()
         board, self.policy.admission.board = self.policy.admission.board, None
         if board is not None:
@@ -108,14 +106,6 @@ class Gateway:
             if rate is not None and not load.measured:
                 load.rate = rate
                 metrics.SERVICE_RATE.labels(name).set(rate)
-
-    async def _seed_rates_every(self, period_s: float) -> None:
-        while True:
-            await asyncio.sleep(period_s)
-            try:
-                await self.seed_rates()
-            except Exception:  # the seeder must outlive any one failure
-                log.exception("service rates not read")
 
     async def prepare(self, data: bytes, pres: list[Preprocessing], crops: int = 1) -> Prepared:
         """Decoding and resizing hold the GIL little but take milliseconds: a thread pool

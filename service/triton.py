@@ -11,7 +11,6 @@ failed to load are read in :mod:`service.load_failures`, its service rates compu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -29,6 +28,7 @@ from .deadlines import deadline_var, remaining_s
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ModelUnavailable
 from .load_failures import LoadFailures
 from .model_config import ConfigError, ModelInfo, parse_model_config
+from .periodic import Periodic
 from .service_rates import ServiceRates
 from .settings import Settings
 from .triton_errors import (
@@ -66,7 +66,13 @@ class TritonBackend:
         self._refresh_lock = asyncio.Lock()
         self._last_refresh = float("-inf")
         self._stale = False
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher = Periodic(
+            "config-watcher",
+            settings.config_max_age_s,
+            self._read_configs,
+            log,
+            "periodic config read failed",
+        )
         self._rates = ServiceRates()
         self._loads = LoadFailures(settings)
 
@@ -113,29 +119,20 @@ class TritonBackend:
             await self.check_loads()
         except Exception:  # the gateway starts regardless
             log.exception("model loads not checked")
-        if self.settings.config_max_age_s > 0 and self._watcher is None:
-            self._watcher = asyncio.create_task(self._watch_configs(), name="config-watcher")
+        if self.settings.config_max_age_s > 0:
+            self._watcher.start()
 
-    async def _watch_configs(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.config_max_age_s)
-            try:
-                if await self.live():  # a Triton that is down is found by the requests
-                    await self.refresh(force=True)
-                    await self.check_loads()
-            except Exception:  # the watcher must outlive any one failure
-                log.exception("periodic config read failed")
+    async def _read_configs(self) -> None:
+        if await self.live():  # a Triton that is down is found by the requests
+            await self.refresh(force=True)
+            await self.check_loads()
 
     async def check_loads(self) -> dict[str, str] | None:
         """Which models have a version Triton failed to load (see :mod:`service.load_failures`)."""
         return await self._loads.check(self.client)
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            watcher, self._watcher = self._watcher, None
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        await self._watcher.stop()
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
