@@ -12,7 +12,7 @@ and then cropping. What can differ is the rounding to 8 bits between Pillow's ho
 and vertical passes, whose order Pillow chooses itself and may choose differently for a
 box than for the whole image (observed with Pillow 13): against timm's transform that
 leaves p99 ≤ 1 grey level, max 2
-(``tests/gateway/test_preprocessing_reference.py``).
+(``tests/gateway/images/test_preprocessing_reference.py``).
 
 Protocols (``crops``):
 

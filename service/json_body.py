@@ -5,7 +5,7 @@ decoded within the request's limit.
 
 Apart from the other forms (:mod:`service.inputs`) because its bounds are what make parsing
 an untrusted document cost no more than the memory account charged for it
-(``tests/gateway/test_json_bounds.py`` measures the worst it lets through).
+(``tests/gateway/http/test_json_bounds.py`` measures the worst it lets through).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 crop, or 10 or 144 crops), each crop resampled by Pillow from the image as decoded.
 
 Apart from the decode (:mod:`service.imaging`) because this is the part held to timm's
-numbers (``tests/gateway/test_preprocessing_reference.py``), not to hostile bytes: it only
+numbers (``tests/gateway/images/test_preprocessing_reference.py``), not to hostile bytes: it only
 ever sees an RGB image already within the limits. Synchronous and CPU-bound, as the decode.
 """
 

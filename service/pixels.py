@@ -12,7 +12,7 @@ from PIL import Image
 #: What one request may cost in memory while its image is decoded and converted: the decoded
 #: pixels (at most 4 bytes each: RGBA, CMYK, 32-bit grey or float) and the RGB result
 #: (Pillow keeps it in 4 bytes a pixel), plus the interpreter's and the buffers' overhead.
-#: `tests/gateway/test_memory_budget.py` measures it on a real worker.
+#: `tests/gateway/load/test_memory_budget.py` measures it on a real worker.
 BYTES_PER_PIXEL_BUDGET = 8
 FIXED_BUDGET_BYTES = 96 * 1024 * 1024
 
@@ -54,7 +54,7 @@ def _grey_strip(strip: Image.Image, low: float, high: float) -> np.ndarray:
 def _composite_on_white(strip: Image.Image) -> Image.Image:
     """``strip`` over opaque white, as RGB: ``(c * a + 255 * (255 - a) + 127) // 255`` for each
     colour ``c`` and alpha ``a``. Pillow's alpha compositing in C gives exactly that on an
-    opaque background (tests/gateway/test_decode_fuzz.py checks all 65,536 pairs) at a third
+    opaque background (tests/gateway/images/test_decode_fuzz.py checks all 65,536 pairs) at a third
     of numpy's cost: that arithmetic was half the CPU of a thin image at the pixel limit."""
     rgba = strip if strip.mode == "RGBA" else strip.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

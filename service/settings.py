@@ -55,7 +55,7 @@ class Settings(BaseSettings):
 
     Every field is declared one way, ``name: type = Field(default, bounds, description=...)``,
     because the descriptions are the README's settings table
-    (``tests/gateway/test_settings_documented.py``); ``NoDecode`` in a type marks a list read
+    (``tests/gateway/settings/test_settings_documented.py``); ``NoDecode`` in a type marks a list read
     from a comma-separated string by a validator rather than as JSON.
     """
 

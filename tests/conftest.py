@@ -19,7 +19,7 @@ from .helpers import REPOSITORY, ROOT, TritonEndpoint
 # of them: that is its point against a client that loops on refusals, and the tests that
 # send hundreds of bad requests from one address (schemathesis, the overload and admission
 # tests) would wait seconds for each. It is off for the suite's gateways, in process here and
-# in subprocesses by GatewayProcess; tests/gateway/test_error_pacing.py and
+# in subprocesses by GatewayProcess; tests/gateway/load/test_error_pacing.py and
 # `make bench-hostile` run it on.
 os.environ.setdefault("GATEWAY_ERROR_RATE_PER_S", "0")
 

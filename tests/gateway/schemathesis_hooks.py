@@ -1,4 +1,4 @@
-"""Schemathesis hooks for `test_schemathesis.py` (loaded by the CLI through
+"""Schemathesis hooks for `http/test_schemathesis.py` (loaded by the CLI through
 ``SCHEMATHESIS_HOOKS``): what a JSON schema cannot say about this API.
 
 - An image field is "binary" (or base64) to a schema, but valid data for this API is a
@@ -6,21 +6,21 @@
   accepted" means something instead of failing on random bytes with 415.
 - `weights` belongs to `models` (the counts must match, and not all may be zero): JSON
   schema cannot tie one query parameter to another, so a generated request that breaks the
-  rule loses its `weights`; `tests/gateway/test_routing.py` tests the rule and its 422.
+  rule loses its `weights`; `tests/gateway/classify/test_routing.py` tests the rule and its 422.
 - `model` and `models` exclude each other: a generated request with both loses `model`.
 - A deadline (`X-Request-Timeout`) shorter than an inference cannot be met (503 or 504 by
-  design): generated deadlines are raised to 30 s; `test_overload.py` tests deadlines.
+  design): generated deadlines are raised to 30 s; `load/test_overload.py` tests deadlines.
 - A batch (a JSON `images` array, or repeated multipart `image` parts) of up to 64 images
   is valid, but 64 forwards (640 with `crops=10`) take longer than the gateway's 30 s
   deadline on two CPU cores (503 or 504 by design there): generated batches keep their
-  first 2 images; `test_batches.py` tests the full 64 against admission.
+  first 2 images; `classify/test_batches.py` tests the full 64 against admission.
 - Schemathesis (4.32) labels some generated multipart bodies "negative" whose every part
   is valid once serialised (its fuzzing phase now meets one with two `image` parts and an
   empty `models`): such a body, valid against the multipart schema, gets one unknown field
   (the schema forbids additional properties), so that the check "invalid data is refused"
   tests a real refusal instead of flagging a valid batch answered 200.
 - `crops=144` runs 144 crops per network, longer than the gateway's 30 s deadline on two
-  CPU cores (504 by design there): it is sent as 10; `test_crops_e2e.py` tests 144 with a
+  CPU cores (504 by design there): it is sent as 10; `images/test_crops_e2e.py` tests 144 with a
   longer deadline.
 """
 
