@@ -13,7 +13,7 @@ fields (provenance, members, warning) are read from the model configs of the mom
 **The key** (:func:`cache_key`, :func:`cache_keys`) is the sha256 of the image's bytes,
 the route (the model, or the members of a per-request ensemble with their coefficients),
 the options that change how probabilities are computed (each option declares whether it
-does: ``Bearing`` in service/options.py; today ``crops``), and each
+does: ``Bearing`` in service/option_marks.py; today ``crops``), and each
 served network's weights sha256 as its Triton config says (``weights_sha256``, re-read
 every ``GATEWAY_CONFIG_MAX_AGE_S``), so that new weights never serve an old answer. A
 network whose config names no sha256 (random initialisation, or a config no export wrote)

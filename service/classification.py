@@ -148,8 +148,8 @@ class Classification:
             post_started = time.perf_counter()
             if todo:
                 computed, failed, post_started = await self.compute(lease, upload, infos, todo)
-                for index, probabilities in computed.items():
-                    if keys:
+                if keys:
+                    for index, probabilities in computed.items():
                         gateway.cache.put(keys[index], probabilities)
                 metrics.CACHE_BYTES.set(gateway.cache.bytes)
         answer = build_answer(gateway, plan, served, options.top_k, upload.batch, found, computed, failed)

@@ -194,7 +194,12 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(
         2.0, ge=0, description="how long a request waits for a free slot before 429"
     )
-    retry_after_overloaded_s: int = Field(1, ge=0, description="Retry-After of 429 answers (all of them)")
+    retry_after_overloaded_s: int = Field(
+        1,
+        ge=0,
+        description="Retry-After of 429 answers, but `over_share` "
+        "(the time the work in flight takes to drain)",
+    )
     error_rate_per_s: float = Field(
         2.0,
         ge=0,
