@@ -18,7 +18,7 @@ HUB_DEFAULT = 0
 serve: HUB_DEFAULT = auto
 PRECISION ?=
 
-.PHONY: all debian venv compat-prepare backend repository rollback serve test compat check bench bench-gateway bench-overload bench-hostile gpu-kit clean
+.PHONY: all debian venv compat-prepare backend repository rollback serve test compat check bench bench-gateway bench-frontend bench-overload bench-hostile gpu-kit clean
 
 all: test
 
@@ -104,6 +104,12 @@ bench: backend repository
 
 bench-gateway: backend repository
 	$(BIN)/python -m bench.gateway --repository $(REPO)
+
+# The gateway's own CPU cost per image against a network that costs almost nothing, beside
+# the one-thread floor of its decode and preprocessing, and a py-spy profile of a worker
+# under the 500x375 JPEG load (about 3 minutes).
+bench-frontend: backend $(STAMP)
+	$(BIN)/python -m bench.frontend --profile build/frontend.folded
 
 # Goodput and latency past capacity, with and without admission control, and a 10-minute
 # memory soak (about 16 minutes in all).

@@ -60,8 +60,8 @@ def check_backend_directory(backends: Path) -> Path:
     return backends
 
 
-def server_environment() -> dict[str, str]:
-    env = dict(os.environ)
+def server_environment(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, **(overrides or {})}
     libs = _package_dir("pytriton").parent / "nvidia_pytriton.libs"
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     return env
@@ -140,8 +140,11 @@ class TritonServer:
         extra_args: list[str] | None = None,
         config_name: str = "cpu",
         backend_directory: Path | None = None,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
+        #: Variables set over this process's environment for the server (a bench's variants).
+        self.environment = dict(environment or {})
         self.config_name = config_name
         self.backend_directory = Path(backend_directory or default_backend_directory())
         self.http_port = http_port or free_port()
@@ -187,7 +190,9 @@ class TritonServer:
     def start(self) -> TritonServer:
         if self.process is not None and self.process.poll() is None:
             return self
-        self.process = start_group(self.command(), env=server_environment(), log_path=self.log_path)
+        self.process = start_group(
+            self.command(), env=server_environment(self.environment), log_path=self.log_path
+        )
         return self
 
     def failure_report(self) -> str:
