@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         entry = samples.setdefault(column, {"wall": [], "cpu": []})
         entry["wall"] += result["wall"]  # type: ignore[arg-type]
         entry["cpu"] += result["cpu"]  # type: ignore[arg-type]
-        threads[column] = int(result["threads"])  # type: ignore[arg-type]
+        threads[column] = int(str(result["threads"]))
 
     with tempfile.TemporaryDirectory(prefix="bench-batch-one-") as tmp:
         repository = Path(tmp) / "repository"

@@ -128,7 +128,7 @@ def write_repository(root: Path) -> None:
 
     examples = [(example_images(b, spec.input_size, seed=b),) for b in (1, 4)]
     traced = trace_and_check(ServingModel(network), examples)
-    stamp = {
+    stamp: dict[str, object] = {
         "fingerprint": "bench-frontend",
         "weights": RANDOM_INIT,
         "weights_sha256": "",
@@ -330,20 +330,29 @@ def markdown(
         f"Measured {info['date']} on {info['machine']}; {info['workers']} gateway worker(s), "
         f"{info['clients']} closed-loop clients, {info['seconds']:.0f} s a row.",
         "",
-        "| input | images/s | p50 ms | p99 ms | gateway CPU ms/image | images per gateway CPU-s "
+        "| input | code | images/s | p50 ms | p99 ms | gateway CPU ms/image | images per gateway CPU-s "
         "| floor (one thread, images per CPU-s) | gateway / floor | Triton CPU ms/image | shed | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         floor_rate = float(floors[str(r["input"])]["images_per_cpu_s"])  # type: ignore[arg-type]
         ratio = float(r["images_per_gateway_cpu_s"]) / floor_rate  # type: ignore[arg-type]
         lines.append(
-            f"| {r['case']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+            f"| {r['case']} | {r['code']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
             f"| {r['gateway_cpu_ms_per_image']:.2f} | {r['images_per_gateway_cpu_s']:.0f} "
             f"| {floor_rate:.0f} | {ratio:.2f} "
             f"| {r['triton_cpu_ms_per_image']:.2f} | {r['shed']} | {r['errors']} |"
         )
     return "\n".join(lines)
+
+
+def start_gateway(grpc_url: str, workers: int, checkout: Path) -> Gateway:
+    """A gateway of `checkout`'s code (its `service` package first on the path)."""
+    settings = {**SETTINGS, "PYTHONPATH": str(checkout)}
+    log = ROOT / "build" / "logs" / f"bench-frontend-gateway-{checkout.name}.log"
+    return (
+        Gateway(grpc_url, workers=workers, env=settings, log_path=log, cwd=checkout).start().wait("/readyz")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per row")
     parser.add_argument("--only", help="run only the cases whose label contains this")
     parser.add_argument("--profile", type=Path, help="also sample a worker with py-spy; folded stacks here")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of other code (a git worktree of an earlier commit): its gateway is measured "
+        "beside this one's, row by row, against the same Triton",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     clients = args.clients or 4 * args.workers
@@ -370,25 +385,21 @@ def main(argv: list[str] | None = None) -> int:
         with TritonServer(
             repository, log_path=ROOT / "build" / "logs" / "bench-frontend-tritonserver.log"
         ) as triton:
-            gateway = (
-                Gateway(
-                    triton.grpc_url,
-                    workers=args.workers,
-                    env=SETTINGS,
-                    log_path=ROOT / "build" / "logs" / "bench-frontend-gateway.log",
-                )
-                .start()
-                .wait("/readyz")
-            )
+            gateways = {"this checkout": start_gateway(triton.grpc_url, args.workers, ROOT)}
+            if args.before:
+                gateways["before"] = start_gateway(triton.grpc_url, args.workers, args.before.resolve())
             try:
                 for case in chosen:
-                    row = {"input": case.name, **served(case, gateway, triton, clients, args.seconds)}
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    for code, gateway in gateways.items():
+                        row: dict[str, object] = {"input": case.name, "code": code}
+                        row.update(served(case, gateway, triton, clients, args.seconds))
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
                 if args.profile:
-                    costs = profile(gateway, chosen[0], clients, args.seconds, args.profile)
+                    costs = profile(gateways["this checkout"], chosen[0], clients, args.seconds, args.profile)
             finally:
-                gateway.stop()
+                for gateway in gateways.values():
+                    gateway.stop()
     info = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
