@@ -202,20 +202,26 @@ def check_tiles(image: Image.Image) -> None:
         )
 
 
-#: The most pixels of a run-length-encoded BMP. Pillow decodes RLE BMPs in Python, up to
-#: 460 ns a pixel (runs of one 4-bit pixel; 120 ns for a row of one pixel that the
-#: end-of-line escape pads, byte by byte): the decode fuzzer's 1 KiB RLE8 BMP of
-#: 43,256,739 x 1 pixels took 3.1 s of CPU. A 1920 x 1080 screen bounds one to about 1 s;
-#: RLE bitmaps are icons and old screenshots. Its data is bounded too, by what its pixels
-#: can need (two bytes a pixel, runs of one, and an end of line a row): each two bytes are
-#: a round of that Python, and the fuzzer's 5 MiB of escapes that draw nothing before a
-#: 146 x 130 image took 2.3 s (16 MiB, 3 s).
+#: The most pixels of a run-length-encoded BMP. Pillow decodes RLE BMPs in Python, per run
+#: and per padding byte: the decode fuzzer's 1 KiB RLE8 BMP of 43,256,739 x 1 pixels (one
+#: pixel a row, the rest padded by the end-of-line escape) took 3.1 s of CPU. RLE bitmaps
+#: are icons and old screenshots; a 1920 x 1080 screen is the bound. Its data is bounded
+#: too (:data:`RLE_BMP_SLACK`): each two bytes are a round of that Python even when they draw
+#: nothing (the fuzzer's 5 MiB of escapes before a 146 x 130 image took 2.3 s).
 MAX_RLE_BMP_PIXELS = 1920 * 1080
+#: An RLE BMP's data may be at most its uncompressed bitmap and this fraction of it again,
+#: plus an end of line a row. An encoder writes absolute runs where runs do not pay, so
+#: what this refuses is runs of one pixel: a 1920 x 1080 RLE4 of them is 4 MiB, four times
+#: its bitmap, and cost 3.2 s of CPU here (4.1 s in CI). At the bound the costliest layout
+#: costs about half the costliest ordinary image within the pixel limit, an RGBA PNG
+#: (tests/gateway/images/test_decode_fuzz.py measures both).
+RLE_BMP_SLACK = 1 / 8
 
 
 def check_bmp_rle(image: ImageFile.ImageFile, size: int) -> None:
     """Refuse an RLE-compressed BMP past :data:`MAX_RLE_BMP_PIXELS`, or with more data than
-    its pixels need, from its header and the body's ``size``."""
+    its bitmap would take uncompressed (and :data:`RLE_BMP_SLACK`), from its header and the
+    body's ``size``."""
     rle = [tile for tile in image.tile if tile[0] == "bmp_rle"]
     if not rle:
         return
@@ -225,11 +231,15 @@ def check_bmp_rle(image: ImageFile.ImageFile, size: int) -> None:
             f"the BMP is run-length encoded with {width}x{height} pixels, more than the "
             f"{MAX_RLE_BMP_PIXELS} such a BMP may have; send it uncompressed or as PNG"
         )
-    needed = 2 * width * height + 2 * height + 64
-    if size - rle[0][2] > needed:
+    offset = rle[0][2]
+    bits = 4 if image.info.get("compression") == 2 else 8  # RLE4, else RLE8
+    uncompressed = -(-width * bits // 32) * 4 * height
+    allowed = uncompressed + int(uncompressed * RLE_BMP_SLACK) + 2 * height + 64
+    if size - offset > allowed:
         raise InvalidImage(
-            f"the BMP's run-length encoded data has {size - rle[0][2]} bytes, more than its "
-            f"{width}x{height} pixels can need ({needed})"
+            f"the BMP's run-length encoded data has {size - offset} bytes, more than the "
+            f"{allowed} its {width}x{height} pixels may take (their uncompressed bitmap and "
+            f"an eighth); send it uncompressed or as PNG"
         )
 
 
