@@ -354,11 +354,13 @@ def export_network(
     precision: str,
     log: Log,
     keep_pretrained: bool = False,
+    check_batch: int = MAX_BATCH_SIZE,
 ) -> NetworkEntry:
     """Exports one network as a staged new version where its inputs changed; with
     `keep_pretrained`, random weights never replace an existing pretrained export (a failed
     download keeps what was served before); the inputs a rollback took out of service are
-    not exported again (the rollback holds until the inputs change)."""
+    not exported again (the rollback holds until the inputs change). The trace is checked
+    against eager at batch 1 and `check_batch` (fp32; fp16 at 1 and 2)."""
     spec = get_spec(name)
     weights = choice.weights
     fingerprint = network_fingerprint(name, choice, precision)
@@ -383,7 +385,7 @@ def export_network(
         info = model.weights_info
         assert isinstance(info, WeightsInfo)  # set by create_model, unknown to nn.Module's typing
         # fp16 runs slowly on a CPU: check it at small batches only.
-        batches = (1, MAX_BATCH_SIZE) if precision == "fp32" else (1, 2)
+        batches = (1, check_batch) if precision == "fp32" else (1, min(2, check_batch))
         log(f"{name}: tracing, freezing ({precision}) and checking against eager at batch {batches}")
         examples = [(example_images(b, spec.input_size, seed=i),) for i, b in enumerate(batches)]
         traced = trace_and_check(ServingModel(model), examples, precision)
@@ -514,6 +516,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-ensemble", action="store_true")
     parser.add_argument(
+        "--check-batch",
+        type=int,
+        default=MAX_BATCH_SIZE,
+        help=f"the largest batch each trace is checked against eager at (default {MAX_BATCH_SIZE}, "
+        "the most Triton sends it; the check costs a minute a network on two CPU cores, so tests "
+        "of what surrounds an export pass a small one)",
+    )
+    parser.add_argument(
         "--triton-url",
         default=None,
         metavar="HOST:PORT",
@@ -533,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [n for n in args.models.split(",") if n]
         for name in names:
             get_spec(name)
+        if not 1 <= args.check_batch <= MAX_BATCH_SIZE:
+            raise ValueError(f"--check-batch must be within 1 and {MAX_BATCH_SIZE}, got {args.check_batch}")
         checkpoints = _parse_checkpoints(args.checkpoint)
         hub = hub_mode(args.hub)
         allowed = _parse_allow_random(args.allow_random, names)
@@ -545,7 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, name in enumerate(names, 1):
                 log(f"({i}/{len(names)}) {name}")
                 networks.append(
-                    export_network(name, rollout, choices[name], args.precision, log, keep_pretrained)
+                    export_network(
+                        name, rollout, choices[name], args.precision, log, keep_pretrained, args.check_batch
+                    )
                 )
             ensemble = None
             if not args.no_ensemble:

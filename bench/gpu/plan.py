@@ -40,6 +40,9 @@ class Plan:
     photo_crops: tuple[float, ...]
     photo_flips: bool
     photo_limit: int  # photos used by the tuning and accuracy checks
+    #: The largest batch the exporter checks each trace against eager at (None: its default,
+    #: the largest Triton sends; the dry run's 2 saves it a minute on two CPU cores).
+    export_check_batch: int | None = None
     budgets: dict[str, float] = field(default_factory=dict)
     deadline: float = 400.0
 
@@ -118,5 +121,6 @@ def cpu_dry_run_plan() -> Plan:
         photo_crops=(0.875,),
         photo_flips=False,
         photo_limit=4,
+        export_check_batch=2,
         deadline=240.0,
     )

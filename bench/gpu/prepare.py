@@ -140,8 +140,9 @@ def export(run: Run, stack: Stack) -> dict[str, Any]:
                 if not target.exists():
                     os.link(source / item, target)
     started = time.monotonic()
+    check = [] if run.plan.export_check_batch is None else ["--check-batch", str(run.plan.export_check_batch)]
     code = exporter.main(
-        ["--repository", str(repository), "--models", ",".join(run.plan.networks), "--hub", "never"]
+        ["--repository", str(repository), "--models", ",".join(run.plan.networks), "--hub", "never", *check]
     )
     if code != 0:
         raise RuntimeError(f"inception.export exited with {code}")

@@ -159,13 +159,13 @@ def alertmanager(alertmanager_bin, webhook, tmp_path_factory) -> Iterator[str]:
         hook["url"] = webhook[0].rsplit("/", 1)[0] + "/" + path
     config["route"]["group_wait"] = "1s"
     (work / "alertmanager.yml").write_text(yaml.safe_dump(config))
-    port, cluster = free_port(), free_port()
+    port = free_port()
     command = [
         alertmanager_bin,
         f"--config.file={work / 'alertmanager.yml'}",
         f"--storage.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
-        f"--cluster.listen-address=127.0.0.1:{cluster}",
+        "--cluster.listen-address=",  # no peers: no wait for gossip to settle before sending
     ]
     with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "alertmanager.log"):
         yield f"127.0.0.1:{port}"
@@ -191,7 +191,10 @@ def prometheus(prometheus_bin, alertmanager, tmp_path_factory) -> Iterator[str]:
             rule["for"] = "0s"
     (work / "alerts.yml").write_text(yaml.safe_dump(rules))
     config["rule_files"] = [str(work / "alerts.yml")]
-    with running_prometheus(prometheus_bin, work, config) as url:
+    # Firing alerts are sent again every second, not every minute: the Watchdog fires at the
+    # first evaluation, before Prometheus has found its Alertmanager, and waited for that.
+    resend = ["--rules.alert.resend-delay=1s"]
+    with running_prometheus(prometheus_bin, work, config, extra_args=resend) as url:
         yield url
 
 
@@ -310,7 +313,8 @@ def failing_pipeline(alertmanager_bin, prometheus_bin, refusing_webhook, tmp_pat
     Beside the usual changes (addresses, `for: 0s`), the heartbeat route repeats every
     second instead of every minute, so that its stopping shows in seconds; the other
     alerts wait 5 s for their group (group_wait), so that the first heartbeat comes before
-    the first refusal; Prometheus sends its firing alerts again every second, not every
+    the first refusal, and an alert that joins a group is sent a second later, not five
+    minutes (group_interval); Prometheus sends its firing alerts again every second, not every
     minute (an alert that fires before it has found its Alertmanager waits for that), and
     scrapes this Alertmanager as compose's does (job `alertmanager`)."""
     work = tmp_path_factory.mktemp("failing")
@@ -318,17 +322,17 @@ def failing_pipeline(alertmanager_bin, prometheus_bin, refusing_webhook, tmp_pat
     for receiver in config["receivers"]:
         (hook,) = receiver["webhook_configs"]
         hook["url"] = refusing_webhook[0] + "/" + hook["url"].rsplit("/", 1)[1]
-    config["route"]["group_wait"] = "5s"
+    config["route"].update(group_wait="5s", group_interval="1s")
     (heartbeat,) = [r for r in config["route"]["routes"] if r["receiver"] == "heartbeat"]
     heartbeat.update(group_interval="1s", repeat_interval="1s")
     (work / "alertmanager.yml").write_text(yaml.safe_dump(config))
-    port, cluster = free_port(), free_port()
+    port = free_port()
     command = [
         alertmanager_bin,
         f"--config.file={work / 'alertmanager.yml'}",
         f"--storage.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
-        f"--cluster.listen-address=127.0.0.1:{cluster}",
+        "--cluster.listen-address=",  # no peers: no wait for gossip to settle before sending
     ]
     with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "alertmanager.log"):
         prometheus_config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
@@ -373,9 +377,17 @@ def test_a_failing_receiver_stops_the_heartbeat(failing_pipeline, refusing_webho
             break
         time.sleep(0.5)
     assert "AlertmanagerNotificationsFailing" in states and "Watchdog" not in states, states
-    refused = [
-        a["labels"]["alertname"] for n in list(history) if n["path"] == "/alerts" for a in n["body"]["alerts"]
-    ]
+    refused: list[str] = []
+    while time.monotonic() < deadline:  # the page about the gateway was sent, and refused
+        refused = [
+            a["labels"]["alertname"]
+            for n in list(history)
+            if n["path"] == "/alerts"
+            for a in n["body"]["alerts"]
+        ]
+        if "GatewayDown" in refused:
+            break
+        time.sleep(0.5)
     assert "GatewayDown" in refused, refused
     # Prometheus tells Alertmanager the Watchdog resolved; give that a few seconds, then
     # the heartbeat (every second until now) must stay silent.

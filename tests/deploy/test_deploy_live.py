@@ -88,13 +88,13 @@ def alertmanager(tmp_path_factory) -> Iterator[str]:
     """Debian's Alertmanager with the shipped config: its metrics are scraped."""
     binary = require_tool("prometheus-alertmanager", "Debian package prometheus-alertmanager")
     work = tmp_path_factory.mktemp("alertmanager")
-    port, cluster = free_port(), free_port()
+    port = free_port()
     command = [
         binary,
         f"--config.file={DEPLOY / 'alertmanager' / 'alertmanager.yml'}",
         f"--storage.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
-        f"--cluster.listen-address=127.0.0.1:{cluster}",
+        "--cluster.listen-address=",  # no peers: no wait for gossip to settle
     ]
     with running(command, f"http://127.0.0.1:{port}/-/ready", 60, log_path=work / "alertmanager.log"):
         yield f"127.0.0.1:{port}"

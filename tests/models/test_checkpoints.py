@@ -167,6 +167,8 @@ def test_export_with_a_checkpoint_records_provenance_and_leaves_tracked_files_al
         str(repository),
         "--checkpoint",
         f"inception_v4={checkpoint}",
+        "--check-batch",  # the check at the largest batch is tested in test_export.py
+        "2",
     ]
     assert main(args) == 0
     for variant in ("gpu", "cpu"):

@@ -47,10 +47,14 @@ def load(path: Path) -> torch.jit.ScriptModule:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_exported_file_equals_eager(name: str) -> None:
+    """The served file, loaded back, against eager on images it was not traced or checked on.
+    Batch 1 and 3 show the batch is free (a trace has no branch on it); the export itself
+    checked the frozen trace at the largest batch (`test_the_trace_check_reaches_the_largest_batch`),
+    which costs a minute a network here."""
     traced = load(served_model_file(PRODUCTION, name))
     eager = ServingModel(create_model(name)).eval()
     with torch.no_grad():
-        for batch in (1, MAX_BATCH_SIZE):
+        for batch in (1, 3):
             images = example_images(batch, seed=batch + 7)
             got, expected = traced(images), eager(images)
             assert got.shape == (batch, 1000) and got.dtype == torch.float32
@@ -87,6 +91,35 @@ def test_exported_file_is_frozen(name: str) -> None:
     nodes = {node.kind() for node in module.inlined_graph.nodes()}
     assert "aten::batch_norm" not in nodes
     assert nodes & {"aten::_convolution", "aten::conv2d"}
+
+
+class _Checked(Exception):
+    """Stops an export once its check batches are known."""
+
+
+def test_the_trace_check_reaches_the_largest_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """By default the frozen trace is checked against eager at batch 1 and at the largest
+    batch Triton sends; `--check-batch` lowers the second (tests of what surrounds an
+    export), within 1 and that largest batch."""
+    import inception.export as exporter
+
+    seen: list[list[int]] = []
+
+    def record(module: torch.nn.Module, examples: list[tuple[torch.Tensor, ...]], precision: str = "fp32"):
+        seen.append([int(example[0].shape[0]) for example in examples])
+        raise _Checked
+
+    monkeypatch.setattr(exporter, "trace_and_check", record)
+    base = ["--models", "inception_resnet_v1", "--no-ensemble", "--repository", str(tmp_path / "repo")]
+    for extra in ([], ["--check-batch", "2"]):
+        with pytest.raises(_Checked):
+            main([*base, *extra])
+    assert seen == [[1, MAX_BATCH_SIZE], [1, 2]]
+    for bad in ("0", str(MAX_BATCH_SIZE + 1)):
+        assert main([*base, "--check-batch", bad]) == 2
+        assert "--check-batch must be within 1 and" in capsys.readouterr().err
 
 
 def test_rerun_with_unchanged_inputs_skips(capsys: pytest.CaptureFixture[str]) -> None:

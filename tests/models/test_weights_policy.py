@@ -166,7 +166,7 @@ def test_a_pretrained_export_is_never_replaced_by_random_weights(
     checkpoint = tmp_path / "irv1-trained.pth"
     torch.save(state, checkpoint)
     repository = tmp_path / "repository"
-    base = ["--repository", str(repository), "--models", name, "--no-ensemble"]
+    base = ["--repository", str(repository), "--models", name, "--no-ensemble", "--check-batch", "2"]
 
     assert main([*base, "--checkpoint", f"{name}={checkpoint}", "--allow-random", "none"]) == 0
     config = (repository / name / "configs" / "gpu.pbtxt").read_text()
