@@ -346,13 +346,25 @@ def markdown(
     return "\n".join(lines)
 
 
-def start_gateway(grpc_url: str, workers: int, checkout: Path) -> Gateway:
-    """A gateway of `checkout`'s code (its `service` package first on the path)."""
-    settings = {**SETTINGS, "PYTHONPATH": str(checkout)}
-    log = ROOT / "build" / "logs" / f"bench-frontend-gateway-{checkout.name}.log"
+def start_gateway(
+    grpc_url: str, workers: int, checkout: Path, env: dict[str, str] | None = None, tag: str = ""
+) -> Gateway:
+    """A gateway of `checkout`'s code (its `service` package first on the path), with `env`
+    over the bench's settings."""
+    settings = {**SETTINGS, **(env or {}), "PYTHONPATH": str(checkout)}
+    log = ROOT / "build" / "logs" / f"bench-frontend-gateway-{checkout.name}{tag}.log"
     return (
         Gateway(grpc_url, workers=workers, env=settings, log_path=log, cwd=checkout).start().wait("/readyz")
     )
+
+
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """``LABEL:KEY=VALUE[,KEY=VALUE]`` as the label and the settings it names."""
+    label, _, pairs = text.partition(":")
+    env = dict(pair.split("=", 1) for pair in pairs.split(",") if "=" in pair)
+    if not label or not env:
+        raise SystemExit(f"--variant {text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE]")
+    return label, env
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="a checkout of other code (a git worktree of an earlier commit): its gateway is measured "
         "beside this one's, row by row, against the same Triton",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+        help="also measure this checkout's gateway with these settings, row by row beside the "
+        "default one (e.g. 'grpc payload:GATEWAY_TRITON_SHARED_MEMORY=off'); may repeat",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -388,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             gateways = {"this checkout": start_gateway(triton.grpc_url, args.workers, ROOT)}
             if args.before:
                 gateways["before"] = start_gateway(triton.grpc_url, args.workers, args.before.resolve())
+            for number, (label, env) in enumerate(map(variant, args.variant)):
+                gateways[label] = start_gateway(triton.grpc_url, args.workers, ROOT, env, f"-variant{number}")
             try:
                 for case in chosen:
                     for code, gateway in gateways.items():

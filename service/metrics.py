@@ -130,6 +130,19 @@ CONNECTIONS_REFUSED = Counter(
     ["reason"],
 )
 
+#: How inference inputs travel to Triton (service/input_regions.py): ``shared_memory`` for a
+#: same-host Triton with a region free, ``grpc`` payload otherwise.
+TRITON_INPUTS = Counter(
+    "inception_gateway_triton_inputs",
+    "Inference requests sent to Triton, by how their inputs went",
+    ["transport"],
+)
+SHARED_MEMORY_BYTES = Gauge(
+    "inception_gateway_shared_memory_bytes",
+    "Bytes of shared memory regions the workers hold for Triton's inputs",
+    multiprocess_mode="livesum",
+)
+
 #: One series per served model and the provenance of its weights, as its config on Triton
 #: says: 1 for what this gateway read last, 0 for what it read before (a multiprocess gauge
 #: keeps every series it ever had, so a stale one is zeroed, not removed). Alerts select

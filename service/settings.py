@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     triton_keepalive_timeout_ms: int = Field(
         5000, ge=1000, description="a keepalive ping unanswered this long closes the connection"
     )
+    triton_shared_memory: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="input tensors through system shared memory instead of gRPC payload (auto: when "
+        "the Triton URL is a loopback address; a Triton that cannot map the regions turns them off)",
+    )
+    triton_shared_memory_mib: int = Field(
+        64, ge=1, description="most shared memory one worker maps for Triton's inputs; past it, payload"
+    )
     config_max_age_s: float = Field(
         10.0,
         ge=0,

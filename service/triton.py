@@ -5,7 +5,8 @@ are read from Triton (``parameters``, parsed by :mod:`service.model_config`), at
 Triton is up and lazily otherwise: the gateway starts, and becomes ready, whatever order the two come up in.
 Triton's errors become the gateway's in :mod:`service.triton_errors`; the versions Triton
 failed to load are read in :mod:`service.load_failures`, its service rates computed in
-:mod:`service.service_rates`.
+:mod:`service.service_rates`; inputs go through shared memory to a Triton on this host
+(:mod:`service.input_regions`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from inception.contract import INPUT_NAME, OUTPUT_NAME
 from . import metrics, tracing
 from .deadlines import deadline_var, remaining_s
 from .errors import BackendError, BackendTimeout, BackendUnavailable, ModelUnavailable
+from .input_regions import InputRegions, is_lost_region, payload_tensors
 from .load_failures import LoadFailures
 from .model_config import ConfigError, ModelInfo, parse_model_config
 from .periodic import Periodic
 from .service_rates import ServiceRates
 from .settings import Settings
+from .triton_channel import channel_args
 from .triton_errors import (
     checked_output,
     deadline_passed,
@@ -75,37 +78,18 @@ class TritonBackend:
         )
         self._rates = ServiceRates()
         self._loads = LoadFailures(settings)
+        self.regions = InputRegions(
+            settings.triton_shared_memory,
+            settings.triton_grpc_url,
+            settings.triton_shared_memory_mib << 20,
+            settings.triton_probe_timeout_s,
+        )
 
     @property
     def client(self) -> grpcaio.InferenceServerClient:
         if self._client is None:  # created lazily: grpc.aio channels belong to the running loop
-            backoff = self.settings.triton_reconnect_backoff_ms
             self._client = grpcaio.InferenceServerClient(
-                self.settings.triton_grpc_url,
-                channel_args=[
-                    ("grpc.max_send_message_length", 2**31 - 1),
-                    ("grpc.max_receive_message_length", 2**31 - 1),
-                    # A stopped Triton must be found again quickly once it is back, not
-                    # after gRPC's default backoff of up to two minutes.
-                    ("grpc.initial_reconnect_backoff_ms", min(200, backoff)),
-                    ("grpc.min_reconnect_backoff_ms", min(200, backoff)),
-                    ("grpc.max_reconnect_backoff_ms", backoff),
-                    # Every address the target resolves to gets requests (a headless Service
-                    # lists one per Triton pod), and the name is resolved again when a
-                    # connection ends: Triton's --grpc-max-connection-age ends them, so new
-                    # pods are found (docs/architecture.md, "Spreading requests over Triton").
-                    ("grpc.lb_policy_name", self.settings.triton_lb_policy),
-                    ("grpc.dns_min_time_between_resolutions_ms", self.settings.triton_dns_min_interval_ms),
-                    # A Triton that stops answering without closing its connections (a
-                    # frozen process, a node gone from the network) is found by its unanswered
-                    # pings, not by every request waiting out its deadline (bench/keepalive.py).
-                    # tritonclient's own keepalive options are ignored once channel_args are
-                    # given, so they are set here; Triton's --grpc-keepalive-* flags permit them.
-                    ("grpc.keepalive_time_ms", self.settings.triton_keepalive_time_ms),
-                    ("grpc.keepalive_timeout_ms", self.settings.triton_keepalive_timeout_ms),
-                    ("grpc.keepalive_permit_without_calls", 1),
-                    ("grpc.http2.max_pings_without_data", 0),
-                ],
+                self.settings.triton_grpc_url, channel_args=channel_args(self.settings)
             )
         return self._client
 
@@ -133,6 +117,7 @@ class TritonBackend:
 
     async def close(self) -> None:
         await self._watcher.stop()
+        await self.regions.close(self._client)
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
@@ -209,11 +194,6 @@ class TritonBackend:
         if budget <= 0:
             raise deadline_passed()
         named = {INPUT_NAME: batch} if isinstance(batch, np.ndarray) else batch
-        tensors = []
-        for input_name, array in named.items():
-            tensor = grpcclient.InferInput(input_name, list(array.shape), "UINT8")
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
         attributes = {
             "rpc.system": "grpc",
             "rpc.service": "inference.GRPCInferenceService",
@@ -221,17 +201,29 @@ class TritonBackend:
             "triton.model": name,
             "triton.batch_size": int(next(iter(named.values())).shape[0]),
         }
+        tensors, lease = await self.regions.inputs(self.client, named)
         try:
             with tracing.client_span(f"triton ModelInfer {name}", attributes) as headers:
-                result = await self.client.infer(
-                    name,
-                    tensors,
-                    outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
-                    request_id=request_id[:128],
-                    timeout=max(1, int(budget * 1e6)),
-                    client_timeout=budget,
-                    headers=headers or None,
-                )
+
+                async def call(tensors: list[grpcclient.InferInput]) -> grpcclient.InferResult:
+                    return await self.client.infer(
+                        name,
+                        tensors,
+                        outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
+                        request_id=request_id[:128],
+                        timeout=max(1, int(budget * 1e6)),
+                        client_timeout=budget,
+                        headers=headers or None,
+                    )
+
+                try:
+                    result = await call(tensors)
+                except InferenceServerException as exc:
+                    if lease is None or not is_lost_region(exc):
+                        raise
+                    self.regions.forget_registrations()  # Triton restarted: send as payload
+                    metrics.TRITON_INPUTS.labels("grpc").inc()
+                    result = await call(payload_tensors(named))
         except InferenceServerException as exc:
             error = map_triton_error(exc, name, self.settings)
             deadline = deadline_var.get()
@@ -246,6 +238,9 @@ class TritonBackend:
                 extra={"model": name, "triton_status": status_of(exc), "triton_message": exc.message()},
             )
             raise error from None
+        finally:
+            if lease is not None:
+                lease.release()
         try:
             probabilities = result.as_numpy(OUTPUT_NAME)
         except ValueError:  # e.g. an output of the wrong byte size
