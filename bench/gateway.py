@@ -190,10 +190,11 @@ def preprocessing(images: dict[str, bytes], seconds: float = 3.0) -> list[dict[s
 
 
 def markdown(
-    serving_rows: list[dict[str, object]], pre_rows: list[dict[str, object]], info: dict[str, str]
+    serving_rows: list[dict[str, object]], pre_rows: list[dict[str, object]], info: dict[str, object]
 ) -> str:
     lines = [
-        f"Measured {info['date']} on {info['machine']}; model `{info['model']}`, image {info['image']}.",
+        f"Measured {info['date']} on {info['machine']}; model `{info['model']}`, image {info['image']}; "
+        f"gateway settings {info.get('settings')}.",
         "",
     ]
     lines += [
@@ -228,8 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--per-client", type=int, default=6, help="requests per client at each concurrency")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a gateway setting over the load generator's, e.g. GATEWAY_ADMISSION=false to compare "
+        "the paths where admission control would shed a closed loop past the latency objective; may repeat",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    settings = {**LOAD_GENERATOR_SETTINGS, **dict(s.split("=", 1) for s in args.setting if "=" in s)}
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     images = photos()
     small = images["small: grace_hopper.jpg 512x600"]
@@ -245,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             triton.start().wait_ready(timeout=600)
             grpc_url = triton.grpc_url
-        gateway = Gateway(grpc_url, workers=args.workers, env=LOAD_GENERATOR_SETTINGS).start().wait("/readyz")
+        gateway = Gateway(grpc_url, workers=args.workers, env=settings).start().wait("/readyz")
         serving_rows = asyncio.run(
             serving(gateway.url, grpc_url, args.model, small, concurrencies, args.per_client)
         )
@@ -260,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
         "model": args.model,
         "image": "grace_hopper.jpg (512x600 JPEG)",
+        "settings": settings,
     }
     print(markdown(serving_rows, pre_rows, info))
     if args.json:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.frontend import MODEL, top_costs, write_repository
+from bench.draft import rate as draft_rate
+from bench.frontend import MODEL, encoded, scene, top_costs, variant, write_repository
 from inception.contract import CPU_VARIANT, PARAM_WEIGHTS, RANDOM_INIT
 from inception.export import network_entry
 from inception.registry import get_spec
@@ -78,3 +79,24 @@ def test_a_short_run_answers_every_image(tmp_path: Path) -> None:
         assert row["images"] > 0 and row["errors"] == 0
         assert row["gateway_cpu_ms_per_image"] > 0
     assert figures["floors"]["jpeg-500x375"]["images_per_cpu_s"] > 0
+
+
+def test_a_variant_names_its_settings() -> None:
+    assert variant("grpc payload:GATEWAY_TRITON_SHARED_MEMORY=off,GATEWAY_CACHE=false") == (
+        "grpc payload",
+        {"GATEWAY_TRITON_SHARED_MEMORY": "off", "GATEWAY_CACHE": "false"},
+    )
+    with pytest.raises(SystemExit):
+        variant("no settings")
+
+
+def test_the_draft_bench_compares_each_reduction_with_the_full_decode() -> None:
+    """At 1024x768 a half-scale decode (384 px) keeps the 342 px a 299 crop needs (oversample
+    1) but not twice it (the default, 2); the full decode is the reference."""
+    data = encoded(scene(1024, 768), "JPEG")
+    _, full_scale, full = draft_rate(data, None, 0.0)
+    _, default_scale, default = draft_rate(data, 2.0, 0.0)
+    _, halved_scale, halved = draft_rate(data, 1.0, 0.0)
+    assert (full_scale, default_scale, halved_scale) == (1, 1, 2)
+    assert np.array_equal(full, default)
+    assert full.shape == halved.shape == (299, 299, 3) and not np.array_equal(full, halved)
