@@ -221,6 +221,14 @@ def markdown(
     return "\n".join(lines)
 
 
+def setting(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` as a pair; anything else is refused, not dropped."""
+    key, sep, value = text.partition("=")
+    if not key or not sep:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -233,13 +241,14 @@ def main(argv: list[str] | None = None) -> int:
         "--setting",
         action="append",
         default=[],
+        type=setting,
         metavar="KEY=VALUE",
         help="a gateway setting over the load generator's, e.g. GATEWAY_ADMISSION=false to compare "
         "the paths where admission control would shed a closed loop past the latency objective; may repeat",
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    settings = {**LOAD_GENERATOR_SETTINGS, **dict(s.split("=", 1) for s in args.setting if "=" in s)}
+    settings = {**LOAD_GENERATOR_SETTINGS, **dict(args.setting)}
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     images = photos()
     small = images["small: grace_hopper.jpg 512x600"]

@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 from typing import Literal
@@ -41,6 +41,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from . import metrics
+from .process_tree import has_ended
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +73,10 @@ def is_loopback(grpc_url: str) -> bool:
 def owner_gone(name: str) -> bool:
     """Whether the worker whose pid a region's name carries has ended."""
     try:
-        os.kill(int(name[len(PREFIX) :].split("-", 1)[0]), 0)
+        pid = int(name[len(PREFIX) :].split("-", 1)[0])
     except ValueError:
         return False  # not a name of ours
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
+    return has_ended(pid)
 
 
 def region_bytes(needed: int) -> int:
@@ -113,7 +110,6 @@ class Lease:
 
     pool: InputRegions
     region: Region
-    tensors: list[grpcclient.InferInput] = field(default_factory=list)
 
     def release(self) -> None:
         self.pool.give_back(self.region)
@@ -139,8 +135,11 @@ class InputRegions:
         self._token = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
         self._regions: list[Region] = []
         self._free: dict[int, list[Region]] = {}
-        self._reserved = 0
         self._swept = False
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(region.size for region in self._regions)
 
     async def inputs(
         self, client: grpcaio.InferenceServerClient, named: Mapping[str, np.ndarray]
@@ -150,29 +149,27 @@ class InputRegions:
         if lease is None:
             metrics.TRITON_INPUTS.labels("grpc").inc()
             return payload_tensors(named), None
-        offset = 0
+        tensors, offset = [], 0
         buffer = lease.region.memory.buf
         for name, array in named.items():
             np.ndarray(array.shape, np.uint8, buffer=buffer, offset=offset)[...] = array
             tensor = grpcclient.InferInput(name, list(array.shape), "UINT8")
             tensor.set_shared_memory(lease.region.name, array.nbytes, offset)
-            lease.tensors.append(tensor)
+            tensors.append(tensor)
             offset += array.nbytes
         metrics.TRITON_INPUTS.labels("shared_memory").inc()
-        return lease.tensors, lease
+        return tensors, lease
 
     async def _lease(self, client: grpcaio.InferenceServerClient, needed: int) -> Lease | None:
         size = region_bytes(needed)
         free = self._free.get(size)
         region = free.pop() if free else None
         if region is None:
-            if self._reserved + size > self.budget_bytes:
+            if self.mapped_bytes + size > self.budget_bytes:
                 return None
-            self._reserved += size
             try:
                 region = self._create(size)
             except OSError as exc:
-                self._reserved -= size
                 log.warning("shared memory region not made; inputs go as payload", extra={"reason": str(exc)})
                 return None
         if not region.registered and not await self._register(client, region):
@@ -259,4 +256,3 @@ class InputRegions:
             with contextlib.suppress(FileNotFoundError):
                 region.memory.unlink()
             metrics.SHARED_MEMORY_BYTES.dec(region.size)
-        self._reserved = 0

@@ -34,7 +34,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
-from .process_tree import ProcessTreeCollector
+from .process_tree import ProcessTreeCollector, has_ended
 
 
 class ModelProvenance(Protocol):
@@ -193,13 +193,10 @@ def prune_dead_workers(directory: str) -> list[int]:
     for path in Path(directory).glob("gauge_live*_*.db"):
         try:
             pid = int(path.stem.rsplit("_", 1)[1])
-            os.kill(pid, 0)
         except ValueError:
             continue
-        except ProcessLookupError:
+        if has_ended(pid):
             dead.append(pid)
-        except PermissionError:
-            continue  # alive, another user's
     for pid in sorted(set(dead)):
         _multiprocess.mark_process_dead(pid, directory)
     return sorted(set(dead))

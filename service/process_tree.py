@@ -20,6 +20,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
+def has_ended(pid: int) -> bool:
+    """Whether no process has this pid: a worker killed without a clean stop leaves files
+    named after it (metrics, shared memory) that the living must drop. Another user's
+    process still counts as running."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def gateway_root_pid() -> int:
     """The pid at the top of the gateway's process tree, seen from this process.
 

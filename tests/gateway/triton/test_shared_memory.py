@@ -26,6 +26,7 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from embedded.gateway import serving
+from inception.contract import INPUT_NAME
 from service.input_regions import PREFIX, SHM_DIR, InputRegions, is_loopback, is_lost_region, region_bytes
 
 from ...helpers import TritonEndpoint
@@ -226,14 +227,12 @@ def test_a_triton_that_cannot_map_the_regions_turns_them_off(endpoint: TritonEnd
         try:
             region = regions._create(region_bytes(1))
             region.memory.unlink()  # Triton opens the key: gone
-            named = {"image__0": np.zeros((1, 299, 299, 3), np.uint8)}
+            named = {INPUT_NAME: np.zeros((1, 299, 299, 3), np.uint8)}
             regions.give_back(region)
             tensors, lease = await regions.inputs(client, named)
             return lease is None and len(tensors) == 1, regions.enabled
         finally:
-            for r in regions._regions:  # already unlinked: close only
-                r.memory.close()
-            regions._regions.clear()
+            await regions.close(client)  # the object is gone already: closed, nothing unlinked
             await client.close()
 
     sent_as_payload, enabled = asyncio.run(run())
